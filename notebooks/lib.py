@@ -1,0 +1,1596 @@
+"""All logic of the CLIP image-embedding pipeline; the stage notebooks call it and show the results.
+
+    01_metadata   build_image_table -> save_image_table      .cache/image_table.parquet
+    02_embed      load_image_table, load_encoder,
+                  plan_chunks -> embed_chunks                 OUTPUT/chunks/chunk_<start>_<end>.h5
+    03_merge      merge_chunks                                OUTPUT/Images_Embedded.h5
+
+Sections follow the data: errors, parameters, paths and downloads, sources (metadata -> image
+table), fetch (bytes from S3, HTTP or disk), decode and preprocess, encode, chunk files, embed,
+merge, environment. Each seam is a plain function or a small class that a test can drive alone.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import difflib
+import functools
+import hashlib
+import io
+import itertools
+import json
+import os
+import platform
+import re
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+from urllib.parse import urljoin, urlparse
+
+import boto3
+import botocore
+import botocore.config
+import botocore.exceptions
+import h5py
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import requests
+import torch
+import urllib3
+from PIL import Image, UnidentifiedImageError
+from tqdm.auto import tqdm
+
+FORMAT_VERSION = 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Workspace:
+    """Where the stages keep their files: .cache/ and OUTPUT/ under the repository root."""
+
+    root: Path
+
+    @property
+    def cache(self) -> Path:
+        return self.root / ".cache"
+
+    @property
+    def downloads(self) -> Path:
+        return self.cache / "downloads"
+
+    @property
+    def table(self) -> Path:
+        return self.cache / "image_table.parquet"
+
+    @property
+    def table_info(self) -> Path:
+        return self.cache / "image_table.json"
+
+    @property
+    def output(self) -> Path:
+        return self.root / "OUTPUT"
+
+    @property
+    def chunks(self) -> Path:
+        return self.output / "chunks"
+
+
+WORKSPACE = Workspace(Path(__file__).resolve().parent.parent)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors
+# ---------------------------------------------------------------------------------------------
+
+
+class PipelineError(Exception):
+    """A problem the user can fix (bad parameter, missing input, unreachable server)."""
+
+    def _render_traceback_(self) -> list[str]:
+        """Show only the message in a notebook: the message says what to do, a traceback does not."""
+        return [f"{type(self).__name__}: {self}"]
+
+
+class ParameterError(PipelineError):
+    """A notebook parameter with a name or value that no stage accepts."""
+
+
+class ImageFailure(Exception):
+    """One image could not be embedded; `reason` is short and stable, e.g. 'http 404'."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameters: one dataclass per stage, built from the notebook's namespace and validated
+# ---------------------------------------------------------------------------------------------
+
+DATASETS = ("openimages-v7", "table", "folder")
+SPLITS = ("train", "validation", "test")
+FETCH_MODES = ("s3", "url")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+_DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
+_PARAMETER_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
+
+
+def _check_int(name: str, value: Any, minimum: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ParameterError(f"{name}={value!r} is not allowed: use an integer >= {minimum}.")
+
+
+def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
+    if value not in choices:
+        allowed = ", ".join(repr(choice) for choice in choices)
+        raise ParameterError(f"{name}={value!r} is not allowed: use one of {allowed}.")
+
+
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise ParameterError(f"{name}={value!r} is not allowed: use True or False.")
+
+
+def _check_text(name: str, value: Any, optional: bool = False) -> None:
+    if value is None and optional:
+        return
+    if not isinstance(value, str) or not value.strip():
+        allowed = "a non-empty string or None" if optional else "a non-empty string"
+        raise ParameterError(f"{name}={value!r} is not allowed: use {allowed}.")
+
+
+def _check_device(name: str, value: Any) -> None:
+    if not isinstance(value, str) or not _DEVICE_PATTERN.fullmatch(value):
+        raise ParameterError(f"{name}={value!r} is not allowed: use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
+
+
+@dataclasses.dataclass(frozen=True)
+class SetupParams:
+    """Parameters of 00_setup."""
+
+    device: str
+
+    def __post_init__(self) -> None:
+        _check_device("DEVICE", self.device)
+
+
+@dataclasses.dataclass(frozen=True)
+class MetadataParams:
+    """Parameters of 01_metadata."""
+
+    dataset: str
+    split: str
+    source: str | dict | None
+    fetch: str
+
+    def __post_init__(self) -> None:
+        _check_choice("DATASET", self.dataset, DATASETS)
+        _check_choice("SPLIT", self.split, SPLITS)
+        _check_choice("FETCH", self.fetch, FETCH_MODES)
+        if self.dataset == "table" and isinstance(self.source, dict):
+            _check_column_sources(self.source)
+        else:
+            _check_text("SOURCE", self.source, optional=self.dataset == "openimages-v7")
+
+
+def _check_column_sources(source: dict) -> None:
+    missing = [column for column in ("image_id", "url") if column not in source]
+    if missing or not all(isinstance(value, str) and value for value in source.values()):
+        raise ParameterError(
+            f"SOURCE={source!r} is not allowed: a mapping must give, for each column, the path or "
+            "URL of a JSON list, and must include 'image_id' and 'url' "
+            "(e.g. {'image_id': 'image_ids.json', 'url': 'image_urls.json'})."
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbedParams:
+    """Parameters of 02_embed."""
+
+    start: int
+    end: int | None
+    chunk: int
+    gpu_batch_size: int
+    num_workers: int
+    model: str
+    device: str
+    precision: str
+    s3_endpoint_url: str | None
+
+    def __post_init__(self) -> None:
+        _check_int("START", self.start, 0)
+        if self.end is not None:
+            _check_int("END", self.end, self.start + 1)
+        _check_int("CHUNK", self.chunk, 1)
+        _check_int("GPU_BATCH_SIZE", self.gpu_batch_size, 1)
+        _check_int("NUM_WORKERS", self.num_workers, 1)
+        _check_text("MODEL", self.model)
+        _check_device("DEVICE", self.device)
+        _check_choice("PRECISION", self.precision, PRECISIONS)
+        _check_text("S3_ENDPOINT_URL", self.s3_endpoint_url, optional=True)
+        if self.s3_endpoint_url and urlparse(self.s3_endpoint_url).scheme not in ("http", "https"):
+            raise ParameterError(
+                f"S3_ENDPOINT_URL={self.s3_endpoint_url!r} is not allowed: use an http(s) URL "
+                "such as 'http://127.0.0.1:9000', or None for the default endpoint."
+            )
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeParams:
+    """Parameters of 03_merge."""
+
+    output_file: str
+    cleanup: bool
+
+    def __post_init__(self) -> None:
+        _check_text("OUTPUT_FILE", self.output_file)
+        _check_bool("CLEANUP", self.cleanup)
+
+
+STAGE_PARAMETERS = (SetupParams, MetadataParams, EmbedParams, MergeParams)
+
+
+def _parameter_names(params_class: type) -> list[str]:
+    return [field.name.upper() for field in dataclasses.fields(params_class)]
+
+
+def read_parameters(params_class: type, namespace: dict[str, Any]) -> Any:
+    """Validate a stage's parameters from a notebook's globals.
+
+    UPPER_CASE names that no stage knows (a typo in `papermill -p`, which papermill itself only
+    warns about) are errors; names of other stages are allowed, so one params/*.yaml serves all.
+    """
+    known = {name for stage in STAGE_PARAMETERS for name in _parameter_names(stage)}
+    for name in sorted(n for n in namespace if _PARAMETER_NAME.fullmatch(n) and n not in known):
+        close = difflib.get_close_matches(name, known, n=1)
+        hint = f"did you mean {close[0]}? " if close else ""
+        raise ParameterError(
+            f"Unknown parameter {name}={namespace[name]!r}: {hint}"
+            f"the parameters are {', '.join(sorted(known))}."
+        )
+    missing = [name for name in _parameter_names(params_class) if name not in namespace]
+    if missing:
+        raise ParameterError(
+            f"Parameter {', '.join(missing)} is not defined: restore it in the parameters cell."
+        )
+    return params_class(**{name.lower(): namespace[name] for name in _parameter_names(params_class)})
+
+
+# ---------------------------------------------------------------------------------------------
+# Paths and downloads
+# ---------------------------------------------------------------------------------------------
+
+HTTP_TIMEOUT = (10, 60)  # seconds to connect, seconds between bytes
+HTTP_RETRY = urllib3.Retry(
+    total=4,
+    read=2,
+    backoff_factor=0.5,
+    status_forcelist=(429, 500, 502, 503, 504),
+    allowed_methods=("GET", "HEAD"),
+    raise_on_status=False,
+)
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A user's path: '~' expanded, relative paths taken from the repository root."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else WORKSPACE.root / path
+
+
+def _is_url(text: str) -> bool:
+    return urlparse(text).scheme in ("http", "https")
+
+
+def _is_google_drive(text: str) -> bool:
+    return urlparse(text).hostname in ("drive.google.com", "docs.google.com")
+
+
+def http_session(pool_size: int = 10) -> requests.Session:
+    """A requests session that retries transient failures (urllib3's Retry) with backoff."""
+    session = requests.Session()
+    adapter = requests.adapters.HTTPAdapter(
+        max_retries=HTTP_RETRY, pool_connections=pool_size, pool_maxsize=pool_size
+    )
+    session.mount("http://", adapter)
+    session.mount("https://", adapter)
+    return session
+
+
+def _sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync_and_replace(temporary: Path, final: Path) -> None:
+    """Make `final` appear whole or not at all: flush to disk, rename, flush the directory."""
+    with open(temporary, "rb") as file:
+        os.fsync(file.fileno())
+    os.replace(temporary, final)
+    directory = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+@contextlib.contextmanager
+def _atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` that replaces it whole on success and is removed on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_name(path.name + ".tmp")
+    try:
+        yield temporary
+        _fsync_and_replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def _cached_download_is_valid(path: Path, record_path: Path, url: str) -> bool:
+    if not (path.is_file() and record_path.is_file()):
+        return False
+    record = json.loads(record_path.read_text())
+    return (
+        record.get("url") == url
+        and record.get("size") == path.stat().st_size
+        and record.get("sha256") == _sha256_of_file(path)
+    )
+
+
+def _network_problem(error: requests.RequestException, url: str) -> str:
+    """A few words on why a request failed, instead of urllib3's chain of wrapped errors."""
+    host = urlparse(url).netloc
+    cause = error.args[0] if error.args else None
+    cause = getattr(cause, "reason", cause)  # urllib3's MaxRetryError holds the last error
+    if isinstance(cause, urllib3.exceptions.NameResolutionError):
+        return f"cannot resolve {urlparse(url).hostname} (is this machine offline?)"
+    if isinstance(cause, urllib3.exceptions.NewConnectionError):
+        return f"cannot connect to {host}"
+    if isinstance(error, requests.Timeout) or isinstance(cause, urllib3.exceptions.TimeoutError):
+        return f"{host} did not answer in time"
+    return str(error).splitlines()[0]
+
+
+def _download_http(url: str, destination: Path) -> None:
+    """Stream `url` into `destination`, checking that every announced byte arrived."""
+    with http_session() as session, session.get(url, stream=True, timeout=HTTP_TIMEOUT) as reply:
+        if reply.status_code != 200:
+            raise OSError(f"the server answered HTTP {reply.status_code}")
+        expected = int(reply.headers.get("Content-Length", 0)) or None
+        with (
+            open(destination, "wb") as file,
+            tqdm(
+                total=expected, unit="B", unit_scale=True, desc=f"download {Path(urlparse(url).path).name}"
+            ) as progress,
+        ):
+            for block in reply.iter_content(1 << 20):
+                file.write(block)
+                progress.update(len(block))
+    received = destination.stat().st_size
+    if expected is not None and received != expected:
+        raise OSError(f"received {received} of {expected} bytes")
+
+
+def _download_google_drive(url: str, folder: Path) -> Path:
+    """Fetch a Google Drive link with gdown, keeping the file's own name (and so its extension)."""
+    import gdown
+
+    saved = gdown.download(url, output=str(folder) + os.sep, quiet=False, fuzzy=True)
+    if not saved:
+        raise OSError("gdown could not fetch it (is the file shared with 'anyone with the link'?)")
+    return Path(saved)
+
+
+def cached_download(url: str, hint: str) -> Path:
+    """A verified local copy of `url` under .cache/downloads/, fetched once and checked by size and hash.
+
+    `hint` tells the user what to do when the URL cannot be reached.
+    """
+    key = hashlib.sha256(url.encode()).hexdigest()[:16]
+    folder = WORKSPACE.downloads / key
+    for record_path in folder.glob("*.download.json"):
+        path = record_path.with_name(record_path.name.removesuffix(".download.json"))
+        if _cached_download_is_valid(path, record_path, url):
+            print(f"Using the cached copy of {url} ({path})")
+            return path
+    shutil.rmtree(folder, ignore_errors=True)
+    folder.mkdir(parents=True)
+    try:
+        with tempfile.TemporaryDirectory(dir=folder) as partial:
+            if _is_google_drive(url):
+                fetched = _download_google_drive(url, Path(partial))
+            else:
+                fetched = Path(partial) / (Path(urlparse(url).path).name or "download")
+                _download_http(url, fetched)
+            path = folder / fetched.name
+            _fsync_and_replace(fetched, path)
+    except (OSError, requests.RequestException) as error:
+        shutil.rmtree(folder, ignore_errors=True)
+        problem = _network_problem(error, url) if isinstance(error, requests.RequestException) else error
+        raise PipelineError(f"Could not download {url}: {problem}. {hint}") from None
+    record = {"url": url, "size": path.stat().st_size, "sha256": _sha256_of_file(path)}
+    path.with_name(path.name + ".download.json").write_text(json.dumps(record, indent=1))
+    return path
+
+
+def _local_copy(source: str, hint: str) -> Path:
+    """A local file for a SOURCE that is a path, an http(s) URL or a Google Drive link."""
+    if _is_url(source):
+        return cached_download(source, hint)
+    path = resolve_path(source)
+    if not path.is_file():
+        raise PipelineError(f"SOURCE file {path} does not exist. {hint}")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------
+# Sources: metadata -> the image table (row i: image_id, url, location to fetch, rotation)
+# ---------------------------------------------------------------------------------------------
+
+OPENIMAGES_METADATA = {
+    "train": "https://storage.googleapis.com/openimages/2018_04/train/train-images-boxable-with-rotation.csv",
+    "validation": "https://storage.googleapis.com/openimages/2018_04/validation/validation-images-with-rotation.csv",
+    "test": "https://storage.googleapis.com/openimages/2018_04/test/test-images-with-rotation.csv",
+}
+OPENIMAGES_BUCKET = "open-images-dataset"
+TABLE_COLUMNS = ("image_id", "url", "location", "rotation")
+_LISTING_READERS: dict[str, Callable[[Path], pd.DataFrame]] = {
+    ".csv": lambda path: pd.read_csv(path, dtype=str, keep_default_na=False),
+    ".tsv": lambda path: pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False),
+    ".json": lambda path: _frame_from_json(json.loads(path.read_text())),
+    ".jsonl": lambda path: pd.read_json(path, lines=True, dtype=False),
+    ".parquet": pd.read_parquet,
+}
+
+
+def _openimages_table(params: MetadataParams) -> pd.DataFrame:
+    """The official Open Images metadata CSV of SPLIT, fetched from S3 keys or OriginalURL."""
+    source = params.source or OPENIMAGES_METADATA[params.split]
+    hint = "Check the network, or download the metadata CSV elsewhere and set SOURCE to its path or URL."
+    path = _local_copy(source, hint)
+    usecols = ("ImageID", "OriginalURL", "Rotation")
+    frame = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=lambda c: c in usecols)
+    missing = {"ImageID", "OriginalURL"} - set(frame.columns)
+    if missing:
+        raise PipelineError(
+            f"{source} is not in the official Open Images format: it lacks {sorted(missing)} "
+            f"(its columns are {list(frame.columns)}). Use DATASET='table' for other listings."
+        )
+    ids = frame["ImageID"]
+    if params.fetch == "s3":
+        location = f"s3://{OPENIMAGES_BUCKET}/{params.split}/" + ids + ".jpg"
+    else:
+        location = frame["OriginalURL"]
+    rotation = pd.to_numeric(frame["Rotation"], errors="coerce") if "Rotation" in frame.columns else np.nan
+    return pd.DataFrame(
+        {"image_id": ids, "url": frame["OriginalURL"], "location": location, "rotation": rotation}
+    )
+
+
+def _frame_from_json(data: Any) -> pd.DataFrame:
+    """A table from JSON records ([{...}, ...]) or columns ({"image_id": [...], "url": [...]})."""
+    if isinstance(data, list) and all(isinstance(record, dict) for record in data):
+        return pd.DataFrame.from_records(data)
+    if isinstance(data, dict) and all(isinstance(column, list) for column in data.values()):
+        return pd.DataFrame(data)
+    raise ValueError("expected a list of records or an object of equally long lists")
+
+
+def _read_listing(path: Path) -> pd.DataFrame:
+    reader = _LISTING_READERS.get(path.suffix.lower())
+    if reader is None:
+        raise PipelineError(
+            f"Cannot read the table {path.name}: use a file ending in {', '.join(_LISTING_READERS)}."
+        )
+    try:
+        return reader(path)
+    except (ValueError, OSError, pa.ArrowException) as error:
+        raise PipelineError(f"Cannot read the table {path}: {error}") from None
+
+
+def _read_json_list(source: str, column: str) -> list:
+    path = _local_copy(source, f"Check SOURCE[{column!r}].")
+    try:
+        values = json.loads(path.read_text())
+    except ValueError as error:
+        raise PipelineError(f"SOURCE[{column!r}] ({source}) is not valid JSON: {error}") from None
+    if not isinstance(values, list):
+        raise PipelineError(f"SOURCE[{column!r}] ({source}) must hold a JSON list.")
+    return values
+
+
+def _table_from_columns(sources: dict[str, str]) -> pd.DataFrame:
+    """A table from one JSON list per column (the original notebook's image_ids.json, image_urls.json)."""
+    columns = {column: _read_json_list(source, column) for column, source in sources.items()}
+    lengths = {column: len(values) for column, values in columns.items()}
+    if len(set(lengths.values())) > 1:
+        raise PipelineError(f"The JSON lists of SOURCE differ in length: {lengths}.")
+    return pd.DataFrame(columns)
+
+
+def _resolve_locations(urls: pd.Series, base: str) -> pd.Series:
+    """Relative paths in a listing point next to the listing itself (a folder or a URL)."""
+
+    def resolve(url: str) -> str:
+        if urlparse(url).scheme in ("http", "https", "s3", "file") or os.path.isabs(url):
+            return url
+        return urljoin(base, url) if _is_url(base) else str(Path(base) / url)
+
+    return urls.map(resolve)
+
+
+def _listing_table(params: MetadataParams) -> pd.DataFrame:
+    """A user's CSV, JSON or Parquet listing with at least `image_id` and `url` columns."""
+    if isinstance(params.source, dict):
+        frame, base = _table_from_columns(params.source), str(WORKSPACE.root)
+    else:
+        path = _local_copy(params.source, "Check SOURCE, or copy the table here and give its path.")
+        frame = _read_listing(path)
+        base = params.source if _is_url(params.source) else str(path.parent)
+    missing = {"image_id", "url"} - set(frame.columns)
+    if missing:
+        raise PipelineError(
+            f"The table {params.source} lacks the column(s) {sorted(missing)}; "
+            f"its columns are {list(frame.columns)}. Rename them to image_id and url."
+        )
+    _check_no_missing_values(frame, ("image_id", "url"), params.source)
+    urls = frame["url"].astype(str)
+    return pd.DataFrame(
+        {
+            "image_id": frame["image_id"].astype(str),
+            "url": urls,
+            "location": _resolve_locations(urls, base),
+            "rotation": np.nan,
+        }
+    )
+
+
+def _image_extensions() -> set[str]:
+    """File extensions of every format Pillow can open."""
+    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+
+
+def _folder_table(params: MetadataParams) -> pd.DataFrame:
+    """Every image file under a folder, recursively, sorted; image_id is the relative path."""
+    folder = resolve_path(params.source)
+    if not folder.is_dir():
+        raise PipelineError(f"SOURCE folder {folder} does not exist or is not a folder.")
+    extensions = _image_extensions()
+    relative = sorted(
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*")
+        if path.suffix.lower() in extensions
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+    paths = [str(folder / name) for name in relative]
+    return pd.DataFrame({"image_id": relative, "url": paths, "location": paths, "rotation": np.nan})
+
+
+def _check_no_missing_values(frame: pd.DataFrame, columns: Iterable[str], source: Any) -> None:
+    for column in columns:
+        empty = frame.index[frame[column].isna() | (frame[column].astype(str).str.strip() == "")]
+        if len(empty):
+            raise PipelineError(
+                f"The table {source} has {len(empty)} row(s) with an empty {column}, "
+                f"e.g. row(s) {list(empty[:5])}. Fill or remove them."
+            )
+
+
+def _check_table(table: pd.DataFrame, source: Any) -> None:
+    if table.empty:
+        raise PipelineError(f"The listing {source} holds no images.")
+    duplicated = table["image_id"][table["image_id"].duplicated(keep=False)]
+    if len(duplicated):
+        examples = duplicated.value_counts().head(5).to_dict()
+        raise PipelineError(
+            f"The listing {source} has {duplicated.nunique()} duplicate image_id value(s), "
+            f"e.g. {examples} (id: count). Each image_id must be unique."
+        )
+
+
+def build_image_table(params: MetadataParams) -> pd.DataFrame:
+    """The normalised image table of a dataset: image_id, url, location (what to fetch), rotation."""
+    builders = {"openimages-v7": _openimages_table, "table": _listing_table, "folder": _folder_table}
+    table = builders[params.dataset](params).reset_index(drop=True)
+    _check_table(table, params.source or OPENIMAGES_METADATA.get(params.split))
+    return table.astype({"image_id": str, "url": str, "location": str, "rotation": "float64"})
+
+
+def table_sha256(table: pd.DataFrame) -> str:
+    """A digest of the table's content (not its file), so an unchanged table keeps its chunks."""
+    digest = hashlib.sha256()
+    for start in range(0, len(table), 100_000):
+        block = table.iloc[start : start + 100_000]
+        for column in ("image_id", "url", "location"):
+            digest.update("\0".join(block[column]).encode() + b"\1")
+        digest.update(block["rotation"].to_numpy(np.float64).tobytes())
+    return digest.hexdigest()
+
+
+def save_image_table(table: pd.DataFrame, params: MetadataParams) -> dict:
+    """Write the table to .cache/ atomically, unless the same table is already there; return its info."""
+    info = {
+        "dataset": params.dataset,
+        "split": params.split if params.dataset == "openimages-v7" else None,
+        "source": params.source or OPENIMAGES_METADATA.get(params.split),
+        "fetch": params.fetch if params.dataset == "openimages-v7" else None,
+        "rows": len(table),
+        "sha256": table_sha256(table),
+    }
+    path, info_path = WORKSPACE.table, WORKSPACE.table_info
+    if path.is_file() and info_path.is_file() and json.loads(info_path.read_text()) == info:
+        print(f"The image table is already up to date: {len(table):,} rows in {path}")
+        return info
+    with _atomic_file(path) as temporary:
+        pq.write_table(pa.Table.from_pandas(table, preserve_index=False), temporary)
+    info_path.write_text(json.dumps(info, indent=1))
+    print(f"Wrote the image table: {len(table):,} rows to {path}")
+    return info
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageTable:
+    """The image table as 02 reads it: Arrow columns, sliced one chunk at a time."""
+
+    columns: pa.Table
+    info: dict
+
+    def __len__(self) -> int:
+        return self.columns.num_rows
+
+    def rows(self, start: int, end: int) -> dict[str, list]:
+        """The columns of rows [start, end) as Python lists."""
+        return self.columns.slice(start, end - start).to_pydict()
+
+
+def load_image_table() -> ImageTable:
+    """The table that 01_metadata wrote."""
+    path, info_path = WORKSPACE.table, WORKSPACE.table_info
+    if not (path.is_file() and info_path.is_file()):
+        raise PipelineError(f"There is no image table at {path}: run 01_metadata first.")
+    return ImageTable(pq.read_table(path, columns=list(TABLE_COLUMNS)), json.loads(info_path.read_text()))
+
+
+# ---------------------------------------------------------------------------------------------
+# Fetch: the bytes of one image from S3, HTTP(S) or the local disk
+# ---------------------------------------------------------------------------------------------
+
+
+def _is_read_timeout(error: requests.ConnectionError) -> bool:
+    """requests reports a read timeout mid-body, or after the last retry, as a ConnectionError."""
+    cause = error.args[0] if error.args else None
+    cause = getattr(cause, "reason", cause)  # urllib3's MaxRetryError holds the last error
+    return isinstance(cause, urllib3.exceptions.ReadTimeoutError)
+
+
+class Fetcher:
+    """Bytes of images from S3 (unsigned, like Open Images' downloader.py), HTTP(S) or files.
+
+    Transient failures are retried by the libraries' own mechanisms (botocore's retry modes,
+    urllib3's Retry); what still fails raises ImageFailure with a stable reason.
+    """
+
+    def __init__(
+        self,
+        s3_endpoint_url: str | None = None,
+        pool_size: int = 10,
+        timeout: tuple[float, float] = HTTP_TIMEOUT,
+    ):
+        self._timeout = timeout
+        self._http = http_session(pool_size)
+        session = boto3.session.Session()
+        self._s3 = session.client(
+            "s3",
+            endpoint_url=s3_endpoint_url,
+            region_name=session.region_name or "us-east-1",
+            config=botocore.config.Config(
+                signature_version=botocore.UNSIGNED,
+                retries={"max_attempts": 5, "mode": "standard"},
+                connect_timeout=timeout[0],
+                read_timeout=timeout[1],
+                max_pool_connections=pool_size,
+            ),
+        )
+
+    def fetch(self, location: str) -> bytes:
+        """The bytes at `location`: s3://bucket/key, http(s)://..., file://... or a path."""
+        parsed = urlparse(location)
+        if parsed.scheme == "s3":
+            data = self._fetch_s3(parsed.netloc, parsed.path.lstrip("/"))
+        elif parsed.scheme in ("http", "https"):
+            data = self._fetch_http(location)
+        else:
+            data = self._fetch_file(parsed.path if parsed.scheme == "file" else location)
+        if not data:
+            raise ImageFailure("empty body")
+        return data
+
+    def _fetch_s3(self, bucket: str, key: str) -> bytes:
+        try:
+            return self._s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+        except botocore.exceptions.ClientError as error:
+            raise ImageFailure(f"s3 {error.response['Error']['Code']}") from None
+        except (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError):
+            raise ImageFailure("timeout") from None
+        except botocore.exceptions.IncompleteReadError:
+            raise ImageFailure("truncated body") from None
+        except botocore.exceptions.BotoCoreError:
+            raise ImageFailure("connection error") from None
+
+    def _fetch_http(self, url: str) -> bytes:
+        try:
+            reply = self._http.get(url, timeout=self._timeout)
+        except requests.Timeout:
+            raise ImageFailure("timeout") from None
+        except requests.exceptions.ChunkedEncodingError:
+            raise ImageFailure("truncated body") from None
+        except requests.ConnectionError as error:
+            raise ImageFailure("timeout" if _is_read_timeout(error) else "connection error") from None
+        except requests.RequestException as error:
+            raise ImageFailure(f"http error: {type(error).__name__}") from None
+        if reply.status_code != 200:
+            raise ImageFailure(f"http {reply.status_code}")
+        return reply.content
+
+    @staticmethod
+    def _fetch_file(path: str) -> bytes:
+        try:
+            return Path(path).read_bytes()
+        except FileNotFoundError:
+            raise ImageFailure("file not found") from None
+        except OSError as error:
+            raise ImageFailure(f"file unreadable: {error.strerror or type(error).__name__}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# Decode and preprocess: OpenAI CLIP's transform, without torchvision
+# ---------------------------------------------------------------------------------------------
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+PREPROCESSING_RULE = (
+    "openai-clip: Resize(n_px, bicubic) of the shortest side (long side int(n_px*long/short), "
+    "no resample when short == n_px); CenterCrop(n_px) at int(round((size - n_px) / 2)); "
+    "convert('RGB'); /255; normalise with mean and std"
+)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    """A fully decoded Pillow image; undecodable bytes raise ImageFailure with a stable reason."""
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except Image.DecompressionBombError:
+        raise ImageFailure("too many pixels") from None
+    except UnidentifiedImageError:
+        raise ImageFailure("not an image") from None
+    except (OSError, SyntaxError, ValueError, EOFError) as error:
+        if "truncated" in str(error).lower():
+            raise ImageFailure("decode: truncated file") from None
+        message = re.sub(r"\s*\(.*\)\s*$", "", str(error)).strip() or type(error).__name__
+        raise ImageFailure(f"decode: {message[:80]}") from None
+    return image
+
+
+def _resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
+    """torchvision's Resize(size) on a PIL image: bicubic, long side int(size * long / short)."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if short == size:
+        return image
+    new_long = int(size * long / short)
+    new_size = (size, new_long) if width <= height else (new_long, size)
+    return image.resize(new_size, Image.Resampling.BICUBIC)
+
+
+def _center_crop(image: Image.Image, size: int) -> Image.Image:
+    """torchvision's CenterCrop(size) of an image at least `size` on each side."""
+    width, height = image.size
+    left = int(round((width - size) / 2.0))
+    top = int(round((height - size) / 2.0))
+    return image.crop((left, top, left + size, top + size))
+
+
+@dataclasses.dataclass(frozen=True)
+class Preprocessing:
+    """OpenAI CLIP's `preprocess`: resize, center crop, RGB, scale and normalise; float32 CHW."""
+
+    image_size: int
+    mean: tuple[float, float, float] = OPENAI_MEAN
+    std: tuple[float, float, float] = OPENAI_STD
+
+    def __call__(self, image: Image.Image) -> np.ndarray:
+        image = _center_crop(_resize_shortest_side(image, self.image_size), self.image_size)
+        pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255)
+        pixels = (pixels - np.float32(self.mean)) / np.float32(self.std)
+        return np.ascontiguousarray(pixels.transpose(2, 0, 1))
+
+    def describe(self) -> dict:
+        """What a chunk file records about the preprocessing."""
+        return {
+            "image_size": self.image_size,
+            "image_mean": list(self.mean),
+            "image_std": list(self.std),
+            "preprocessing": PREPROCESSING_RULE,
+        }
+
+
+# ---------------------------------------------------------------------------------------------
+# Encode: CLIP image features through Hugging Face transformers, L2-normalised in float32
+# ---------------------------------------------------------------------------------------------
+
+OPENAI_MODELS = {
+    "ViT-B/32": "openai/clip-vit-base-patch32",
+    "ViT-B/16": "openai/clip-vit-base-patch16",
+    "ViT-L/14": "openai/clip-vit-large-patch14",
+    "ViT-L/14@336px": "openai/clip-vit-large-patch14-336",
+}
+_CHECKPOINT_FILES = ["*.json", "*.txt", "*.safetensors"]
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """Where a model's files are, and what identifies its weights."""
+
+    model_id: str  # a Hugging Face id, or the local directory
+    revision: str  # the hub commit, or 'sha256:...' of a local directory's weight files
+    path: Path
+
+
+def _weights_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        digest.update(_sha256_of_file(path).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    """The files of a hub model: from the local Hugging Face cache, or downloaded into it."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=_CHECKPOINT_FILES))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=["pytorch_model.bin"]))
+    except RepositoryNotFoundError:
+        raise PipelineError(
+            f"MODEL={repo_id!r}: the Hugging Face hub has no such model (or it is private). Use an "
+            f"OpenAI name ({', '.join(OPENAI_MODELS)}), a hub id, or a local directory."
+        ) from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+        raise PipelineError(
+            f"Could not get the model {repo_id!r}: the Hugging Face hub ({constants.ENDPOINT}) could "
+            f"not be reached ({str(error).splitlines()[0]}) and the model is not in the local cache "
+            f"({constants.HF_HUB_CACHE}). To work offline, copy a cache that holds it (`hf download "
+            f"{repo_id}` where the hub is reachable) and point HF_HUB_CACHE at it, or set MODEL to a "
+            "local directory holding config.json, preprocessor_config.json and model.safetensors."
+        ) from None
+    return folder
+
+
+def resolve_checkpoint(model: str) -> Checkpoint:
+    """MODEL as an OpenAI name, a local directory or a Hugging Face id -> its files and identity."""
+    local = resolve_path(model)
+    if model not in OPENAI_MODELS and local.is_dir():
+        return Checkpoint(str(local), _weights_digest(local), local)
+    if model.startswith((".", "/", "~")):
+        raise PipelineError(f"MODEL={model!r}: the directory {local} does not exist.")
+    repo_id = OPENAI_MODELS.get(model, model)
+    folder = _hub_snapshot(repo_id)
+    return Checkpoint(repo_id, folder.name, folder)
+
+
+def resolve_device(device: str) -> torch.device:
+    """DEVICE -> a torch device that exists on this machine."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            raise ParameterError(
+                f"DEVICE={device!r} is not available: torch {torch.__version__} sees {count} CUDA "
+                "GPU(s) here. Use DEVICE='cpu' or 'auto'."
+            )
+    return resolved
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """PRECISION 'auto' is fp16 on CUDA (as OpenAI's own loader) and fp32 elsewhere."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def _read_json(path: Path) -> dict:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def _checkpoint_preprocessing(folder: Path, image_size: int) -> Preprocessing:
+    """Mean and std from the checkpoint's preprocessor_config.json (OpenAI's when absent)."""
+    config = _read_json(folder / "preprocessor_config.json")
+    mean = tuple(config.get("image_mean", OPENAI_MEAN))
+    std = tuple(config.get("image_std", OPENAI_STD))
+    return Preprocessing(image_size, mean, std)
+
+
+class ClipEncoder:
+    """A CLIP model on a device: preprocessed pixels in, L2-normalised float32 embeddings out."""
+
+    def __init__(self, model: Any, checkpoint: Checkpoint, device: torch.device, precision: str):
+        self.model = model
+        self.checkpoint = checkpoint
+        self.device = device
+        self.precision = precision
+        self.dtype = _DTYPES[precision]
+        self.preprocessing = _checkpoint_preprocessing(checkpoint.path, model.config.vision_config.image_size)
+
+    @property
+    def embedding_size(self) -> int:
+        return self.model.config.projection_dim
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """Embeddings (B, D) of preprocessed pixels (B, 3, n_px, n_px), normalised in float32."""
+        batch = torch.from_numpy(pixels).to(self.device, self.dtype, non_blocking=True)
+        with torch.inference_mode():
+            features = self.model.get_image_features(pixel_values=batch).pooler_output.float()
+            features = features / features.norm(dim=-1, keepdim=True)
+        return features.cpu().numpy()
+
+    def signature(self) -> dict:
+        """What must match for two runs' vectors to be mixed in one file."""
+        return {
+            "model_id": self.checkpoint.model_id,
+            "model_revision": self.checkpoint.revision,
+            "embedding_size": self.embedding_size,
+            **self.preprocessing.describe(),
+            "precision": self.precision,
+        }
+
+
+def load_encoder(model: str, device: str = "auto", precision: str = "auto") -> ClipEncoder:
+    """Load a CLIP checkpoint onto DEVICE in PRECISION (see resolve_checkpoint for MODEL forms)."""
+    from transformers import CLIPModel
+
+    torch_device = resolve_device(device)
+    precision = resolve_precision(precision, torch_device)
+    checkpoint = resolve_checkpoint(model)
+    model_type = _read_json(checkpoint.path / "config.json").get("model_type")
+    if model_type != "clip":
+        raise PipelineError(
+            f"MODEL={model!r} ({checkpoint.path}) is not a CLIP checkpoint: its config.json says "
+            f"model_type={model_type!r}. Use a CLIP model such as 'ViT-B/32'."
+        )
+    if not any(checkpoint.path.glob("*.safetensors")) and not any(checkpoint.path.glob("*.bin")):
+        raise PipelineError(f"MODEL={model!r}: {checkpoint.path} holds no weights (*.safetensors or *.bin).")
+    clip = CLIPModel.from_pretrained(checkpoint.path, dtype=torch.float32)
+    clip = clip.to(torch_device, _DTYPES[precision]).eval()
+    return ClipEncoder(clip, checkpoint, torch_device, precision)
+
+
+# ---------------------------------------------------------------------------------------------
+# Chunk files: one HDF5 file per row range, written atomically, described by its attributes
+# ---------------------------------------------------------------------------------------------
+
+_CHUNK_NAME = re.compile(r"chunk_(\d{9})_(\d{9})\.h5")
+SIGNATURE_KEYS = (
+    "model_id",
+    "model_revision",
+    "embedding_size",
+    "image_size",
+    "image_mean",
+    "image_std",
+    "preprocessing",
+    "precision",
+    "table_sha256",
+)
+_STRINGS = h5py.string_dtype("utf-8")
+
+
+def chunk_path(start: int, end: int) -> Path:
+    """Chunks are named by their global row range, so a sorted listing is in row order."""
+    return WORKSPACE.chunks / f"chunk_{start:09d}_{end:09d}.h5"
+
+
+@dataclasses.dataclass
+class Records:
+    """Rows of the output format: embedded images, or failed ones with their reasons."""
+
+    rows: list[int] = dataclasses.field(default_factory=list)
+    image_ids: list[str] = dataclasses.field(default_factory=list)
+    urls: list[str] = dataclasses.field(default_factory=list)
+
+    def append(self, row: int, image_id: str, url: str) -> None:
+        self.rows.append(row)
+        self.image_ids.append(image_id)
+        self.urls.append(url)
+
+
+@dataclasses.dataclass
+class ChunkResult:
+    """Everything 02 learnt about rows [start, end), gathered batch by batch."""
+
+    start: int
+    end: int
+    embedding_size: int
+    embedded: Records = dataclasses.field(default_factory=Records)
+    failed: Records = dataclasses.field(default_factory=Records)
+    reasons: list[str] = dataclasses.field(default_factory=list)
+    vectors: list[np.ndarray] = dataclasses.field(default_factory=list)
+    fetched_bytes: int = 0
+    seconds: float = 0.0
+
+    def embeddings(self) -> np.ndarray:
+        if not self.vectors:
+            return np.zeros((0, self.embedding_size), np.float32)
+        return np.concatenate(self.vectors)
+
+    def stats(self) -> dict:
+        """Per-chunk statistics, stored in the chunk file."""
+        return {
+            "attempted": self.end - self.start,
+            "embedded": len(self.embedded.rows),
+            "failed": len(self.failed.rows),
+            "failed_by_reason": dict(collections.Counter(self.reasons).most_common()),
+            "bytes": self.fetched_bytes,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkInfo:
+    """A finished chunk file, from its attributes."""
+
+    path: Path
+    start: int
+    end: int
+    embedded: int
+    failed: int
+    attrs: dict
+
+    @property
+    def signature(self) -> dict:
+        return {key: self.attrs.get(key) for key in SIGNATURE_KEYS}
+
+
+def _attribute(value: Any) -> Any:
+    """An HDF5 attribute as plain Python, so attributes compare and print cleanly."""
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def records_digest(rows: np.ndarray, embeddings: np.ndarray, image_ids: Sequence, urls: Sequence) -> str:
+    """A digest of embedded records; merge recomputes it to verify every copied chunk."""
+    digest = hashlib.sha256()
+    digest.update(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(embeddings, dtype=np.float32).tobytes())
+    for text in (*image_ids, *urls):
+        digest.update((text.decode() if isinstance(text, bytes) else text).encode() + b"\0")
+    return digest.hexdigest()
+
+
+def _write_records(group: h5py.Group, records: Records) -> None:
+    group.create_dataset("urls", data=records.urls, dtype=_STRINGS, shape=(len(records.urls),))
+    group.create_dataset("image_ids", data=records.image_ids, dtype=_STRINGS, shape=(len(records.urls),))
+    group.create_dataset("rows", data=np.asarray(records.rows, dtype=np.int64))
+
+
+def write_chunk(path: Path, result: ChunkResult, attrs: dict) -> None:
+    """Write a chunk to a temporary name, then rename: a file with the final name is always whole."""
+    embeddings = result.embeddings()
+    embedded = result.embedded
+    with _atomic_file(path) as temporary, h5py.File(temporary, "w") as file:
+        _write_records(file, embedded)
+        file.create_dataset("embeddings", data=embeddings)
+        failed = file.create_group("failed")
+        _write_records(failed, result.failed)
+        failed.create_dataset("reasons", data=result.reasons, dtype=_STRINGS, shape=(len(result.reasons),))
+        file.attrs.update(attrs)
+        file.attrs.update({"start": result.start, "end": result.end, "stats": json.dumps(result.stats())})
+        file.attrs["digest"] = records_digest(embedded.rows, embeddings, embedded.image_ids, embedded.urls)
+
+
+def open_hdf5(path: Path) -> h5py.File:
+    """Open an HDF5 file for reading; one that another process holds open for writing is a clear error."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as error:
+        if "unable to lock file" not in str(error):
+            raise
+        raise PipelineError(
+            f"{path} is locked: another process (a notebook kernel or script) holds it open for writing. "
+            "Close it there (f.close(), or restart that kernel), then run this stage again."
+        ) from None
+
+
+def read_chunk_info(path: Path) -> ChunkInfo:
+    """The attributes and sizes of a chunk file; an unreadable one is an error that names it."""
+    try:
+        with open_hdf5(path) as file:
+            attrs = {key: _attribute(value) for key, value in file.attrs.items()}
+            embedded, failed = len(file["rows"]), len(file["failed/rows"])
+    except (OSError, KeyError) as error:
+        raise PipelineError(
+            f"The chunk file {path} cannot be read ({error}): it is damaged. Delete it and run "
+            "02_embed again for its rows."
+        ) from None
+    return ChunkInfo(path, int(attrs["start"]), int(attrs["end"]), embedded, failed, attrs)
+
+
+def find_chunks() -> list[ChunkInfo]:
+    """The finished chunk files, in row order."""
+    paths = sorted(p for p in WORKSPACE.chunks.glob("chunk_*.h5") if _CHUNK_NAME.fullmatch(p.name))
+    return [read_chunk_info(path) for path in paths]
+
+
+def _describe_difference(expected: dict, found: dict) -> str:
+    keys = [key for key in SIGNATURE_KEYS if expected.get(key) != found.get(key)]
+    return "; ".join(f"{key}: {found.get(key)!r} there, {expected.get(key)!r} here" for key in keys)
+
+
+# ---------------------------------------------------------------------------------------------
+# Embed: rows [START, END) in chunks; per chunk fetch -> decode -> preprocess -> encode -> write
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ChunkPlan:
+    """Which row ranges a run finds done, and which it still has to embed."""
+
+    start: int
+    end: int
+    done: list[ChunkInfo]
+    todo: list[tuple[int, int]]
+
+    def __str__(self) -> str:
+        todo_rows = sum(end - start for start, end in self.todo)
+        return (
+            f"rows [{self.start}, {self.end}): {len(self.done)} chunk(s) already done, "
+            f"{len(self.todo)} to embed ({todo_rows:,} rows)"
+        )
+
+
+def run_signature(encoder: ClipEncoder, table: ImageTable) -> dict:
+    """What every chunk of one output must share: model, preprocessing, precision, image table."""
+    return {**encoder.signature(), "table_sha256": table.info["sha256"]}
+
+
+def _split_range(start: int, end: int, size: int) -> list[tuple[int, int]]:
+    return [(low, min(low + size, end)) for low in range(start, end, size)]
+
+
+def _check_row_range(start: int, end: int | None, rows: int) -> int:
+    end = rows if end is None else end
+    if start >= rows or end > rows:
+        raise ParameterError(
+            f"START={start}, END={end} is outside the image table, which has {rows:,} rows: "
+            f"use 0 <= START < END <= {rows}, or END=None for the end of the table."
+        )
+    return end
+
+
+def plan_chunks(start: int, end: int | None, chunk: int, signature: dict, rows: int) -> ChunkPlan:
+    """Cover rows [start, end) with chunks of at most `chunk` rows, skipping rows already embedded.
+
+    A chunk file made with another model, preprocessing, precision or image table is never
+    reused: it is an error that says what differs.
+    """
+    end = _check_row_range(start, end, rows)
+    existing = find_chunks()
+    for info in existing:
+        if info.signature != signature:
+            raise PipelineError(
+                f"{info.path} was made differently from this run "
+                f"({_describe_difference(signature, info.signature)}). Run with the same MODEL, "
+                f"PRECISION and image table, or move {WORKSPACE.chunks} aside to start afresh."
+            )
+    done = [info for info in existing if info.start < end and info.end > start]
+    todo, cursor = [], start
+    for info in done:
+        if info.start > cursor:
+            todo += _split_range(cursor, info.start, chunk)
+        cursor = max(cursor, info.end)
+    if cursor < end:
+        todo += _split_range(cursor, end, chunk)
+    return ChunkPlan(start, end, done, todo)
+
+
+@dataclasses.dataclass
+class Loaded:
+    """One image after fetch and preprocessing: its pixels, or the reason it failed."""
+
+    pixels: np.ndarray | None
+    reason: str | None
+    size: int
+
+
+def load_image(location: str, fetcher: Fetcher, preprocessing: Preprocessing) -> Loaded:
+    """Fetch, decode and preprocess one image; a failure is returned, never raised."""
+    size = 0
+    try:
+        data = fetcher.fetch(location)
+        size = len(data)
+        return Loaded(preprocessing(decode_image(data)), None, size)
+    except ImageFailure as failure:
+        return Loaded(None, failure.reason, size)
+    except Exception as error:  # one image, whatever is wrong with it, must not stop the run
+        return Loaded(None, f"error: {type(error).__name__}", size)
+
+
+class ImageLoader:
+    """Fetches, decodes and preprocesses images in worker threads, yielding them in input order.
+
+    At most `lookahead` images are in flight or waiting, so memory stays bounded while the
+    encoder works on the previous batch.
+    """
+
+    def __init__(self, fetcher: Fetcher, preprocessing: Preprocessing, workers: int, lookahead: int):
+        self._load = functools.partial(load_image, fetcher=fetcher, preprocessing=preprocessing)
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="load")
+        self._lookahead = lookahead
+
+    def __enter__(self) -> ImageLoader:
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def load(self, locations: Iterable[str]) -> Iterator[Loaded]:
+        pending: collections.deque = collections.deque()
+        for location in locations:
+            pending.append(self._pool.submit(self._load, location))
+            if len(pending) >= self._lookahead:
+                yield pending.popleft().result()
+        while pending:
+            yield pending.popleft().result()
+
+
+def _batches(items: Iterable, size: int) -> Iterator[list]:
+    batch: list = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def embed_chunk(
+    table: ImageTable, start: int, end: int, encoder: ClipEncoder, loader: ImageLoader, batch_size: int
+) -> ChunkResult:
+    """Embed rows [start, end): the loader prepares images while each batch is encoded."""
+    began = time.perf_counter()
+    rows = table.rows(start, end)
+    result = ChunkResult(start, end, encoder.embedding_size)
+    with tqdm(total=end - start, desc=f"rows {start}-{end}", unit="img", leave=False) as progress:
+        for batch in _batches(enumerate(loader.load(rows["location"])), batch_size):
+            pixels = [item.pixels for _, item in batch if item.pixels is not None]
+            if pixels:
+                result.vectors.append(encoder.encode(np.stack(pixels)))
+            for offset, item in batch:
+                record = (start + offset, rows["image_id"][offset], rows["url"][offset])
+                if item.reason is None:
+                    result.embedded.append(*record)
+                else:
+                    result.failed.append(*record)
+                    result.reasons.append(item.reason)
+                result.fetched_bytes += item.size
+            progress.update(len(batch))
+            progress.set_postfix(failed=len(result.reasons))
+    result.seconds = time.perf_counter() - began
+    return result
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What one 02 run did."""
+
+    chunks_skipped: int
+    chunks_written: int = 0
+    attempted: int = 0
+    embedded: int = 0
+    failed_by_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    seconds: float = 0.0
+
+    def add(self, stats: dict) -> None:
+        self.chunks_written += 1
+        self.attempted += stats["attempted"]
+        self.embedded += stats["embedded"]
+        self.failed_by_reason.update(stats["failed_by_reason"])
+
+    def __str__(self) -> str:
+        rate = self.attempted / self.seconds if self.seconds else 0.0
+        failed = sum(self.failed_by_reason.values())
+        lines = [
+            f"chunks written: {self.chunks_written}, already done: {self.chunks_skipped}",
+            f"images attempted: {self.attempted:,}, embedded: {self.embedded:,}, failed: {failed:,}"
+            f" ({rate:,.1f} img/s)",
+        ]
+        lines += [f"  failed, {reason}: {count:,}" for reason, count in self.failed_by_reason.most_common()]
+        return "\n".join(lines)
+
+
+def library_versions() -> dict:
+    """Versions of what shapes the vectors, recorded in every file."""
+    import PIL
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "h5py": h5py.__version__,
+    }
+
+
+def embed_chunks(table: ImageTable, encoder: ClipEncoder, plan: ChunkPlan, params: EmbedParams) -> RunSummary:
+    """Embed every chunk the plan has to do, writing each chunk file as soon as it is complete."""
+    summary = RunSummary(chunks_skipped=len(plan.done))
+    attrs = {
+        **run_signature(encoder, table),
+        "format_version": FORMAT_VERSION,
+        "model": params.model,
+        "device": encoder.device.type,
+        "source": json.dumps(table.info),
+        "library_versions": json.dumps(library_versions()),
+    }
+    fetcher = Fetcher(params.s3_endpoint_url, pool_size=params.num_workers)
+    lookahead = 2 * params.gpu_batch_size + params.num_workers
+    began = time.perf_counter()
+    with ImageLoader(fetcher, encoder.preprocessing, params.num_workers, lookahead) as loader:
+        for start, end in tqdm(plan.todo, desc="chunks", unit="chunk"):
+            result = embed_chunk(table, start, end, encoder, loader, params.gpu_batch_size)
+            write_chunk(chunk_path(start, end), result, attrs)
+            summary.add(result.stats())
+    summary.seconds = time.perf_counter() - began
+    return summary
+
+
+# ---------------------------------------------------------------------------------------------
+# Merge: chunk files -> one verified file, streamed in row order with bounded memory
+# ---------------------------------------------------------------------------------------------
+
+NORM_TOLERANCE = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class MergeReport:
+    """What the merged file holds."""
+
+    path: Path
+    embedded: int
+    failed: int
+    failed_by_reason: dict
+    chunks: int
+    gaps: list[tuple[int, int]]
+    written: bool
+
+    def __str__(self) -> str:
+        lines = [
+            f"{self.path}: {self.embedded:,} embeddings, {self.failed:,} failed images, "
+            f"from {self.chunks} chunk file(s)" + ("" if self.written else " (already up to date)")
+        ]
+        lines += [f"  failed, {reason}: {count:,}" for reason, count in self.failed_by_reason.items()]
+        if self.gaps:
+            missing = sum(end - start for start, end in self.gaps)
+            ranges = ", ".join(f"[{start}, {end})" for start, end in self.gaps[:10])
+            more = " ..." if len(self.gaps) > 10 else ""
+            lines.append(
+                f"  rows never processed: {missing:,}, in {ranges}{more}; "
+                "run 02_embed with START and END covering them"
+            )
+        return "\n".join(lines)
+
+
+def _check_chunks_agree(chunks: list[ChunkInfo]) -> None:
+    """All chunks come from one model, preprocessing, precision and table, and none overlap."""
+    first = chunks[0]
+    for info in chunks[1:]:
+        if info.signature != first.signature:
+            raise PipelineError(
+                f"{info.path.name} and {first.path.name} were made differently "
+                f"({_describe_difference(first.signature, info.signature)}): they cannot be merged "
+                f"into one file. Remove the chunks of one of the runs from {info.path.parent}."
+            )
+    for before, after in itertools.pairwise(chunks):
+        if after.start < before.end:
+            raise PipelineError(
+                f"{before.path.name} and {after.path.name} overlap (rows [{after.start}, "
+                f"{min(before.end, after.end)})): delete one of them, then merge again."
+            )
+
+
+def find_gaps(chunks: list[ChunkInfo], rows: int) -> list[tuple[int, int]]:
+    """Row ranges of the image table that no chunk covers."""
+    gaps, cursor = [], 0
+    for info in chunks:
+        if info.start > cursor:
+            gaps.append((cursor, info.start))
+        cursor = max(cursor, info.end)
+    if cursor < rows:
+        gaps.append((cursor, rows))
+    return gaps
+
+
+def _check_chunk_records(source: h5py.File, info: ChunkInfo) -> None:
+    """Rows increasing inside the chunk's range; embeddings finite and of unit length."""
+    rows = source["rows"][:]
+    if np.any(np.diff(rows) <= 0) or (len(rows) and (rows[0] < info.start or rows[-1] >= info.end)):
+        raise PipelineError(f"{info.path}: its rows are not increasing within [{info.start}, {info.end}).")
+    norms = np.linalg.norm(source["embeddings"][:], axis=1)
+    bad = np.flatnonzero(~np.isfinite(norms) | (np.abs(norms - 1) > NORM_TOLERANCE))
+    if len(bad):
+        raise PipelineError(
+            f"{info.path}: {len(bad)} embedding(s) are not of unit length (e.g. row "
+            f"{rows[bad[0]]}, norm {norms[bad[0]]}). Delete the file and run 02_embed for its rows."
+        )
+
+
+def _create_merged_datasets(file: h5py.File, embedded: int, failed: int, dimension: int) -> None:
+    file.create_dataset("embeddings", shape=(embedded, dimension), dtype=np.float32)
+    for group, count in ((file, embedded), (file.create_group("failed"), failed)):
+        group.create_dataset("urls", shape=(count,), dtype=_STRINGS)
+        group.create_dataset("image_ids", shape=(count,), dtype=_STRINGS)
+        group.create_dataset("rows", shape=(count,), dtype=np.int64)
+    file["failed"].create_dataset("reasons", shape=(failed,), dtype=_STRINGS)
+
+
+def _copy_records(source: h5py.Group, target: h5py.Group, names: Sequence[str], offset: int) -> None:
+    count = len(source["rows"])
+    for name in names:
+        target[name][offset : offset + count] = source[name][:]
+
+
+def _verify_merged(path: Path, chunks: list[ChunkInfo]) -> None:
+    """Re-read the merged file: each chunk's segment must reproduce the digest that chunk recorded."""
+    with h5py.File(path, "r") as file:
+        offset = 0
+        for info in chunks:
+            segment = slice(offset, offset + info.embedded)
+            digest = records_digest(
+                file["rows"][segment],
+                file["embeddings"][segment],
+                file["image_ids"][segment],
+                file["urls"][segment],
+            )
+            if digest != info.attrs["digest"]:
+                raise PipelineError(
+                    f"The merged file does not reproduce {info.path} (digest mismatch): the chunk "
+                    "or the disk is damaged. Nothing was replaced; delete that chunk, run 02_embed "
+                    "for its rows, then merge again."
+                )
+            offset += info.embedded
+
+
+def _distinct(chunks: list[ChunkInfo], key: str) -> str:
+    values = list(dict.fromkeys(str(info.attrs.get(key)) for info in chunks))
+    return values[0] if len(values) == 1 else json.dumps(values)
+
+
+def _chunk_list(chunks: list[ChunkInfo]) -> str:
+    return json.dumps([[info.path.name, info.attrs["digest"]] for info in chunks])
+
+
+def _merged_attrs(chunks: list[ChunkInfo], gaps: list, failed_by_reason: dict) -> dict:
+    first = chunks[0]
+    return {
+        **{key: first.attrs[key] for key in SIGNATURE_KEYS},
+        "format_version": FORMAT_VERSION,
+        "model": first.attrs["model"],
+        "device": _distinct(chunks, "device"),
+        "library_versions": _distinct(chunks, "library_versions"),
+        "source": first.attrs["source"],
+        "embedded": sum(info.embedded for info in chunks),
+        "failed": sum(info.failed for info in chunks),
+        "failed_by_reason": json.dumps(failed_by_reason),
+        "gaps": json.dumps(gaps),
+        "chunks": _chunk_list(chunks),
+    }
+
+
+def _failed_by_reason(chunks: list[ChunkInfo]) -> dict:
+    counter: collections.Counter = collections.Counter()
+    for info in chunks:
+        counter.update(json.loads(info.attrs["stats"])["failed_by_reason"])
+    return dict(counter.most_common())
+
+
+def _is_up_to_date(path: Path, chunks: list[ChunkInfo]) -> bool:
+    """True when `path` was merged from exactly these chunks (same names and digests)."""
+    if not path.is_file():
+        return False
+    with open_hdf5(path) as file:
+        return file.attrs.get("chunks") == _chunk_list(chunks)
+
+
+def _write_merged(path: Path, chunks: list[ChunkInfo], attrs: dict) -> None:
+    """Stream the chunks into a temporary file in row order, verify it, then rename it into place."""
+    with _atomic_file(path) as temporary:
+        with h5py.File(temporary, "w") as target:
+            _create_merged_datasets(target, attrs["embedded"], attrs["failed"], int(attrs["embedding_size"]))
+            offset = failed_offset = 0
+            for info in tqdm(chunks, desc="merge", unit="chunk"):
+                with open_hdf5(info.path) as source:
+                    _check_chunk_records(source, info)
+                    _copy_records(source, target, ("rows", "image_ids", "urls", "embeddings"), offset)
+                    failed_names = ("rows", "image_ids", "urls", "reasons")
+                    _copy_records(source["failed"], target["failed"], failed_names, failed_offset)
+                offset += info.embedded
+                failed_offset += info.failed
+            target.attrs.update(attrs)
+        _verify_merged(temporary, chunks)
+
+
+def merge_chunks(output_file: str, cleanup: bool = False) -> MergeReport:
+    """Merge every chunk into OUTPUT_FILE, verified before it replaces anything.
+
+    Memory is bounded by one chunk, whatever the number of chunks. Overlapping chunks or chunks
+    of different models are errors; rows that no chunk covers are reported as gaps. With
+    `cleanup`, the chunk files are deleted once the merged file is verified.
+    """
+    path = resolve_path(output_file)
+    chunks = find_chunks()
+    if not chunks:
+        raise PipelineError(f"There are no chunk files in {WORKSPACE.chunks}: run 02_embed first.")
+    _check_chunks_agree(chunks)
+    failed_by_reason = _failed_by_reason(chunks)
+    gaps = find_gaps(chunks, json.loads(chunks[0].attrs["source"])["rows"])
+    written = not _is_up_to_date(path, chunks)
+    if written:
+        _write_merged(path, chunks, _merged_attrs(chunks, gaps, failed_by_reason))
+    if cleanup:
+        for info in chunks:
+            info.path.unlink()
+    embedded, failed = sum(c.embedded for c in chunks), sum(c.failed for c in chunks)
+    return MergeReport(path, embedded, failed, failed_by_reason, len(chunks), gaps, written)
+
+
+# ---------------------------------------------------------------------------------------------
+# Environment (00_setup)
+# ---------------------------------------------------------------------------------------------
+
+
+def describe_device(device: str) -> str:
+    """The device DEVICE resolves to, in words (GPU name and memory, or the CPU)."""
+    resolved = resolve_device(device)
+    if resolved.type == "cuda":
+        properties = torch.cuda.get_device_properties(resolved)
+        return f"{resolved}: {properties.name}, {properties.total_memory / 2**30:.1f} GiB"
+    return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
+
+
+def prepare_folders() -> dict[str, str]:
+    """Create OUTPUT/ and .cache/ and report the free space of each."""
+    report = {}
+    for folder in (WORKSPACE.output, WORKSPACE.cache):
+        folder.mkdir(parents=True, exist_ok=True)
+        report[str(folder)] = f"{shutil.disk_usage(folder).free / 2**30:,.1f} GiB free"
+    return report
+
+
+def describe_environment(device: str) -> dict[str, str]:
+    """Versions, device and free disk: what 00_setup prints."""
+    return {
+        **library_versions(),
+        "device": describe_device(device),
+        **prepare_folders(),
+    }
