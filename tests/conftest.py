@@ -1,0 +1,343 @@
+"""Fixtures: loopback HTTP and S3 servers, test images, a tiny CLIP checkpoint, a fake hub cache.
+
+Nothing here touches the internet: servers listen on 127.0.0.1 and the model is built here.
+"""
+
+from __future__ import annotations
+
+import http.server
+import io
+import json
+import shutil
+import sys
+import threading
+import time
+from pathlib import Path
+
+import boto3
+import numpy as np
+import pytest
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "notebooks"))
+
+import lib  # noqa: E402
+
+IMAGE_COUNT = 40
+TINY_IMAGE_SIZE = 32
+FAKE_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+# ---------------------------------------------------------------------------------------------
+# Images
+# ---------------------------------------------------------------------------------------------
+
+
+def jpeg_bytes(width: int, height: int, seed: int) -> bytes:
+    """A smooth random JPEG: gradients plus noise, so resizing and cropping matter."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width]
+    base = (
+        rng.uniform(0, 255, 3)
+        + (x[..., None] * rng.uniform(-2, 2, 3))
+        + (y[..., None] * rng.uniform(-2, 2, 3))
+    )
+    pixels = np.clip(base + rng.normal(0, 20, (height, width, 3)), 0, 255).astype(np.uint8)
+    buffer = io.BytesIO()
+    Image.fromarray(pixels).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def image_id(index: int) -> str:
+    return f"{index:016x}"
+
+
+@pytest.fixture(scope="session")
+def images() -> dict[str, bytes]:
+    """IMAGE_COUNT JPEGs keyed by an Open Images-like id, in both orientations and odd shapes."""
+    shapes = [(64, 48), (48, 64), (32, 32), (160, 32), (33, 90), (20, 15), (75, 75), (41, 37)]
+    return {image_id(i): jpeg_bytes(*shapes[i % len(shapes)], seed=i) for i in range(IMAGE_COUNT)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Loopback HTTP server that can also misbehave
+# ---------------------------------------------------------------------------------------------
+
+
+class LoopbackServer(http.server.ThreadingHTTPServer):
+    """Serves `files` (path -> (bytes, content type)) and misbehaves on purpose under some prefixes.
+
+    /status/<code>/...   always answers <code>
+    /flaky/...           answers 500 on the first request for a path, then the file
+    /slow/...            waits `slow_seconds` before answering
+    /truncated/...       announces the full length but sends half of the file
+    /html/...            an HTML page with status 200
+    """
+
+    daemon_threads = True
+    slow_seconds = 3.0
+
+    def __init__(self):
+        super().__init__(("127.0.0.1", 0), _Handler)
+        self.files: dict[str, tuple[bytes, str]] = {}
+        self.hits: dict[str, int] = {}
+        self._lock = threading.Lock()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.server_port}{path}"
+
+    def count(self, path: str) -> int:
+        with self._lock:
+            self.hits[path] = self.hits.get(path, 0) + 1
+            return self.hits[path]
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    server: LoopbackServer
+
+    def log_message(self, *args) -> None:
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
+        path = self.path
+        attempt = self.server.count(path)
+        parts = path.split("/")
+        if parts[1] == "status":
+            return self._send(int(parts[2]), b"error", "text/plain")
+        if parts[1] == "html":
+            return self._send(200, b"<html><body>Not found</body></html>", "text/html")
+        inner = "/" + "/".join(parts[2:]) if parts[1] in ("flaky", "slow", "truncated") else path
+        if inner not in self.server.files:
+            return self._send(404, b"not found", "text/plain")
+        body, content_type = self.server.files[inner]
+        if parts[1] == "flaky" and attempt == 1:
+            return self._send(500, b"try again", "text/plain")
+        if parts[1] == "slow":
+            time.sleep(self.server.slow_seconds)
+        if parts[1] == "truncated":
+            return self._send(200, body[: len(body) // 2], content_type, length=len(body))
+        return self._send(200, body, content_type)
+
+    def _send(self, status: int, body: bytes, content_type: str, length: int | None = None) -> None:
+        try:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(length if length is not None else len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+
+
+def official_metadata_csv(ids: list[str], url_of) -> bytes:
+    """A metadata CSV in the official Open Images format (all columns, quoted titles)."""
+    header = (
+        "ImageID,Subset,OriginalURL,OriginalLandingURL,License,AuthorProfileURL,Author,Title,"
+        "OriginalSize,OriginalMD5,Thumbnail300KURL,Rotation\n"
+    )
+    lines = [
+        f"{i},validation,{url_of(i)},https://www.flickr.com/photos/x/{n}/,"
+        f"https://creativecommons.org/licenses/by/2.0/,https://www.flickr.com/people/x/,Author {n},"
+        f'"Title, with a comma {n}",{1000 + n},md5{n}==,,{[0, 90, "", 180][n % 4]}\n'
+        for n, i in enumerate(ids)
+    ]
+    return (header + "".join(lines)).encode()
+
+
+@pytest.fixture(scope="session")
+def http_server(images):
+    """A loopback HTTP server with every test image under /images/<id>.jpg and metadata files."""
+    server = LoopbackServer()
+    for key, data in images.items():
+        server.files[f"/images/{key}.jpg"] = (data, "image/jpeg")
+    ids = sorted(images)
+    server.files["/metadata/validation-images-with-rotation.csv"] = (
+        official_metadata_csv(ids, lambda i: server.url(f"/images/{i}.jpg")),
+        "text/csv",
+    )
+    server.files["/metadata/image_ids.json"] = (json.dumps(ids).encode(), "application/json")
+    urls = [server.url(f"/images/{i}.jpg") for i in ids]
+    server.files["/metadata/image_urls.json"] = (json.dumps(urls).encode(), "application/json")
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loopback S3 (moto's server mode) with a public bucket laid out like open-images-dataset
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def s3_endpoint(images) -> str:
+    """The URL of a loopback S3 holding validation/<id>.jpg in a public-read open-images-dataset."""
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    admin = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+    )
+    bucket = lib.OPENIMAGES_BUCKET
+    admin.create_bucket(Bucket=bucket)
+    policy = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": "*",
+                "Action": "s3:GetObject",
+                "Resource": f"arn:aws:s3:::{bucket}/*",
+            }
+        ],
+    }
+    admin.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
+    for key, data in images.items():
+        admin.put_object(Bucket=bucket, Key=f"validation/{key}.jpg", Body=data)
+    yield endpoint
+    server.stop()
+
+
+# ---------------------------------------------------------------------------------------------
+# A tiny CLIP checkpoint with tokenizer and image-processor files, and a hub cache that holds it
+# ---------------------------------------------------------------------------------------------
+
+
+def _tiny_tokenizer():
+    """A CLIP BPE tokenizer over single printable characters: enough for short ASCII queries."""
+    from transformers import CLIPTokenizer
+
+    characters = [chr(code) for code in range(33, 127)]
+    tokens = characters + [c + "</w>" for c in characters] + ["<|startoftext|>", "<|endoftext|>"]
+    return CLIPTokenizer(vocab={token: index for index, token in enumerate(tokens)}, merges=[])
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A randomly initialised CLIPModel (32 px, 16-d embeddings) saved like a hub checkpoint."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
+
+    folder = tmp_path_factory.mktemp("tiny-clip")
+    tokenizer = _tiny_tokenizer()
+    specials = {
+        "bos_token_id": tokenizer.convert_tokens_to_ids("<|startoftext|>"),
+        "eos_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+        "pad_token_id": tokenizer.convert_tokens_to_ids("<|endoftext|>"),
+    }
+    layers = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 2}
+    config = CLIPConfig(
+        text_config={**layers, **specials, "vocab_size": len(tokenizer), "max_position_embeddings": 77},
+        vision_config={**layers, "image_size": TINY_IMAGE_SIZE, "patch_size": 8},
+        projection_dim=16,
+    )
+    torch.manual_seed(0)
+    CLIPModel(config).save_pretrained(folder)
+    processor = CLIPImageProcessor(
+        size={"shortest_edge": TINY_IMAGE_SIZE},
+        crop_size={"height": TINY_IMAGE_SIZE, "width": TINY_IMAGE_SIZE},
+    )
+    processor.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def hub_cache(tiny_checkpoint, tmp_path_factory) -> Path:
+    """A Hugging Face hub cache in which openai/clip-vit-base-patch32 is the tiny checkpoint."""
+    cache = tmp_path_factory.mktemp("hf-hub")
+    repo = cache / "models--openai--clip-vit-base-patch32"
+    shutil.copytree(tiny_checkpoint, repo / "snapshots" / FAKE_COMMIT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(FAKE_COMMIT)
+    return cache
+
+
+@pytest.fixture
+def offline_hub(hub_cache, monkeypatch):
+    """In this process, the hub is offline and its cache is `hub_cache`."""
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return hub_cache
+
+
+@pytest.fixture(scope="session")
+def tiny_encoder(tiny_checkpoint):
+    return lib.load_encoder(str(tiny_checkpoint), "cpu", "fp32")
+
+
+# ---------------------------------------------------------------------------------------------
+# A workspace of its own for each test, and 01 and 02 run in it
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def workspace(tmp_path, monkeypatch) -> lib.Workspace:
+    """lib's .cache/ and OUTPUT/ under a temporary root, so tests never touch the repository's."""
+    space = lib.Workspace(tmp_path / "repo")
+    space.root.mkdir()
+    monkeypatch.setattr(lib, "WORKSPACE", space)
+    return space
+
+
+@pytest.fixture
+def fast_retries(monkeypatch):
+    """The same retry policy without the backoff sleeps, so failure tests run quickly."""
+    monkeypatch.setattr(lib, "HTTP_RETRY", lib.HTTP_RETRY.new(backoff_factor=0))
+
+
+BROKEN = {"broken.jpg": jpeg_bytes(64, 48, seed=9)[:400], "page.png": b"<html>oops</html>"}
+
+
+@pytest.fixture
+def image_folder(tmp_path, images):
+    """18 test images and two broken files in a folder."""
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for key, data in list(images.items())[:18]:
+        (folder / f"{key}.jpg").write_bytes(data)
+    for name, data in BROKEN.items():
+        (folder / name).write_bytes(data)
+    return folder
+
+
+@pytest.fixture
+def table(workspace, image_folder) -> lib.ImageTable:
+    """The image table of `image_folder`, saved in the test's workspace as 01 would."""
+    params = lib.MetadataParams("folder", "validation", str(image_folder), "s3")
+    lib.save_image_table(lib.build_image_table(params), params)
+    return lib.load_image_table()
+
+
+def embed_params(**overrides) -> lib.EmbedParams:
+    """02's parameters for the tiny model on the CPU, with small chunks and batches."""
+    values = dict(
+        start=0,
+        end=None,
+        chunk=8,
+        gpu_batch_size=3,
+        num_workers=4,
+        model="tiny",
+        device="cpu",
+        precision="fp32",
+        s3_endpoint_url=None,
+    )
+    return lib.EmbedParams(**{**values, **overrides})
+
+
+def run_embed(table, encoder, **overrides) -> lib.RunSummary:
+    """Plan and embed as 02 does."""
+    params = embed_params(**overrides)
+    signature = lib.run_signature(encoder, table)
+    plan = lib.plan_chunks(params.start, params.end, params.chunk, signature, len(table))
+    return lib.embed_chunks(table, encoder, plan, params)

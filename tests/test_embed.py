@@ -1,0 +1,130 @@
+"""Embed: rows in chunks, failures recorded, finished chunks skipped, foreign chunks refused."""
+
+import io
+
+import h5py
+import lib
+import numpy as np
+import pytest
+import torch
+from conftest import TINY_IMAGE_SIZE, run_embed
+from PIL import Image
+from reference import openai_preprocess, reference_embeddings
+
+
+def read_chunk(path):
+    with h5py.File(path, "r") as file:
+        return {
+            "rows": file["rows"][:],
+            "image_ids": file["image_ids"].asstr()[:].tolist(),
+            "embeddings": file["embeddings"][:],
+            "failed_rows": file["failed/rows"][:],
+            "reasons": file["failed/reasons"].asstr()[:].tolist(),
+        }
+
+
+def test_every_row_is_embedded_or_failed_with_its_reason(table, tiny_encoder, workspace):
+    summary = run_embed(table, tiny_encoder)
+    assert summary.chunks_written == 3 and summary.attempted == len(table) == 20
+    assert summary.embedded == 18
+    assert dict(summary.failed_by_reason) == {"decode: truncated file": 1, "not an image": 1}
+    chunks = lib.find_chunks()
+    assert [(c.start, c.end) for c in chunks] == [(0, 8), (8, 16), (16, 20)]
+    assert sum(c.embedded + c.failed for c in chunks) == 20
+    assert not list(workspace.chunks.glob("*.tmp")), "no temporary file is left behind"
+    last = read_chunk(chunks[-1].path)  # broken.jpg and page.png sort after the hex ids
+    assert last["rows"].tolist() == [16, 17]
+    assert last["failed_rows"].tolist() == [18, 19]
+    assert last["reasons"] == ["decode: truncated file", "not an image"]
+
+
+def test_chunk_files_record_how_they_were_made(table, tiny_encoder):
+    run_embed(table, tiny_encoder)
+    attrs = lib.find_chunks()[0].attrs
+    assert attrs["model_id"] == str(tiny_encoder.checkpoint.path)
+    assert attrs["model_revision"].startswith("sha256:") and attrs["embedding_size"] == 16
+    assert attrs["image_size"] == TINY_IMAGE_SIZE and attrs["precision"] == "fp32"
+    assert attrs["image_mean"] == pytest.approx(lib.OPENAI_MEAN) and attrs["device"] == "cpu"
+    assert attrs["table_sha256"] == table.info["sha256"] and (attrs["start"], attrs["end"]) == (0, 8)
+    assert "torch" in attrs["library_versions"] and '"dataset": "folder"' in attrs["source"]
+    assert '"failed_by_reason"' in attrs["stats"] and '"seconds"' in attrs["stats"]
+
+
+def test_embeddings_equal_the_model_on_openai_preprocessed_pixels(table, tiny_encoder, image_folder):
+    run_embed(table, tiny_encoder)
+    for info in lib.find_chunks():
+        chunk = read_chunk(info.path)
+        images = [Image.open(io.BytesIO((image_folder / i).read_bytes())) for i in chunk["image_ids"]]
+        pixels = torch.stack(
+            [openai_preprocess(image, TINY_IMAGE_SIZE, lib.OPENAI_MEAN, lib.OPENAI_STD) for image in images]
+        )
+        np.testing.assert_allclose(
+            chunk["embeddings"], reference_embeddings(tiny_encoder.model, pixels), atol=1e-6
+        )
+
+
+def test_a_rerun_skips_finished_chunks(table, tiny_encoder):
+    run_embed(table, tiny_encoder)
+    before = {c.path: c.path.stat().st_mtime_ns for c in lib.find_chunks()}
+    summary = run_embed(table, tiny_encoder)
+    assert summary.chunks_written == 0 and summary.chunks_skipped == 3
+    assert {c.path: c.path.stat().st_mtime_ns for c in lib.find_chunks()} == before
+
+
+def test_a_run_with_another_chunk_size_fills_only_the_gaps(table, tiny_encoder):
+    run_embed(table, tiny_encoder, start=4, end=12)
+    signature = lib.run_signature(tiny_encoder, table)
+    plan = lib.plan_chunks(0, None, 5, signature, len(table))
+    assert plan.todo == [(0, 4), (12, 17), (17, 20)]
+    assert [(c.start, c.end) for c in plan.done] == [(4, 12)]
+
+
+def test_the_same_image_gives_the_same_vector_in_any_chunk(table, tiny_encoder, workspace, monkeypatch):
+    run_embed(table, tiny_encoder, chunk=7, gpu_batch_size=2)
+    by_row = {}
+    for info in lib.find_chunks():
+        chunk = read_chunk(info.path)
+        by_row.update(zip(chunk["rows"].tolist(), chunk["embeddings"], strict=True))
+    monkeypatch.setattr(lib, "WORKSPACE", lib.Workspace(workspace.root.parent / "other"))
+    lib.WORKSPACE.cache.mkdir(parents=True)
+    for name in (workspace.table, workspace.table_info):
+        (lib.WORKSPACE.cache / name.name).write_bytes(name.read_bytes())
+    run_embed(lib.load_image_table(), tiny_encoder, chunk=20, gpu_batch_size=5)
+    (whole,) = lib.find_chunks()
+    chunk = read_chunk(whole.path)
+    for row, vector in zip(chunk["rows"].tolist(), chunk["embeddings"], strict=True):
+        np.testing.assert_allclose(vector, by_row[row], atol=1e-6)
+
+
+def test_chunks_of_another_model_or_precision_are_never_reused(table, tiny_encoder, tiny_checkpoint):
+    run_embed(table, tiny_encoder, end=8)
+    bf16 = lib.load_encoder(str(tiny_checkpoint), "cpu", "bf16")
+    with pytest.raises(lib.PipelineError, match=r"made differently .*precision: 'fp32' there, 'bf16' here"):
+        lib.plan_chunks(0, None, 8, lib.run_signature(bf16, table), len(table))
+
+
+def test_chunks_of_another_image_table_are_never_reused(table, tiny_encoder):
+    run_embed(table, tiny_encoder, end=8)
+    signature = {**lib.run_signature(tiny_encoder, table), "table_sha256": "0" * 64}
+    with pytest.raises(lib.PipelineError, match="table_sha256"):
+        lib.plan_chunks(0, None, 8, signature, len(table))
+
+
+def test_a_row_range_past_the_table_is_a_parameter_error(table, tiny_encoder):
+    signature = lib.run_signature(tiny_encoder, table)
+    with pytest.raises(
+        lib.ParameterError, match=r"START=0, END=25 is outside the image table, which has 20 rows"
+    ):
+        lib.plan_chunks(0, 25, 8, signature, len(table))
+    with pytest.raises(lib.ParameterError, match="START=20"):
+        lib.plan_chunks(20, None, 8, signature, len(table))
+
+
+def test_a_chunk_is_written_whole_or_not_at_all(table, tiny_encoder, workspace, monkeypatch):
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(lib, "_fsync_and_replace", fail)
+    with pytest.raises(OSError, match="disk full"):
+        run_embed(table, tiny_encoder, end=8)
+    assert lib.find_chunks() == [] and not list(workspace.chunks.glob("*"))

@@ -1,0 +1,76 @@
+"""Fetch: bytes from loopback S3, HTTP and disk; every failure becomes a short, stable reason."""
+
+import lib
+import pytest
+from test_sources import closed_port_url
+
+BUCKET = "s3://open-images-dataset"
+
+
+def reason_of(fetcher: lib.Fetcher, location: str) -> str:
+    with pytest.raises(lib.ImageFailure) as failure:
+        fetcher.fetch(location)
+    return failure.value.reason
+
+
+def test_s3_unsigned_like_the_official_downloader(s3_endpoint, images):
+    fetcher = lib.Fetcher(s3_endpoint)
+    key = sorted(images)[0]
+    assert fetcher.fetch(f"{BUCKET}/validation/{key}.jpg") == images[key]
+    assert reason_of(fetcher, f"{BUCKET}/train/{key}.jpg") == "s3 NoSuchKey"
+
+
+def test_s3_endpoint_from_the_environment(s3_endpoint, images, monkeypatch):
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3_endpoint)
+    key = sorted(images)[1]
+    assert lib.Fetcher(None).fetch(f"{BUCKET}/validation/{key}.jpg") == images[key]
+
+
+def test_unreachable_s3(fast_retries):
+    fetcher = lib.Fetcher(closed_port_url(""), timeout=(1, 1))
+    assert reason_of(fetcher, f"{BUCKET}/validation/x.jpg") == "connection error"
+
+
+def test_http(http_server, images):
+    key = sorted(images)[2]
+    assert lib.Fetcher().fetch(http_server.url(f"/images/{key}.jpg")) == images[key]
+
+
+@pytest.mark.parametrize(
+    ("path", "reason"),
+    [
+        ("/status/404/x.jpg", "http 404"),
+        ("/status/403/x.jpg", "http 403"),
+        ("/status/500/x.jpg", "http 500"),
+        ("/truncated/images/0000000000000003.jpg", "truncated body"),
+    ],
+)
+def test_http_failures(http_server, fast_retries, path, reason):
+    assert reason_of(lib.Fetcher(), http_server.url(path)) == reason
+
+
+def test_http_500_is_retried_then_recovers(http_server, images, fast_retries):
+    key = sorted(images)[4]
+    path = f"/flaky/images/{key}.jpg"
+    assert lib.Fetcher().fetch(http_server.url(path)) == images[key]
+    assert http_server.hits[path] == 2
+
+
+def test_http_timeout(http_server, fast_retries):
+    fetcher = lib.Fetcher(timeout=(2, 0.3))
+    assert reason_of(fetcher, http_server.url("/slow/images/0000000000000005.jpg")) == "timeout"
+
+
+def test_http_connection_refused(fast_retries):
+    assert reason_of(lib.Fetcher(), closed_port_url("/x.jpg")) == "connection error"
+
+
+def test_files(tmp_path):
+    (tmp_path / "a.jpg").write_bytes(b"jpeg")
+    (tmp_path / "empty.jpg").write_bytes(b"")
+    fetcher = lib.Fetcher()
+    assert fetcher.fetch(str(tmp_path / "a.jpg")) == b"jpeg"
+    assert fetcher.fetch((tmp_path / "a.jpg").as_uri()) == b"jpeg"
+    assert reason_of(fetcher, str(tmp_path / "missing.jpg")) == "file not found"
+    assert reason_of(fetcher, str(tmp_path / "empty.jpg")) == "empty body"
+    assert reason_of(fetcher, str(tmp_path)).startswith("file unreadable")

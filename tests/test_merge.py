@@ -1,0 +1,204 @@
+"""Merge: chunks -> one verified file in row order; bad chunk sets refused, gaps reported."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+
+import h5py
+import lib
+import numpy as np
+import pytest
+from conftest import run_embed
+
+# The reading snippet of the original notebook's README ("Output Format"), unchanged.
+ORIGINAL_README_SNIPPET = textwrap.dedent(
+    """
+    import h5py
+
+    with h5py.File('OUTPUT/Images_Embedded.h5', 'r') as f:
+        urls = f['urls'][:]          # Array of image URLs (bytes)
+        embeddings = f['embeddings'][:] # Array of normalized embeddings (float32)
+
+        print(f"Number of images: {len(urls)}")
+        print(f"Embedding dimension: {embeddings.shape[1]}")
+        print(f"URL dtype: {urls.dtype}")
+        print(f"Embedding dtype: {embeddings.dtype}")
+
+    import h5py
+    import numpy as np
+
+    # Load the embeddings
+    with h5py.File('OUTPUT/Images_Embedded.h5', 'r') as f:
+        urls = [url.decode('utf-8') for url in f['urls'][:]]
+        embeddings = f['embeddings'][:]
+
+    # Example: Find most similar images
+    query_embedding = embeddings[0]  # Use first image as query
+    similarities = np.dot(embeddings, query_embedding)  # Cosine similarity (L2-normalized)
+    top_indices = np.argsort(similarities)[::-1][:10]  # Top 10 most similar
+
+    for idx in top_indices:
+        print(f"Similarity: {similarities[idx]:.4f}, URL: {urls[idx]}")
+    """
+)
+OUTPUT_FILE = "OUTPUT/Images_Embedded.h5"
+
+
+@pytest.fixture
+def chunks(table, tiny_encoder):
+    run_embed(table, tiny_encoder)
+    return lib.find_chunks()
+
+
+def read_merged(path):
+    with h5py.File(path, "r") as file:
+        return {
+            "rows": file["rows"][:],
+            "image_ids": file["image_ids"].asstr()[:].tolist(),
+            "urls": file["urls"][:],
+            "embeddings": file["embeddings"][:],
+            "failed_rows": file["failed/rows"][:],
+            "failed_ids": file["failed/image_ids"].asstr()[:].tolist(),
+            "reasons": file["failed/reasons"].asstr()[:].tolist(),
+            "attrs": {key: lib._attribute(value) for key, value in file.attrs.items()},
+        }
+
+
+def test_merged_file_holds_every_row_in_order(chunks, workspace, table):
+    report = lib.merge_chunks(OUTPUT_FILE)
+    merged = read_merged(workspace.root / OUTPUT_FILE)
+    assert report.embedded == 18 and report.failed == 2 and report.chunks == 3 and report.gaps == []
+    assert merged["rows"].tolist() == list(range(18))
+    assert merged["image_ids"] == table.rows(0, 18)["image_id"]
+    assert [url.decode() for url in merged["urls"]] == table.rows(0, 18)["url"], "urls read back as bytes"
+    assert merged["embeddings"].dtype == np.float32 and merged["embeddings"].shape == (18, 16)
+    assert merged["failed_rows"].tolist() == [18, 19]
+    assert merged["failed_ids"] == ["broken.jpg", "page.png"]
+    assert merged["reasons"] == ["decode: truncated file", "not an image"]
+    assert not list((workspace.root / "OUTPUT").glob("*.tmp"))
+
+
+def test_merged_file_records_how_it_was_made(chunks, workspace, tiny_encoder):
+    lib.merge_chunks(OUTPUT_FILE)
+    attrs = read_merged(workspace.root / OUTPUT_FILE)["attrs"]
+    for key, value in tiny_encoder.signature().items():
+        assert attrs[key] == (pytest.approx(value) if isinstance(value, list) else value)
+    assert attrs["embedded"] == 18 and attrs["failed"] == 2
+    assert json.loads(attrs["failed_by_reason"]) == {"decode: truncated file": 1, "not an image": 1}
+    assert json.loads(attrs["source"])["dataset"] == "folder" and "transformers" in attrs["library_versions"]
+    assert json.loads(attrs["gaps"]) == [] and len(json.loads(attrs["chunks"])) == 3
+
+
+def test_the_original_readers_snippet_runs_unchanged(chunks, workspace, capsys):
+    lib.merge_chunks(OUTPUT_FILE)
+    cwd = os.getcwd()
+    os.chdir(workspace.root)
+    try:
+        exec(ORIGINAL_README_SNIPPET, {})
+    finally:
+        os.chdir(cwd)
+    out = capsys.readouterr().out
+    assert "Number of images: 18" in out and "Embedding dimension: 16" in out
+    assert "URL dtype: object" in out and "Similarity: 1.0000" in out
+
+
+def test_a_merge_of_the_same_chunks_does_nothing(chunks, workspace):
+    lib.merge_chunks(OUTPUT_FILE)
+    written = (workspace.root / OUTPUT_FILE).stat().st_mtime_ns
+    report = lib.merge_chunks(OUTPUT_FILE)
+    assert not report.written and "already up to date" in str(report)
+    assert (workspace.root / OUTPUT_FILE).stat().st_mtime_ns == written
+
+
+def test_cleanup_deletes_chunks_after_the_merged_file_is_verified(chunks, workspace):
+    report = lib.merge_chunks(OUTPUT_FILE, cleanup=True)
+    assert report.embedded == 18 and lib.find_chunks() == []
+    assert len(read_merged(workspace.root / OUTPUT_FILE)["rows"]) == 18
+
+
+def test_gaps_are_reported(table, tiny_encoder, workspace):
+    run_embed(table, tiny_encoder, start=0, end=5)
+    run_embed(table, tiny_encoder, start=9, end=14)
+    report = lib.merge_chunks(OUTPUT_FILE)
+    assert report.gaps == [(5, 9), (14, 20)]
+    assert "rows never processed: 10, in [5, 9), [14, 20)" in str(report)
+    assert json.loads(read_merged(workspace.root / OUTPUT_FILE)["attrs"]["gaps"]) == [[5, 9], [14, 20]]
+
+
+def test_overlapping_chunks_are_refused(chunks, workspace):
+    first = chunks[0]
+    with h5py.File(first.path, "r") as source, h5py.File(lib.chunk_path(4, 12), "w") as target:
+        for name in source:
+            source.copy(name, target)
+        target.attrs.update({**source.attrs, "start": 4, "end": 12})
+    with pytest.raises(
+        lib.PipelineError, match=r"chunk_000000000_000000008.h5 and chunk_000000004_000000012.h5 overlap"
+    ):
+        lib.merge_chunks(OUTPUT_FILE)
+    assert not (workspace.root / OUTPUT_FILE).exists()
+
+
+def test_chunks_of_different_models_are_refused(chunks):
+    with h5py.File(chunks[1].path, "r+") as file:
+        file.attrs["model_revision"] = "another"
+    with pytest.raises(lib.PipelineError, match=r"were made differently \(model_revision: 'another' there"):
+        lib.merge_chunks(OUTPUT_FILE)
+
+
+def test_a_damaged_chunk_never_replaces_the_merged_file(table, tiny_encoder, workspace):
+    run_embed(table, tiny_encoder, end=16)
+    lib.merge_chunks(OUTPUT_FILE)
+    good = (workspace.root / OUTPUT_FILE).read_bytes()
+    run_embed(table, tiny_encoder, start=16)  # a new chunk: the next merge rewrites the file
+    with h5py.File(lib.find_chunks()[0].path, "r+") as file:
+        file["embeddings"][0] = -file["embeddings"][0]  # still unit length: only the digest can tell
+    with pytest.raises(lib.PipelineError, match="does not reproduce .*chunk_000000000_000000008.h5"):
+        lib.merge_chunks(OUTPUT_FILE, cleanup=True)
+    assert (workspace.root / OUTPUT_FILE).read_bytes() == good
+    assert len(lib.find_chunks()) == 3, "chunks are kept when verification fails"
+    assert not list((workspace.root / "OUTPUT").glob("*.tmp"))
+
+
+def test_embeddings_that_are_not_unit_length_are_refused(chunks):
+    with h5py.File(chunks[0].path, "r+") as file:
+        file["embeddings"][3] = file["embeddings"][3] * 2
+    with pytest.raises(lib.PipelineError, match=r"1 embedding\(s\) are not of unit length \(e.g. row 3"):
+        lib.merge_chunks(OUTPUT_FILE)
+
+
+def test_no_chunks(workspace):
+    with pytest.raises(lib.PipelineError, match="no chunk files in .*: run 02_embed first"):
+        lib.merge_chunks(OUTPUT_FILE)
+
+
+def test_an_unreadable_chunk_is_named(chunks):
+    shutil.copy(chunks[0].path, chunks[0].path.with_name("chunk_000000020_000000021.h5"))
+    chunks[0].path.write_bytes(b"not hdf5")
+    with pytest.raises(lib.PipelineError, match="chunk_000000000_000000008.h5 cannot be read"):
+        lib.merge_chunks(OUTPUT_FILE)
+
+
+def test_a_file_held_open_for_writing_elsewhere_is_named(chunks, workspace):
+    lib.merge_chunks(OUTPUT_FILE)
+    run_embed(lib.load_image_table(), lib.load_encoder(chunks[0].attrs["model_id"], "cpu"), chunk=4)
+    merged = workspace.root / OUTPUT_FILE
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            f"import h5py, time; f = h5py.File({str(merged)!r}, 'a'); print(1, flush=True); time.sleep(60)",
+        ],
+        stdout=subprocess.PIPE,
+    )
+    try:
+        holder.stdout.readline()
+        with pytest.raises(
+            lib.PipelineError, match=r"Images_Embedded.h5 is locked: another process .*f.close\(\)"
+        ):
+            lib.merge_chunks(OUTPUT_FILE)
+    finally:
+        holder.kill()
+        holder.wait()

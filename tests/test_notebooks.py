@@ -1,0 +1,300 @@
+"""The notebook tier: the stage notebooks run headless with papermill and under nbval.
+
+Every run happens in a copy of the repository, so OUTPUT/ and .cache/ are the copy's own; the
+model is the tiny checkpoint, found as "ViT-B/32" in an offline Hugging Face cache.
+"""
+
+import io
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import lib
+import nbformat
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+from conftest import REPO, TINY_IMAGE_SIZE
+from PIL import Image
+from reference import openai_preprocess, reference_embeddings
+
+pytestmark = pytest.mark.notebooks
+STAGES = ["00_setup", "01_metadata", "02_embed", "03_merge"]
+EMBED = {"CHUNK": 16, "GPU_BATCH_SIZE": 8, "NUM_WORKERS": 4, "MODEL": "ViT-B/32", "DEVICE": "cpu"}
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """A copy of the repository's notebooks and lib.py."""
+    root = tmp_path / "repo"
+    shutil.copytree(REPO / "notebooks", root / "notebooks", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+@pytest.fixture
+def kernel_env(hub_cache) -> dict:
+    """The environment of the papermill and nbval kernels: this Python, an offline hub cache."""
+    env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
+    env.pop("AWS_ENDPOINT_URL_S3", None)
+    return env
+
+
+def papermill(repo: Path, stage: str, parameters: dict, env: dict, cwd: Path | None = None) -> str:
+    """Run one stage notebook headless; return its printed output, or fail with papermill's."""
+    params_file = repo.parent / f"{stage}.yaml"
+    params_file.write_text(yaml.safe_dump(parameters))
+    cwd = cwd or repo
+    notebook = os.path.relpath(repo / "notebooks" / f"{stage}.ipynb", cwd)
+    executed = repo.parent / "runs" / f"{stage}-{time.monotonic_ns()}.ipynb"
+    executed.parent.mkdir(exist_ok=True)
+    command = [sys.executable, "-m", "papermill", notebook, str(executed), "-f", str(params_file)]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return printed_output(executed)
+
+
+def printed_output(path: Path) -> str:
+    notebook = nbformat.read(path, as_version=4)
+    return "".join(
+        output.get("text", "")
+        for cell in notebook.cells
+        if cell.cell_type == "code"
+        for output in cell.outputs
+        if output.output_type == "stream" and output.name == "stdout"
+    )
+
+
+def failing_papermill(repo: Path, stage: str, arguments: list[str], env: dict) -> str:
+    """Run a stage that must fail; return what papermill printed."""
+    notebook = repo / "notebooks" / f"{stage}.ipynb"
+    command = [
+        sys.executable,
+        "-m",
+        "papermill",
+        str(notebook),
+        str(repo.parent / "failed.ipynb"),
+        *arguments,
+    ]
+    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode != 0
+    return result.stderr
+
+
+def read_merged(path: Path) -> dict:
+    with h5py.File(path, "r") as file:
+        return {
+            "rows": file["rows"][:],
+            "image_ids": file["image_ids"].asstr()[:].tolist(),
+            "urls": [url.decode() for url in file["urls"][:]],
+            "embeddings": file["embeddings"][:],
+            "failed": dict(
+                zip(file["failed/image_ids"].asstr()[:], file["failed/reasons"].asstr()[:], strict=True)
+            ),
+            "model_id": file.attrs["model_id"],
+        }
+
+
+def chunk_files(repo: Path) -> dict[str, tuple[int, int]]:
+    return {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in (repo / "OUTPUT" / "chunks").glob("*")}
+
+
+def reference_for(images: dict[str, bytes], ids: list[str], checkpoint: Path) -> np.ndarray:
+    """The same model's output on OpenAI-style preprocessed pixels, computed without lib."""
+    from transformers import CLIPModel
+
+    model = CLIPModel.from_pretrained(checkpoint).eval()
+    pixels = torch.stack(
+        [
+            openai_preprocess(
+                Image.open(io.BytesIO(images[i])), TINY_IMAGE_SIZE, lib.OPENAI_MEAN, lib.OPENAI_STD
+            )
+            for i in ids
+        ]
+    )
+    return reference_embeddings(model, pixels)
+
+
+# ---------------------------------------------------------------------------------------------
+# The committed notebooks
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_committed_notebooks_are_clean(stage):
+    notebook = nbformat.read(REPO / "notebooks" / f"{stage}.ipynb", as_version=4)
+    code = [cell for cell in notebook.cells if cell.cell_type == "code"]
+    assert all(not cell.outputs and cell.execution_count is None for cell in code), "strip the outputs"
+    assert not {"widgets", "papermill"} & set(notebook.metadata), "strip widget and papermill metadata"
+    tagged = [cell for cell in code if "parameters" in cell.metadata.get("tags", [])]
+    assert len(tagged) == 1, "one cell tagged 'parameters'"
+    for line in tagged[0].source.splitlines():
+        assert re.fullmatch(r"[A-Z][A-Z0-9_]* = .+  # .+", line), f"give each parameter a comment: {line}"
+
+
+@pytest.mark.parametrize(
+    ("stage", "params_class"),
+    [("00_setup", lib.SetupParams), ("01_metadata", lib.MetadataParams), ("02_embed", lib.EmbedParams)]
+    + [("03_merge", lib.MergeParams)],
+)
+def test_help_notebook_describes_every_parameter(stage, params_class):
+    command = [
+        sys.executable,
+        "-m",
+        "papermill",
+        "--help-notebook",
+        str(REPO / "notebooks" / f"{stage}.ipynb"),
+    ]
+    help_text = subprocess.run(command, capture_output=True, text=True, check=True).stdout
+    for name in lib._parameter_names(params_class):
+        assert re.search(rf"^  {name}: .*\n +\S", help_text, re.MULTILINE), f"{name} is not described"
+
+
+def notebook_defaults(stage: str) -> dict:
+    """The values of a committed notebook's parameters cell."""
+    notebook = nbformat.read(REPO / "notebooks" / f"{stage}.ipynb", as_version=4)
+    (cell,) = [c for c in notebook.cells if "parameters" in c.metadata.get("tags", [])]
+    values: dict = {}
+    exec(cell.source, {}, values)
+    return values
+
+
+@pytest.mark.parametrize("name", ["demo", "validation", "train_s3", "folder_example", "table_example"])
+def test_named_parameter_sets_are_valid_for_every_stage(name):
+    values = yaml.safe_load((REPO / "params" / f"{name}.yaml").read_text())
+    for stage, params_class in zip(STAGES, lib.STAGE_PARAMETERS, strict=True):
+        lib.read_parameters(params_class, {**notebook_defaults(stage), **values})
+
+
+# ---------------------------------------------------------------------------------------------
+# Chains 01 -> 02 -> 03
+# ---------------------------------------------------------------------------------------------
+
+
+def test_openimages_chain_over_s3(repo, kernel_env, http_server, s3_endpoint, images, tiny_checkpoint):
+    """40 images on loopback S3, CHUNK=16: one row per image, exact embeddings, resumable."""
+    source = http_server.url("/metadata/validation-images-with-rotation.csv")
+    metadata = {"DATASET": "openimages-v7", "SPLIT": "validation", "SOURCE": source, "FETCH": "s3"}
+    printed = papermill(repo, "01_metadata", metadata, kernel_env)
+    assert "40 images from" in printed
+    embed = {**EMBED, "S3_ENDPOINT_URL": s3_endpoint}
+    printed = papermill(repo, "02_embed", embed, kernel_env)
+    assert "chunks written: 3, already done: 0" in printed and "embedded: 40, failed: 0" in printed
+    printed = papermill(
+        repo, "03_merge", {"OUTPUT_FILE": "OUTPUT/Images_Embedded.h5", "CLEANUP": False}, kernel_env
+    )
+    assert "40 embeddings, 0 failed images, from 3 chunk file(s)" in printed
+
+    merged = read_merged(repo / "OUTPUT" / "Images_Embedded.h5")
+    official = pd.read_csv(io.BytesIO(http_server.files["/metadata/validation-images-with-rotation.csv"][0]))
+    assert merged["rows"].tolist() == list(range(40))
+    assert merged["image_ids"] == official["ImageID"].tolist()
+    assert merged["urls"] == official["OriginalURL"].tolist()
+    assert merged["model_id"] == "openai/clip-vit-base-patch32"
+    expected = reference_for(images, merged["image_ids"], tiny_checkpoint)
+    np.testing.assert_allclose(merged["embeddings"], expected, atol=1e-5)
+
+    before = chunk_files(repo)
+    printed = papermill(repo, "02_embed", embed, kernel_env, cwd=repo / "notebooks")
+    assert "3 chunk(s) already done, 0 to embed" in printed
+    assert chunk_files(repo) == before, "a second run rewrites no finished chunk"
+
+
+def test_table_chain_over_http_records_every_failure(repo, kernel_env, http_server, images):
+    ids = sorted(images)[:6]
+    rows = [(i, http_server.url(f"/images/{i}.jpg")) for i in ids[:3]] + [
+        ("missing", http_server.url("/status/404/missing.jpg")),
+        ("server-error", http_server.url("/status/500/error.jpg")),
+        ("recovers", http_server.url(f"/flaky/images/{ids[3]}.jpg")),
+        ("truncated", http_server.url(f"/truncated/images/{ids[4]}.jpg")),
+        ("html", http_server.url(f"/html/images/{ids[5]}.jpg")),
+        ("relative", f"../images/{ids[5]}.jpg"),
+    ]
+    csv = "image_id,url\n" + "".join(f"{i},{u}\n" for i, u in rows)
+    http_server.files["/lists/catalogue.csv"] = (csv.encode(), "text/csv")
+    metadata = {"DATASET": "table", "SOURCE": http_server.url("/lists/catalogue.csv")}
+    papermill(repo, "01_metadata", metadata, kernel_env)
+    printed = papermill(repo, "02_embed", {**EMBED, "CHUNK": 4}, kernel_env)
+    assert "embedded: 5, failed: 4" in printed
+    papermill(repo, "03_merge", {"OUTPUT_FILE": "OUTPUT/catalogue.h5", "CLEANUP": True}, kernel_env)
+    merged = read_merged(repo / "OUTPUT" / "catalogue.h5")
+    assert merged["image_ids"] == [*ids[:3], "recovers", "relative"]
+    assert merged["failed"] == {
+        "missing": "http 404",
+        "server-error": "http 500",
+        "truncated": "truncated body",
+        "html": "not an image",
+    }
+    assert chunk_files(repo) == {}, "CLEANUP removed the chunk files"
+
+
+def test_folder_chain_from_the_notebooks_folder(repo, kernel_env, images, tmp_path):
+    folder = tmp_path / "photos"
+    (folder / "nested").mkdir(parents=True)
+    for n, (key, data) in enumerate(list(images.items())[:10]):
+        (folder / ("nested" if n % 2 else "") / f"{key}.jpg").write_bytes(data)
+    notebooks = repo / "notebooks"
+    papermill(repo, "01_metadata", {"DATASET": "folder", "SOURCE": str(folder)}, kernel_env, cwd=notebooks)
+    papermill(repo, "02_embed", {**EMBED, "CHUNK": 3}, kernel_env, cwd=notebooks)
+    papermill(
+        repo, "03_merge", {"OUTPUT_FILE": "OUTPUT/photos.h5", "CLEANUP": False}, kernel_env, cwd=notebooks
+    )
+    merged = read_merged(repo / "OUTPUT" / "photos.h5")
+    assert len(merged["image_ids"]) == 10 and merged["image_ids"][0] == f"{sorted(images)[0]}.jpg"
+    assert merged["image_ids"][-1].startswith("nested/")
+
+
+# ---------------------------------------------------------------------------------------------
+# nbval, and what a user sees when something is wrong
+# ---------------------------------------------------------------------------------------------
+
+
+def test_every_notebook_runs_under_nbval(repo, kernel_env, images, tmp_path):
+    """nbval --nbval-lax on copies prepared with test parameters: every cell runs, asserts hold."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for key, data in list(images.items())[:5]:
+        (folder / f"{key}.jpg").write_bytes(data)
+    values = {"DEVICE": "cpu", "DATASET": "folder", "SOURCE": str(folder), **EMBED, "CHUNK": 2}
+    params_file = tmp_path / "test.yaml"
+    params_file.write_text(yaml.safe_dump({**values, "OUTPUT_FILE": "OUTPUT/nbval.h5", "CLEANUP": False}))
+    for stage in STAGES:
+        notebook = repo / "notebooks" / f"{stage}.ipynb"
+        prepare = [sys.executable, "-m", "papermill", "--prepare-only", "-f", str(params_file)]
+        subprocess.run(
+            [*prepare, str(notebook), str(notebook)], env=kernel_env, check=True, capture_output=True
+        )
+    notebooks = [str(repo / "notebooks" / f"{stage}.ipynb") for stage in STAGES]
+    command = [sys.executable, "-m", "pytest", "--nbval-lax", "-p", "no:cacheprovider", "-q", *notebooks]
+    result = subprocess.run(command, cwd=repo, env=kernel_env, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    assert (repo / "OUTPUT" / "nbval.h5").is_file()
+
+
+def test_an_unknown_parameter_stops_the_stage_with_its_name(repo, kernel_env):
+    stderr = failing_papermill(repo, "02_embed", ["-p", "CHUNKS", "500"], kernel_env)
+    assert "ParameterError: Unknown parameter CHUNKS=500: did you mean CHUNK?" in stderr
+
+
+def test_offline_the_stages_say_what_they_could_not_reach(repo, kernel_env, images, tmp_path):
+    """Without a network, 01 names the metadata URL and 02 the model, each with what to do instead."""
+    began = time.monotonic()
+    url = "http://127.0.0.1:9/validation-images-with-rotation.csv"
+    stderr = failing_papermill(repo, "01_metadata", ["-p", "SOURCE", url], kernel_env)
+    assert f"PipelineError: Could not download {url}" in stderr and "set SOURCE to its path" in stderr
+    assert "Traceback" not in stderr.split("PapermillExecutionError")[-1], "the cell shows no traceback"
+
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(next(iter(images.values())))
+    papermill(repo, "01_metadata", {"DATASET": "folder", "SOURCE": str(folder)}, kernel_env)
+    stderr = failing_papermill(repo, "02_embed", ["-p", "MODEL", "ViT-L/14"], kernel_env)
+    assert "PipelineError: Could not get the model 'openai/clip-vit-large-patch14'" in stderr
+    assert "set MODEL to a local directory" in stderr
+    assert time.monotonic() - began < 60

@@ -1,0 +1,124 @@
+"""Notebook parameters: every bad name or value is an error that names it and says what is allowed."""
+
+import lib
+import pytest
+
+EMBED_DEFAULTS = {
+    "START": 0,
+    "END": None,
+    "CHUNK": 10000,
+    "GPU_BATCH_SIZE": 512,
+    "NUM_WORKERS": 32,
+    "MODEL": "ViT-B/32",
+    "DEVICE": "auto",
+    "PRECISION": "auto",
+    "S3_ENDPOINT_URL": None,
+}
+METADATA_DEFAULTS = {"DATASET": "openimages-v7", "SPLIT": "validation", "SOURCE": None, "FETCH": "s3"}
+
+
+def test_defaults_are_valid():
+    params = lib.read_parameters(lib.EmbedParams, dict(EMBED_DEFAULTS))
+    assert params.chunk == 10000 and params.end is None
+    assert lib.read_parameters(lib.MetadataParams, dict(METADATA_DEFAULTS)).dataset == "openimages-v7"
+    assert lib.read_parameters(lib.MergeParams, {"OUTPUT_FILE": "x.h5", "CLEANUP": True}).cleanup
+    assert lib.read_parameters(lib.SetupParams, {"DEVICE": "cuda:1"}).device == "cuda:1"
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "allowed"),
+    [
+        ("START", -1, "integer >= 0"),
+        ("START", 1.5, "integer >= 0"),
+        ("START", True, "integer >= 0"),
+        ("END", 0, "integer >= 1"),
+        ("CHUNK", 0, "integer >= 1"),
+        ("CHUNK", "100", "integer >= 1"),
+        ("GPU_BATCH_SIZE", 0, "integer >= 1"),
+        ("NUM_WORKERS", -4, "integer >= 1"),
+        ("MODEL", "", "non-empty string"),
+        ("MODEL", None, "non-empty string"),
+        ("DEVICE", "gpu", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        ("DEVICE", "cuda:x", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        ("PRECISION", "fp8", "'auto', 'fp32', 'fp16', 'bf16'"),
+        ("S3_ENDPOINT_URL", "localhost:9000", "http(s) URL"),
+        ("S3_ENDPOINT_URL", 9000, "non-empty string or None"),
+    ],
+)
+def test_bad_embed_values_name_parameter_value_and_what_is_allowed(name, value, allowed):
+    namespace = {**EMBED_DEFAULTS, name: value}
+    with pytest.raises(lib.ParameterError) as error:
+        lib.read_parameters(lib.EmbedParams, namespace)
+    assert f"{name}={value!r}" in str(error.value)
+    assert allowed in str(error.value)
+
+
+def test_end_must_be_after_start():
+    with pytest.raises(lib.ParameterError, match=r"END=5 is not allowed: use an integer >= 11"):
+        lib.read_parameters(lib.EmbedParams, {**EMBED_DEFAULTS, "START": 10, "END": 5})
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("DATASET", "coco"),
+        ("SPLIT", "val"),
+        ("FETCH", "ftp"),
+        ("SOURCE", ""),
+    ],
+)
+def test_bad_metadata_values(name, value):
+    with pytest.raises(lib.ParameterError, match=rf"{name}={value!r} is not allowed"):
+        lib.read_parameters(lib.MetadataParams, {**METADATA_DEFAULTS, name: value})
+
+
+def test_folder_and_table_need_a_source():
+    for dataset in ("folder", "table"):
+        with pytest.raises(lib.ParameterError, match="SOURCE=None is not allowed"):
+            lib.read_parameters(lib.MetadataParams, {**METADATA_DEFAULTS, "DATASET": dataset})
+
+
+def test_table_source_may_map_columns_to_json_lists():
+    source = {"image_id": "image_ids.json", "url": "image_urls.json"}
+    params = lib.read_parameters(
+        lib.MetadataParams, {**METADATA_DEFAULTS, "DATASET": "table", "SOURCE": source}
+    )
+    assert params.source == source
+    with pytest.raises(lib.ParameterError, match="must include 'image_id' and 'url'"):
+        lib.read_parameters(
+            lib.MetadataParams, {**METADATA_DEFAULTS, "DATASET": "table", "SOURCE": {"url": "u.json"}}
+        )
+
+
+def test_merge_values():
+    with pytest.raises(lib.ParameterError, match="CLEANUP='yes' is not allowed: use True or False"):
+        lib.read_parameters(lib.MergeParams, {"OUTPUT_FILE": "out.h5", "CLEANUP": "yes"})
+
+
+def test_unknown_parameter_names_suggest_the_closest():
+    namespace = {**EMBED_DEFAULTS, "CHUNKS": 500}
+    with pytest.raises(lib.ParameterError, match=r"Unknown parameter CHUNKS=500: did you mean CHUNK\?"):
+        lib.read_parameters(lib.EmbedParams, namespace)
+
+
+def test_parameters_of_other_stages_are_accepted():
+    """One params/*.yaml feeds every stage, so 02 must accept DATASET and OUTPUT_FILE."""
+    namespace = {**EMBED_DEFAULTS, **METADATA_DEFAULTS, "OUTPUT_FILE": "x.h5", "CLEANUP": False}
+    assert lib.read_parameters(lib.EmbedParams, namespace).model == "ViT-B/32"
+
+
+def test_lowercase_and_private_names_are_not_parameters():
+    namespace = {**EMBED_DEFAULTS, "table": 1, "_": 2, "In": [], "np": object()}
+    assert lib.read_parameters(lib.EmbedParams, namespace).start == 0
+
+
+def test_a_deleted_parameter_is_reported():
+    namespace = dict(EMBED_DEFAULTS)
+    del namespace["CHUNK"]
+    with pytest.raises(lib.ParameterError, match="Parameter CHUNK is not defined"):
+        lib.read_parameters(lib.EmbedParams, namespace)
+
+
+def test_parameter_errors_show_without_a_traceback_in_notebooks():
+    error = lib.ParameterError("CHUNK=0 is not allowed")
+    assert error._render_traceback_() == ["ParameterError: CHUNK=0 is not allowed"]

@@ -1,0 +1,255 @@
+"""Sources: Open Images metadata, user tables and folders -> the normalised image table."""
+
+import json
+import socket
+
+import lib
+import numpy as np
+import pandas as pd
+import pytest
+
+
+def metadata(dataset, source=None, split="validation", fetch="s3"):
+    return lib.MetadataParams(dataset, split, source, fetch)
+
+
+def closed_port_url(path: str) -> str:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}{path}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Open Images
+# ---------------------------------------------------------------------------------------------
+
+
+def test_openimages_s3_locations_follow_the_bucket_layout(workspace, http_server, images):
+    source = http_server.url("/metadata/validation-images-with-rotation.csv")
+    table = lib.build_image_table(metadata("openimages-v7", source))
+    ids = sorted(images)
+    assert list(table.columns) == list(lib.TABLE_COLUMNS)
+    assert table["image_id"].tolist() == ids
+    assert table["location"][0] == f"s3://open-images-dataset/validation/{ids[0]}.jpg"
+    assert table["url"][0] == http_server.url(f"/images/{ids[0]}.jpg")
+    assert table["rotation"][:4].tolist()[:2] == [0.0, 90.0]
+    assert np.isnan(table["rotation"][2]) and table["rotation"][3] == 180.0
+
+
+def test_openimages_url_fetch_uses_original_url(workspace, http_server):
+    source = http_server.url("/metadata/validation-images-with-rotation.csv")
+    table = lib.build_image_table(metadata("openimages-v7", source, fetch="url"))
+    assert (table["location"] == table["url"]).all()
+
+
+def test_openimages_test_split_keys(workspace, http_server):
+    source = http_server.url("/metadata/validation-images-with-rotation.csv")
+    table = lib.build_image_table(metadata("openimages-v7", source, split="test"))
+    assert table["location"][0].startswith("s3://open-images-dataset/test/")
+
+
+def test_downloads_are_cached_and_checked(workspace, http_server):
+    path = "/metadata/validation-images-with-rotation.csv"
+    before = http_server.hits.get(path, 0)
+    first = lib.cached_download(http_server.url(path), hint="")
+    second = lib.cached_download(http_server.url(path), hint="")
+    assert first == second and http_server.hits[path] == before + 1
+    first.write_bytes(first.read_bytes()[:-10])  # a damaged copy is fetched again
+    third = lib.cached_download(http_server.url(path), hint="")
+    assert http_server.hits[path] == before + 2
+    assert third.read_bytes() == http_server.files[path][0]
+
+
+def test_unreachable_metadata_names_the_url_and_how_to_point_elsewhere(workspace, fast_retries):
+    url = closed_port_url("/validation-images-with-rotation.csv")
+    with pytest.raises(lib.PipelineError) as error:
+        lib.build_image_table(metadata("openimages-v7", url))
+    message = str(error.value)
+    assert f"Could not download {url}: cannot connect to 127.0.0.1:" in message
+    assert "set SOURCE to its path" in message
+    assert not list(workspace.downloads.glob("*/*")), "no partial download is left behind"
+
+
+def test_an_http_error_on_metadata_is_reported(workspace, http_server):
+    with pytest.raises(lib.PipelineError, match="answered HTTP 404"):
+        lib.build_image_table(metadata("openimages-v7", http_server.url("/metadata/missing.csv")))
+
+
+def test_a_csv_in_another_format_is_refused(workspace, tmp_path):
+    listing = tmp_path / "list.csv"
+    listing.write_text("image_id,url\na,http://x/a.jpg\n")
+    with pytest.raises(lib.PipelineError, match=r"not in the official Open Images format.*DATASET='table'"):
+        lib.build_image_table(metadata("openimages-v7", str(listing)))
+
+
+# ---------------------------------------------------------------------------------------------
+# Tables
+# ---------------------------------------------------------------------------------------------
+
+ROWS = [{"image_id": "007", "url": "http://example.com/a.jpg"}, {"image_id": "8", "url": "img/b.png"}]
+
+
+@pytest.mark.parametrize(
+    ("name", "write"),
+    [
+        ("list.csv", lambda path: pd.DataFrame(ROWS).to_csv(path, index=False)),
+        ("list.tsv", lambda path: pd.DataFrame(ROWS).to_csv(path, index=False, sep="\t")),
+        ("list.json", lambda path: path.write_text(json.dumps(ROWS))),
+        ("columns.json", lambda path: path.write_text(json.dumps(pd.DataFrame(ROWS).to_dict("list")))),
+        ("list.jsonl", lambda path: pd.DataFrame(ROWS).to_json(path, orient="records", lines=True)),
+        ("list.parquet", lambda path: pd.DataFrame(ROWS).to_parquet(path)),
+    ],
+)
+def test_table_formats(workspace, tmp_path, name, write):
+    path = tmp_path / name
+    write(path)
+    table = lib.build_image_table(metadata("table", str(path)))
+    assert table["image_id"].tolist() == ["007", "8"], "ids stay strings, leading zeros kept"
+    assert table["location"].tolist() == ["http://example.com/a.jpg", str(tmp_path / "img/b.png")]
+    assert table["url"].tolist() == ["http://example.com/a.jpg", "img/b.png"]
+
+
+def test_table_over_http_resolves_relative_urls_against_the_table(workspace, http_server):
+    http_server.files["/lists/catalogue.csv"] = (b"image_id,url,title\np1,../images/x.jpg,Shoe\n", "text/csv")
+    table = lib.build_image_table(metadata("table", http_server.url("/lists/catalogue.csv")))
+    assert table["location"].tolist() == [http_server.url("/images/x.jpg")]
+
+
+def test_the_original_notebooks_pair_of_json_lists(workspace, http_server, images):
+    source = {
+        "image_id": http_server.url("/metadata/image_ids.json"),
+        "url": http_server.url("/metadata/image_urls.json"),
+    }
+    table = lib.build_image_table(metadata("table", source))
+    assert table["image_id"].tolist() == sorted(images)
+    assert table["location"][0] == http_server.url(f"/images/{sorted(images)[0]}.jpg")
+
+
+def test_json_lists_of_different_lengths(workspace, tmp_path):
+    (tmp_path / "ids.json").write_text('["a", "b"]')
+    (tmp_path / "urls.json").write_text('["u"]')
+    source = {"image_id": str(tmp_path / "ids.json"), "url": str(tmp_path / "urls.json")}
+    with pytest.raises(lib.PipelineError, match="differ in length"):
+        lib.build_image_table(metadata("table", source))
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("id,link\na,b\n", r"lacks the column\(s\) \['image_id', 'url'\]; its columns are \['id', 'link'\]"),
+        ("image_id,url\n", "holds no images"),
+        ("image_id,url\na,http://x/1\nb,http://x/2\na,http://x/3\n", r"1 duplicate image_id.*'a': 2"),
+        ("image_id,url\na,http://x/1\nb,\n", r"1 row\(s\) with an empty url, e.g. row\(s\) \[1\]"),
+    ],
+)
+def test_bad_tables_are_clear_errors(workspace, tmp_path, content, message):
+    path = tmp_path / "list.csv"
+    path.write_text(content)
+    with pytest.raises(lib.PipelineError, match=message):
+        lib.build_image_table(metadata("table", str(path)))
+
+
+def test_unknown_table_extension(workspace, tmp_path):
+    path = tmp_path / "list.xlsx"
+    path.write_bytes(b"")
+    with pytest.raises(lib.PipelineError, match=r"use a file ending in .csv, .tsv, .json, .jsonl, .parquet"):
+        lib.build_image_table(metadata("table", str(path)))
+
+
+def test_missing_table_file(workspace):
+    with pytest.raises(lib.PipelineError, match="SOURCE file .*nowhere.csv does not exist"):
+        lib.build_image_table(metadata("table", "nowhere.csv"))
+
+
+def test_google_drive_links_go_through_gdown(workspace, tmp_path, monkeypatch):
+    import gdown
+
+    calls = []
+
+    def fake_download(url, output, quiet, fuzzy):
+        calls.append((url, fuzzy))
+        saved = f"{output}catalogue.csv"
+        pd.DataFrame(ROWS).to_csv(saved, index=False)
+        return saved
+
+    monkeypatch.setattr(gdown, "download", fake_download)
+    link = "https://drive.google.com/file/d/1AbC/view?usp=sharing"
+    table = lib.build_image_table(metadata("table", link))
+    assert calls == [(link, True)] and len(table) == 2
+    lib.build_image_table(metadata("table", link))
+    assert len(calls) == 1, "the second run uses the verified cached copy"
+
+
+# ---------------------------------------------------------------------------------------------
+# Folders
+# ---------------------------------------------------------------------------------------------
+
+
+def test_folder_lists_image_files_recursively_and_sorted(workspace, tmp_path):
+    folder = tmp_path / "photos"
+    for name in [
+        "b.jpg",
+        "a.PNG",
+        "sub/c.webp",
+        "sub/deeper/d.tif",
+        "notes.txt",
+        ".hidden.jpg",
+        ".thumbs/e.jpg",
+    ]:
+        (folder / name).parent.mkdir(parents=True, exist_ok=True)
+        (folder / name).write_bytes(b"x")
+    table = lib.build_image_table(metadata("folder", str(folder)))
+    assert table["image_id"].tolist() == ["a.PNG", "b.jpg", "sub/c.webp", "sub/deeper/d.tif"]
+    assert table["location"][2] == str(folder / "sub/c.webp") == table["url"][2]
+
+
+def test_folder_paths_are_relative_to_the_repository_root(workspace):
+    (workspace.root / "data" / "images").mkdir(parents=True)
+    (workspace.root / "data" / "images" / "x.jpg").write_bytes(b"x")
+    table = lib.build_image_table(metadata("folder", "data/images"))
+    assert table["location"].tolist() == [str(workspace.root / "data" / "images" / "x.jpg")]
+
+
+def test_missing_and_empty_folders(workspace, tmp_path):
+    with pytest.raises(lib.PipelineError, match="does not exist or is not a folder"):
+        lib.build_image_table(metadata("folder", str(tmp_path / "nope")))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(lib.PipelineError, match="holds no images"):
+        lib.build_image_table(metadata("folder", str(tmp_path / "empty")))
+
+
+# ---------------------------------------------------------------------------------------------
+# The saved table
+# ---------------------------------------------------------------------------------------------
+
+
+def test_saving_an_unchanged_table_does_nothing(workspace, tmp_path, capsys):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"x")
+    params = metadata("folder", str(folder))
+    info = lib.save_image_table(lib.build_image_table(params), params)
+    written = workspace.table.stat().st_mtime_ns
+    assert lib.save_image_table(lib.build_image_table(params), params) == info
+    assert workspace.table.stat().st_mtime_ns == written
+    assert "already up to date" in capsys.readouterr().out
+    loaded = lib.load_image_table()
+    assert len(loaded) == 1 and loaded.info == info
+    assert loaded.rows(0, 1)["image_id"] == ["a.jpg"]
+
+
+def test_a_changed_table_changes_its_digest(workspace, tmp_path):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"x")
+    params = metadata("folder", str(folder))
+    first = lib.save_image_table(lib.build_image_table(params), params)
+    (folder / "b.jpg").write_bytes(b"x")
+    second = lib.save_image_table(lib.build_image_table(params), params)
+    assert first["sha256"] != second["sha256"] and second["rows"] == 2
+
+
+def test_02_without_a_table_says_to_run_01(workspace):
+    with pytest.raises(lib.PipelineError, match="run 01_metadata first"):
+        lib.load_image_table()
