@@ -40,6 +40,7 @@ import botocore.exceptions
 import h5py
 import numpy as np
 import pandas as pd
+import PIL
 import pyarrow as pa
 import pyarrow.parquet as pq
 import requests
@@ -346,11 +347,16 @@ def _cached_download_is_valid(path: Path, record_path: Path, url: str) -> bool:
     )
 
 
+def _root_cause(error: requests.RequestException) -> Any:
+    """The urllib3 error behind a requests error (a MaxRetryError holds the last attempt's)."""
+    cause = error.args[0] if error.args else None
+    return getattr(cause, "reason", cause)
+
+
 def _network_problem(error: requests.RequestException, url: str) -> str:
     """A few words on why a request failed, instead of urllib3's chain of wrapped errors."""
     host = urlparse(url).netloc
-    cause = error.args[0] if error.args else None
-    cause = getattr(cause, "reason", cause)  # urllib3's MaxRetryError holds the last error
+    cause = _root_cause(error)
     if isinstance(cause, urllib3.exceptions.NameResolutionError):
         return f"cannot resolve {urlparse(url).hostname} (is this machine offline?)"
     if isinstance(cause, urllib3.exceptions.NewConnectionError):
@@ -666,13 +672,6 @@ def load_image_table() -> ImageTable:
 # ---------------------------------------------------------------------------------------------
 
 
-def _is_read_timeout(error: requests.ConnectionError) -> bool:
-    """requests reports a read timeout mid-body, or after the last retry, as a ConnectionError."""
-    cause = error.args[0] if error.args else None
-    cause = getattr(cause, "reason", cause)  # urllib3's MaxRetryError holds the last error
-    return isinstance(cause, urllib3.exceptions.ReadTimeoutError)
-
-
 class Fetcher:
     """Bytes of images from S3 (unsigned, like Open Images' downloader.py), HTTP(S) or files.
 
@@ -735,7 +734,9 @@ class Fetcher:
         except requests.exceptions.ChunkedEncodingError:
             raise ImageFailure("truncated body") from None
         except requests.ConnectionError as error:
-            raise ImageFailure("timeout" if _is_read_timeout(error) else "connection error") from None
+            # a read timeout mid-body, or after the last retry, arrives as a ConnectionError
+            timed_out = isinstance(_root_cause(error), urllib3.exceptions.ReadTimeoutError)
+            raise ImageFailure("timeout" if timed_out else "connection error") from None
         except requests.RequestException as error:
             raise ImageFailure(f"http error: {type(error).__name__}") from None
         if reply.status_code != 200:
@@ -953,7 +954,6 @@ class ClipEncoder:
     def signature(self) -> dict:
         """What must match for two runs' vectors to be mixed in one file."""
         return {
-            "model_id": self.checkpoint.model_id,
             "model_revision": self.checkpoint.revision,
             "embedding_size": self.embedding_size,
             **self.preprocessing.describe(),
@@ -986,8 +986,7 @@ def load_encoder(model: str, device: str = "auto", precision: str = "auto") -> C
 # ---------------------------------------------------------------------------------------------
 
 _CHUNK_NAME = re.compile(r"chunk_(\d{9})_(\d{9})\.h5")
-SIGNATURE_KEYS = (
-    "model_id",
+SIGNATURE_KEYS = (  # model_id is recorded but not compared: a local checkpoint may move
     "model_revision",
     "embedding_size",
     "image_size",
@@ -1329,7 +1328,6 @@ class RunSummary:
 
 def library_versions() -> dict:
     """Versions of what shapes the vectors, recorded in every file."""
-    import PIL
     import transformers
 
     return {
@@ -1349,6 +1347,7 @@ def embed_chunks(table: ImageTable, encoder: ClipEncoder, plan: ChunkPlan, param
         **run_signature(encoder, table),
         "format_version": FORMAT_VERSION,
         "model": params.model,
+        "model_id": encoder.checkpoint.model_id,
         "device": encoder.device.type,
         "source": json.dumps(table.info),
         "library_versions": json.dumps(library_versions()),
@@ -1496,6 +1495,7 @@ def _merged_attrs(chunks: list[ChunkInfo], gaps: list, failed_by_reason: dict) -
         **{key: first.attrs[key] for key in SIGNATURE_KEYS},
         "format_version": FORMAT_VERSION,
         "model": first.attrs["model"],
+        "model_id": first.attrs["model_id"],
         "device": _distinct(chunks, "device"),
         "library_versions": _distinct(chunks, "library_versions"),
         "source": first.attrs["source"],

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import boto3
+import h5py
 import numpy as np
 import pytest
 from PIL import Image
@@ -274,6 +275,21 @@ def offline_hub(hub_cache, monkeypatch):
 @pytest.fixture(scope="session")
 def tiny_encoder(tiny_checkpoint):
     return lib.load_encoder(str(tiny_checkpoint), "cpu", "fp32")
+
+
+def read_output(path: Path) -> dict:
+    """A chunk or merged file as plain Python: its datasets (urls left as bytes) and attributes."""
+    with h5py.File(path, "r") as file:
+        return {
+            "rows": file["rows"][:].tolist(),
+            "image_ids": file["image_ids"].asstr()[:].tolist(),
+            "urls": file["urls"][:].tolist(),
+            "embeddings": file["embeddings"][:],
+            "failed_rows": file["failed/rows"][:].tolist(),
+            "failed_ids": file["failed/image_ids"].asstr()[:].tolist(),
+            "reasons": file["failed/reasons"].asstr()[:].tolist(),
+            "attrs": {key: lib._attribute(value) for key, value in file.attrs.items()},
+        }
 
 
 # ---------------------------------------------------------------------------------------------

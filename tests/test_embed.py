@@ -1,26 +1,15 @@
 """Embed: rows in chunks, failures recorded, finished chunks skipped, foreign chunks refused."""
 
 import io
+import shutil
 
-import h5py
 import lib
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_IMAGE_SIZE, run_embed
+from conftest import TINY_IMAGE_SIZE, read_output, run_embed
 from PIL import Image
 from reference import openai_preprocess, reference_embeddings
-
-
-def read_chunk(path):
-    with h5py.File(path, "r") as file:
-        return {
-            "rows": file["rows"][:],
-            "image_ids": file["image_ids"].asstr()[:].tolist(),
-            "embeddings": file["embeddings"][:],
-            "failed_rows": file["failed/rows"][:],
-            "reasons": file["failed/reasons"].asstr()[:].tolist(),
-        }
 
 
 def test_every_row_is_embedded_or_failed_with_its_reason(table, tiny_encoder, workspace):
@@ -32,9 +21,9 @@ def test_every_row_is_embedded_or_failed_with_its_reason(table, tiny_encoder, wo
     assert [(c.start, c.end) for c in chunks] == [(0, 8), (8, 16), (16, 20)]
     assert sum(c.embedded + c.failed for c in chunks) == 20
     assert not list(workspace.chunks.glob("*.tmp")), "no temporary file is left behind"
-    last = read_chunk(chunks[-1].path)  # broken.jpg and page.png sort after the hex ids
-    assert last["rows"].tolist() == [16, 17]
-    assert last["failed_rows"].tolist() == [18, 19]
+    last = read_output(chunks[-1].path)  # broken.jpg and page.png sort after the hex ids
+    assert last["rows"] == [16, 17]
+    assert last["failed_rows"] == [18, 19]
     assert last["reasons"] == ["decode: truncated file", "not an image"]
 
 
@@ -53,7 +42,7 @@ def test_chunk_files_record_how_they_were_made(table, tiny_encoder):
 def test_embeddings_equal_the_model_on_openai_preprocessed_pixels(table, tiny_encoder, image_folder):
     run_embed(table, tiny_encoder)
     for info in lib.find_chunks():
-        chunk = read_chunk(info.path)
+        chunk = read_output(info.path)
         images = [Image.open(io.BytesIO((image_folder / i).read_bytes())) for i in chunk["image_ids"]]
         pixels = torch.stack(
             [openai_preprocess(image, TINY_IMAGE_SIZE, lib.OPENAI_MEAN, lib.OPENAI_STD) for image in images]
@@ -83,16 +72,16 @@ def test_the_same_image_gives_the_same_vector_in_any_chunk(table, tiny_encoder, 
     run_embed(table, tiny_encoder, chunk=7, gpu_batch_size=2)
     by_row = {}
     for info in lib.find_chunks():
-        chunk = read_chunk(info.path)
-        by_row.update(zip(chunk["rows"].tolist(), chunk["embeddings"], strict=True))
+        chunk = read_output(info.path)
+        by_row.update(zip(chunk["rows"], chunk["embeddings"], strict=True))
     monkeypatch.setattr(lib, "WORKSPACE", lib.Workspace(workspace.root.parent / "other"))
     lib.WORKSPACE.cache.mkdir(parents=True)
     for name in (workspace.table, workspace.table_info):
         (lib.WORKSPACE.cache / name.name).write_bytes(name.read_bytes())
     run_embed(lib.load_image_table(), tiny_encoder, chunk=20, gpu_batch_size=5)
     (whole,) = lib.find_chunks()
-    chunk = read_chunk(whole.path)
-    for row, vector in zip(chunk["rows"].tolist(), chunk["embeddings"], strict=True):
+    chunk = read_output(whole.path)
+    for row, vector in zip(chunk["rows"], chunk["embeddings"], strict=True):
         np.testing.assert_allclose(vector, by_row[row], atol=1e-6)
 
 
@@ -101,6 +90,13 @@ def test_chunks_of_another_model_or_precision_are_never_reused(table, tiny_encod
     bf16 = lib.load_encoder(str(tiny_checkpoint), "cpu", "bf16")
     with pytest.raises(lib.PipelineError, match=r"made differently .*precision: 'fp32' there, 'bf16' here"):
         lib.plan_chunks(0, None, 8, lib.run_signature(bf16, table), len(table))
+
+
+def test_chunks_survive_moving_the_model_directory(table, tiny_encoder, tiny_checkpoint, tmp_path):
+    run_embed(table, tiny_encoder)
+    moved = lib.load_encoder(str(shutil.copytree(tiny_checkpoint, tmp_path / "moved")), "cpu", "fp32")
+    plan = lib.plan_chunks(0, None, 8, lib.run_signature(moved, table), len(table))
+    assert plan.todo == [] and len(plan.done) == 3
 
 
 def test_chunks_of_another_image_table_are_never_reused(table, tiny_encoder):

@@ -11,7 +11,7 @@ import h5py
 import lib
 import numpy as np
 import pytest
-from conftest import run_embed
+from conftest import read_output, run_embed
 
 # The reading snippet of the original notebook's README ("Output Format"), unchanged.
 ORIGINAL_README_SNIPPET = textwrap.dedent(
@@ -53,29 +53,15 @@ def chunks(table, tiny_encoder):
     return lib.find_chunks()
 
 
-def read_merged(path):
-    with h5py.File(path, "r") as file:
-        return {
-            "rows": file["rows"][:],
-            "image_ids": file["image_ids"].asstr()[:].tolist(),
-            "urls": file["urls"][:],
-            "embeddings": file["embeddings"][:],
-            "failed_rows": file["failed/rows"][:],
-            "failed_ids": file["failed/image_ids"].asstr()[:].tolist(),
-            "reasons": file["failed/reasons"].asstr()[:].tolist(),
-            "attrs": {key: lib._attribute(value) for key, value in file.attrs.items()},
-        }
-
-
 def test_merged_file_holds_every_row_in_order(chunks, workspace, table):
     report = lib.merge_chunks(OUTPUT_FILE)
-    merged = read_merged(workspace.root / OUTPUT_FILE)
+    merged = read_output(workspace.root / OUTPUT_FILE)
     assert report.embedded == 18 and report.failed == 2 and report.chunks == 3 and report.gaps == []
-    assert merged["rows"].tolist() == list(range(18))
+    assert merged["rows"] == list(range(18))
     assert merged["image_ids"] == table.rows(0, 18)["image_id"]
     assert [url.decode() for url in merged["urls"]] == table.rows(0, 18)["url"], "urls read back as bytes"
     assert merged["embeddings"].dtype == np.float32 and merged["embeddings"].shape == (18, 16)
-    assert merged["failed_rows"].tolist() == [18, 19]
+    assert merged["failed_rows"] == [18, 19]
     assert merged["failed_ids"] == ["broken.jpg", "page.png"]
     assert merged["reasons"] == ["decode: truncated file", "not an image"]
     assert not list((workspace.root / "OUTPUT").glob("*.tmp"))
@@ -83,10 +69,14 @@ def test_merged_file_holds_every_row_in_order(chunks, workspace, table):
 
 def test_merged_file_records_how_it_was_made(chunks, workspace, tiny_encoder):
     lib.merge_chunks(OUTPUT_FILE)
-    attrs = read_merged(workspace.root / OUTPUT_FILE)["attrs"]
+    attrs = read_output(workspace.root / OUTPUT_FILE)["attrs"]
     for key, value in tiny_encoder.signature().items():
         assert attrs[key] == (pytest.approx(value) if isinstance(value, list) else value)
-    assert attrs["embedded"] == 18 and attrs["failed"] == 2
+    assert (
+        attrs["model_id"] == str(tiny_encoder.checkpoint.path)
+        and attrs["embedded"] == 18
+        and attrs["failed"] == 2
+    )
     assert json.loads(attrs["failed_by_reason"]) == {"decode: truncated file": 1, "not an image": 1}
     assert json.loads(attrs["source"])["dataset"] == "folder" and "transformers" in attrs["library_versions"]
     assert json.loads(attrs["gaps"]) == [] and len(json.loads(attrs["chunks"])) == 3
@@ -116,7 +106,7 @@ def test_a_merge_of_the_same_chunks_does_nothing(chunks, workspace):
 def test_cleanup_deletes_chunks_after_the_merged_file_is_verified(chunks, workspace):
     report = lib.merge_chunks(OUTPUT_FILE, cleanup=True)
     assert report.embedded == 18 and lib.find_chunks() == []
-    assert len(read_merged(workspace.root / OUTPUT_FILE)["rows"]) == 18
+    assert len(read_output(workspace.root / OUTPUT_FILE)["rows"]) == 18
 
 
 def test_gaps_are_reported(table, tiny_encoder, workspace):
@@ -125,7 +115,7 @@ def test_gaps_are_reported(table, tiny_encoder, workspace):
     report = lib.merge_chunks(OUTPUT_FILE)
     assert report.gaps == [(5, 9), (14, 20)]
     assert "rows never processed: 10, in [5, 9), [14, 20)" in str(report)
-    assert json.loads(read_merged(workspace.root / OUTPUT_FILE)["attrs"]["gaps"]) == [[5, 9], [14, 20]]
+    assert json.loads(read_output(workspace.root / OUTPUT_FILE)["attrs"]["gaps"]) == [[5, 9], [14, 20]]
 
 
 def test_overlapping_chunks_are_refused(chunks, workspace):

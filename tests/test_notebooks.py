@@ -13,7 +13,6 @@ import sys
 import time
 from pathlib import Path
 
-import h5py
 import lib
 import nbformat
 import numpy as np
@@ -21,7 +20,7 @@ import pandas as pd
 import pytest
 import torch
 import yaml
-from conftest import REPO, TINY_IMAGE_SIZE
+from conftest import REPO, TINY_IMAGE_SIZE, read_output
 from PIL import Image
 from reference import openai_preprocess, reference_embeddings
 
@@ -85,20 +84,6 @@ def failing_papermill(repo: Path, stage: str, arguments: list[str], env: dict) -
     result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode != 0
     return result.stderr
-
-
-def read_merged(path: Path) -> dict:
-    with h5py.File(path, "r") as file:
-        return {
-            "rows": file["rows"][:],
-            "image_ids": file["image_ids"].asstr()[:].tolist(),
-            "urls": [url.decode() for url in file["urls"][:]],
-            "embeddings": file["embeddings"][:],
-            "failed": dict(
-                zip(file["failed/image_ids"].asstr()[:], file["failed/reasons"].asstr()[:], strict=True)
-            ),
-            "model_id": file.attrs["model_id"],
-        }
 
 
 def chunk_files(repo: Path) -> dict[str, tuple[int, int]]:
@@ -191,12 +176,12 @@ def test_openimages_chain_over_s3(repo, kernel_env, http_server, s3_endpoint, im
     )
     assert "40 embeddings, 0 failed images, from 3 chunk file(s)" in printed
 
-    merged = read_merged(repo / "OUTPUT" / "Images_Embedded.h5")
+    merged = read_output(repo / "OUTPUT" / "Images_Embedded.h5")
     official = pd.read_csv(io.BytesIO(http_server.files["/metadata/validation-images-with-rotation.csv"][0]))
-    assert merged["rows"].tolist() == list(range(40))
+    assert merged["rows"] == list(range(40))
     assert merged["image_ids"] == official["ImageID"].tolist()
-    assert merged["urls"] == official["OriginalURL"].tolist()
-    assert merged["model_id"] == "openai/clip-vit-base-patch32"
+    assert [url.decode() for url in merged["urls"]] == official["OriginalURL"].tolist()
+    assert merged["attrs"]["model_id"] == "openai/clip-vit-base-patch32"
     expected = reference_for(images, merged["image_ids"], tiny_checkpoint)
     np.testing.assert_allclose(merged["embeddings"], expected, atol=1e-5)
 
@@ -223,9 +208,9 @@ def test_table_chain_over_http_records_every_failure(repo, kernel_env, http_serv
     printed = papermill(repo, "02_embed", {**EMBED, "CHUNK": 4}, kernel_env)
     assert "embedded: 5, failed: 4" in printed
     papermill(repo, "03_merge", {"OUTPUT_FILE": "OUTPUT/catalogue.h5", "CLEANUP": True}, kernel_env)
-    merged = read_merged(repo / "OUTPUT" / "catalogue.h5")
+    merged = read_output(repo / "OUTPUT" / "catalogue.h5")
     assert merged["image_ids"] == [*ids[:3], "recovers", "relative"]
-    assert merged["failed"] == {
+    assert dict(zip(merged["failed_ids"], merged["reasons"], strict=True)) == {
         "missing": "http 404",
         "server-error": "http 500",
         "truncated": "truncated body",
@@ -245,7 +230,7 @@ def test_folder_chain_from_the_notebooks_folder(repo, kernel_env, images, tmp_pa
     papermill(
         repo, "03_merge", {"OUTPUT_FILE": "OUTPUT/photos.h5", "CLEANUP": False}, kernel_env, cwd=notebooks
     )
-    merged = read_merged(repo / "OUTPUT" / "photos.h5")
+    merged = read_output(repo / "OUTPUT" / "photos.h5")
     assert len(merged["image_ids"]) == 10 and merged["image_ids"][0] == f"{sorted(images)[0]}.jpg"
     assert merged["image_ids"][-1].startswith("nested/")
 
