@@ -1430,8 +1430,19 @@ def find_gaps(chunks: list[ChunkInfo], rows: int) -> list[tuple[int, int]]:
     return gaps
 
 
-def _check_chunk_records(source: h5py.File, info: ChunkInfo) -> None:
-    """Rows increasing inside the chunk's range; embeddings finite and of unit length."""
+def _check_chunk_records(source: h5py.File, info: ChunkInfo, dimension: int) -> None:
+    """Datasets of matching shapes, rows increasing inside the chunk's range, unit-length embeddings."""
+    shapes = {name: source[name].shape for name in ("rows", "image_ids", "urls", "embeddings")}
+    shapes.update(
+        {f"failed/{name}": source["failed"][name].shape for name in ("image_ids", "urls", "reasons")}
+    )
+    expected = {name: (info.failed,) if name.startswith("failed/") else (info.embedded,) for name in shapes}
+    expected["embeddings"] = (info.embedded, dimension)
+    if shapes != expected:
+        raise PipelineError(
+            f"{info.path}: its datasets do not fit together ({shapes}). Delete the file and run "
+            "02_embed for its rows."
+        )
     rows = source["rows"][:]
     if np.any(np.diff(rows) <= 0) or (len(rows) and (rows[0] < info.start or rows[-1] >= info.end)):
         raise PipelineError(f"{info.path}: its rows are not increasing within [{info.start}, {info.end}).")
@@ -1530,7 +1541,7 @@ def _write_merged(path: Path, chunks: list[ChunkInfo], attrs: dict) -> None:
             offset = failed_offset = 0
             for info in tqdm(chunks, desc="merge", unit="chunk"):
                 with open_hdf5(info.path) as source:
-                    _check_chunk_records(source, info)
+                    _check_chunk_records(source, info, int(attrs["embedding_size"]))
                     _copy_records(source, target, ("rows", "image_ids", "urls", "embeddings"), offset)
                     failed_names = ("rows", "image_ids", "urls", "reasons")
                     _copy_records(source["failed"], target["failed"], failed_names, failed_offset)

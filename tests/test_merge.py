@@ -159,6 +159,30 @@ def test_embeddings_that_are_not_unit_length_are_refused(chunks):
         lib.merge_chunks(OUTPUT_FILE)
 
 
+def test_datasets_that_do_not_fit_together_are_refused(chunks):
+    with h5py.File(chunks[1].path, "r+") as file:
+        del file["image_ids"]
+        file.create_dataset("image_ids", data=["only one"], dtype=h5py.string_dtype())
+    with pytest.raises(
+        lib.PipelineError, match=r"chunk_000000008_000000016.h5: its datasets do not fit together"
+    ):
+        lib.merge_chunks(OUTPUT_FILE)
+
+
+def test_a_chunk_in_which_every_image_failed(workspace, tmp_path, tiny_encoder):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in ("a.jpg", "b.png"):
+        (folder / name).write_bytes(b"<html></html>")
+    params = lib.MetadataParams("folder", "validation", str(folder), "s3")
+    lib.save_image_table(lib.build_image_table(params), params)
+    run_embed(lib.load_image_table(), tiny_encoder)
+    report = lib.merge_chunks(OUTPUT_FILE)
+    merged = read_output(workspace.root / OUTPUT_FILE)
+    assert report.embedded == 0 and merged["embeddings"].shape == (0, 16)
+    assert merged["failed_ids"] == ["a.jpg", "b.png"] and merged["reasons"] == ["not an image"] * 2
+
+
 def test_no_chunks(workspace):
     with pytest.raises(lib.PipelineError, match="no chunk files in .*: run 02_embed first"):
         lib.merge_chunks(OUTPUT_FILE)
