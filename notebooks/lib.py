@@ -1085,8 +1085,9 @@ def records_digest(rows: np.ndarray, embeddings: np.ndarray, image_ids: Sequence
 
 
 def _write_records(group: h5py.Group, records: Records) -> None:
-    group.create_dataset("urls", data=records.urls, dtype=_STRINGS, shape=(len(records.urls),))
-    group.create_dataset("image_ids", data=records.image_ids, dtype=_STRINGS, shape=(len(records.urls),))
+    count = len(records.rows)
+    group.create_dataset("urls", data=records.urls, dtype=_STRINGS, shape=(count,))
+    group.create_dataset("image_ids", data=records.image_ids, dtype=_STRINGS, shape=(count,))
     group.create_dataset("rows", data=np.asarray(records.rows, dtype=np.int64))
 
 

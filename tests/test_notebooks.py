@@ -123,11 +123,7 @@ def test_committed_notebooks_are_clean(stage):
         assert re.fullmatch(r"[A-Z][A-Z0-9_]* = .+  # .+", line), f"give each parameter a comment: {line}"
 
 
-@pytest.mark.parametrize(
-    ("stage", "params_class"),
-    [("00_setup", lib.SetupParams), ("01_metadata", lib.MetadataParams), ("02_embed", lib.EmbedParams)]
-    + [("03_merge", lib.MergeParams)],
-)
+@pytest.mark.parametrize(("stage", "params_class"), list(zip(STAGES, lib.STAGE_PARAMETERS, strict=True)))
 def test_help_notebook_describes_every_parameter(stage, params_class):
     command = [
         sys.executable,
