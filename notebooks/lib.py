@@ -1501,7 +1501,7 @@ def _chunk_list(chunks: list[ChunkInfo]) -> str:
     return json.dumps([[info.path.name, info.attrs["digest"]] for info in chunks])
 
 
-def _merged_attrs(chunks: list[ChunkInfo], gaps: list, failed_by_reason: dict) -> dict:
+def _merged_attrs(chunks: list[ChunkInfo], report: MergeReport) -> dict:
     first = chunks[0]
     return {
         **{key: first.attrs[key] for key in SIGNATURE_KEYS},
@@ -1511,10 +1511,10 @@ def _merged_attrs(chunks: list[ChunkInfo], gaps: list, failed_by_reason: dict) -
         "device": _distinct(chunks, "device"),
         "library_versions": _distinct(chunks, "library_versions"),
         "source": first.attrs["source"],
-        "embedded": sum(info.embedded for info in chunks),
-        "failed": sum(info.failed for info in chunks),
-        "failed_by_reason": json.dumps(failed_by_reason),
-        "gaps": json.dumps(gaps),
+        "embedded": report.embedded,
+        "failed": report.failed,
+        "failed_by_reason": json.dumps(report.failed_by_reason),
+        "gaps": json.dumps(report.gaps),
         "chunks": _chunk_list(chunks),
     }
 
@@ -1564,16 +1564,21 @@ def merge_chunks(output_file: str, cleanup: bool = False) -> MergeReport:
     if not chunks:
         raise PipelineError(f"There are no chunk files in {WORKSPACE.chunks}: run 02_embed first.")
     _check_chunks_agree(chunks)
-    failed_by_reason = _failed_by_reason(chunks)
-    gaps = find_gaps(chunks, json.loads(chunks[0].attrs["source"])["rows"])
-    written = not _is_up_to_date(path, chunks)
-    if written:
-        _write_merged(path, chunks, _merged_attrs(chunks, gaps, failed_by_reason))
+    report = MergeReport(
+        path,
+        embedded=sum(info.embedded for info in chunks),
+        failed=sum(info.failed for info in chunks),
+        failed_by_reason=_failed_by_reason(chunks),
+        chunks=len(chunks),
+        gaps=find_gaps(chunks, json.loads(chunks[0].attrs["source"])["rows"]),
+        written=not _is_up_to_date(path, chunks),
+    )
+    if report.written:
+        _write_merged(path, chunks, _merged_attrs(chunks, report))
     if cleanup:
         for info in chunks:
             info.path.unlink()
-    embedded, failed = sum(c.embedded for c in chunks), sum(c.failed for c in chunks)
-    return MergeReport(path, embedded, failed, failed_by_reason, len(chunks), gaps, written)
+    return report
 
 
 # ---------------------------------------------------------------------------------------------

@@ -51,8 +51,9 @@ def openai_preprocess(image: Image.Image, size: int, mean, std) -> torch.Tensor:
     return normalize(to_tensor(image.convert("RGB")), mean, std)
 
 
-def reference_embeddings(model, pixels: torch.Tensor) -> np.ndarray:
-    """A direct CLIPModel forward on preprocessed pixels, then L2 normalisation."""
+def reference_embeddings(model, images: list[Image.Image], size: int, mean, std) -> np.ndarray:
+    """OpenAI's preprocess of each image, a direct CLIPModel forward, then L2 normalisation."""
+    pixels = torch.stack([openai_preprocess(image, size, mean, std) for image in images])
     with torch.no_grad():
         features = model.get_image_features(pixel_values=pixels).pooler_output
     return (features / features.norm(dim=-1, keepdim=True)).numpy()

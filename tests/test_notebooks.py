@@ -18,11 +18,10 @@ import nbformat
 import numpy as np
 import pandas as pd
 import pytest
-import torch
 import yaml
 from conftest import REPO, TINY_IMAGE_SIZE, read_output
 from PIL import Image
-from reference import openai_preprocess, reference_embeddings
+from reference import reference_embeddings
 
 pytestmark = pytest.mark.notebooks
 STAGES = ["00_setup", "01_metadata", "02_embed", "03_merge"]
@@ -45,6 +44,12 @@ def kernel_env(hub_cache) -> dict:
     return env
 
 
+def run_papermill(notebook: str, arguments: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:
+    """papermill's command line, as a user types it."""
+    command = [sys.executable, "-m", "papermill", notebook, *arguments]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
 def papermill(repo: Path, stage: str, parameters: dict, env: dict, cwd: Path | None = None) -> str:
     """Run one stage notebook headless; return its printed output, or fail with papermill's."""
     params_file = repo.parent / f"{stage}.yaml"
@@ -53,8 +58,7 @@ def papermill(repo: Path, stage: str, parameters: dict, env: dict, cwd: Path | N
     notebook = os.path.relpath(repo / "notebooks" / f"{stage}.ipynb", cwd)
     executed = repo.parent / "runs" / f"{stage}-{time.monotonic_ns()}.ipynb"
     executed.parent.mkdir(exist_ok=True)
-    command = [sys.executable, "-m", "papermill", notebook, str(executed), "-f", str(params_file)]
-    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    result = run_papermill(notebook, [str(executed), "-f", str(params_file)], cwd, env)
     assert result.returncode == 0, result.stderr[-3000:]
     return printed_output(executed)
 
@@ -72,16 +76,8 @@ def printed_output(path: Path) -> str:
 
 def failing_papermill(repo: Path, stage: str, arguments: list[str], env: dict) -> str:
     """Run a stage that must fail; return what papermill printed."""
-    notebook = repo / "notebooks" / f"{stage}.ipynb"
-    command = [
-        sys.executable,
-        "-m",
-        "papermill",
-        str(notebook),
-        str(repo.parent / "failed.ipynb"),
-        *arguments,
-    ]
-    result = subprocess.run(command, cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+    notebook = str(repo / "notebooks" / f"{stage}.ipynb")
+    result = run_papermill(notebook, [str(repo.parent / "failed.ipynb"), *arguments], repo, env)
     assert result.returncode != 0
     return result.stderr
 
@@ -95,15 +91,8 @@ def reference_for(images: dict[str, bytes], ids: list[str], checkpoint: Path) ->
     from transformers import CLIPModel
 
     model = CLIPModel.from_pretrained(checkpoint).eval()
-    pixels = torch.stack(
-        [
-            openai_preprocess(
-                Image.open(io.BytesIO(images[i])), TINY_IMAGE_SIZE, lib.OPENAI_MEAN, lib.OPENAI_STD
-            )
-            for i in ids
-        ]
-    )
-    return reference_embeddings(model, pixels)
+    decoded = [Image.open(io.BytesIO(images[i])) for i in ids]
+    return reference_embeddings(model, decoded, TINY_IMAGE_SIZE, lib.OPENAI_MEAN, lib.OPENAI_STD)
 
 
 # ---------------------------------------------------------------------------------------------
