@@ -46,7 +46,7 @@ import pyarrow.parquet as pq
 import requests
 import torch
 import urllib3
-from PIL import Image, UnidentifiedImageError
+from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
 FORMAT_VERSION = 1
@@ -201,8 +201,12 @@ class EmbedParams:
     gpu_batch_size: int
     num_workers: int
     model: str
+    model_revision: str | None
     device: str
     precision: str
+    exif_transpose: bool
+    apply_rotation: bool
+    max_pixels: int
     s3_endpoint_url: str | None
 
     def __post_init__(self) -> None:
@@ -213,8 +217,12 @@ class EmbedParams:
         _check_int("GPU_BATCH_SIZE", self.gpu_batch_size, 1)
         _check_int("NUM_WORKERS", self.num_workers, 1)
         _check_text("MODEL", self.model)
+        _check_text("MODEL_REVISION", self.model_revision, optional=True)
         _check_device("DEVICE", self.device)
         _check_choice("PRECISION", self.precision, PRECISIONS)
+        _check_bool("EXIF_TRANSPOSE", self.exif_transpose)
+        _check_bool("APPLY_ROTATION", self.apply_rotation)
+        _check_int("MAX_PIXELS", self.max_pixels, 1)
         _check_text("S3_ENDPOINT_URL", self.s3_endpoint_url, optional=True)
         if self.s3_endpoint_url and urlparse(self.s3_endpoint_url).scheme not in ("http", "https"):
             raise ParameterError(
@@ -555,9 +563,16 @@ def _listing_table(params: MetadataParams) -> pd.DataFrame:
             "image_id": frame["image_id"].astype(str),
             "url": urls,
             "location": _resolve_locations(urls, base),
-            "rotation": np.nan,
+            "rotation": _rotation_column(frame),
         }
     )
+
+
+def _rotation_column(frame: pd.DataFrame) -> pd.Series | float:
+    """A listing's optional `rotation` column, in degrees counter-clockwise; NaN where absent."""
+    if "rotation" not in frame.columns:
+        return np.nan
+    return frame["rotation"].replace("", np.nan)  # checked with the rest of the table
 
 
 def _image_extensions() -> set[str]:
@@ -595,6 +610,13 @@ def _check_no_missing_values(frame: pd.DataFrame, columns: Iterable[str], source
 def _check_table(table: pd.DataFrame, source: Any) -> None:
     if table.empty:
         raise PipelineError(f"The listing {source} holds no images.")
+    rotation = pd.to_numeric(table["rotation"], errors="coerce")
+    odd = table.index[table["rotation"].notna() & ~rotation.isin([0, 90, 180, 270])]
+    if len(odd):
+        raise PipelineError(
+            f"The listing {source} has {len(odd)} row(s) whose rotation is not 0, 90, 180 or 270 "
+            f"(degrees counter-clockwise), e.g. row(s) {list(odd[:5])}. Fix them, or leave them empty."
+        )
     duplicated = table["image_id"][table["image_id"].duplicated(keep=False)]
     if len(duplicated):
         examples = duplicated.value_counts().head(5).to_dict()
@@ -760,19 +782,27 @@ class Fetcher:
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 PREPROCESSING_RULE = (
-    "openai-clip: Resize(n_px, bicubic) of the shortest side (long side int(n_px*long/short), "
+    "openai-clip: first frame; 16-bit and float images (I;16, I, F) to 8-bit grey by their own "
+    "min..max; Resize(n_px, bicubic) of the shortest side (long side int(n_px*long/short), "
     "no resample when short == n_px); CenterCrop(n_px) at int(round((size - n_px) / 2)); "
     "convert('RGB'); /255; normalise with mean and std"
 )
+DEFAULT_MAX_PIXELS = 100_000_000
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")
+_ROTATIONS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+
+# MAX_PIXELS replaces Pillow's process-wide decompression-bomb limit: decode_image checks each
+# image's size from its header, before decoding, against the run's own limit.
+Image.MAX_IMAGE_PIXELS = None
 
 
-def decode_image(data: bytes) -> Image.Image:
-    """A fully decoded Pillow image; undecodable bytes raise ImageFailure with a stable reason."""
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """The first frame of an image, decoded; bad bytes or too many pixels raise ImageFailure."""
     try:
         image = Image.open(io.BytesIO(data))
+        if image.width * image.height > max_pixels:
+            raise ImageFailure("too many pixels")
         image.load()
-    except Image.DecompressionBombError:
-        raise ImageFailure("too many pixels") from None
     except UnidentifiedImageError:
         raise ImageFailure("not an image") from None
     except (OSError, SyntaxError, ValueError, EOFError) as error:
@@ -781,6 +811,28 @@ def decode_image(data: bytes) -> Image.Image:
         message = re.sub(r"\s*\(.*\)\s*$", "", str(error)).strip() or type(error).__name__
         raise ImageFailure(f"decode: {message[:80]}") from None
     return image
+
+
+def rotate(image: Image.Image, degrees: float) -> Image.Image:
+    """Rotate counter-clockwise by 0, 90, 180 or 270 degrees (Open Images' Rotation); NaN: as is."""
+    return image.transpose(_ROTATIONS[int(degrees)]) if degrees in _ROTATIONS else image
+
+
+def to_8_bits(image: Image.Image) -> Image.Image:
+    """16-bit and float images as 8-bit grey, their own min..max stretched to 0..255; others as they are.
+
+    Each value v becomes rint((v - min) / (max - min) * 255) in float64, over the finite values;
+    NaN counts as min, +inf as max. Pillow would clip at 255 (a white image). A constant image is black.
+    """
+    if image.mode not in HIGH_DEPTH_MODES:
+        return image
+    values = np.asarray(image, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    low, high = (finite.min(), finite.max()) if finite.size else (0.0, 0.0)
+    values = np.nan_to_num(values, nan=low, posinf=high, neginf=low) - low
+    if high > low:
+        values = np.rint(values / (high - low) * 255)  # float64; halves to even
+    return Image.fromarray(values.astype(np.uint8), "L")
 
 
 def _resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
@@ -811,8 +863,13 @@ class Preprocessing:
     std: tuple[float, float, float] = OPENAI_STD
 
     def __call__(self, image: Image.Image) -> np.ndarray:
-        image = _center_crop(_resize_shortest_side(image, self.image_size), self.image_size)
-        pixels = np.asarray(image.convert("RGB"), dtype=np.float32) / np.float32(255)
+        image = to_8_bits(image)
+        try:
+            image = _center_crop(_resize_shortest_side(image, self.image_size), self.image_size)
+            image = image.convert("RGB")
+        except ValueError:
+            raise ImageFailure(f"decode: unsupported mode {image.mode}") from None
+        pixels = np.asarray(image, dtype=np.float32) / np.float32(255)
         pixels = (pixels - np.float32(self.mean)) / np.float32(self.std)
         return np.ascontiguousarray(pixels.transpose(2, 0, 1))
 
@@ -823,6 +880,33 @@ class Preprocessing:
             "image_mean": list(self.mean),
             "image_std": list(self.std),
             "preprocessing": PREPROCESSING_RULE,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecipe:
+    """Everything 02 does to an image's bytes before the model: decode, orient, preprocess."""
+
+    preprocessing: Preprocessing
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    exif_transpose: bool = False
+    apply_rotation: bool = False
+
+    def __call__(self, data: bytes, rotation: float = float("nan")) -> np.ndarray:
+        image = decode_image(data, self.max_pixels)
+        if self.exif_transpose:
+            image = ImageOps.exif_transpose(image)
+        if self.apply_rotation:
+            image = rotate(image, rotation)
+        return self.preprocessing(image)
+
+    def describe(self) -> dict:
+        """What a chunk file records about the recipe; orientation changes the vectors."""
+        return {
+            **self.preprocessing.describe(),
+            "exif_transpose": self.exif_transpose,
+            "apply_rotation": self.apply_rotation,
+            "max_pixels": self.max_pixels,
         }
 
 
@@ -856,16 +940,28 @@ def _weights_digest(folder: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
-def _hub_snapshot(repo_id: str) -> Path:
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     """The files of a hub model: from the local Hugging Face cache, or downloaded into it."""
     import huggingface_hub
     from huggingface_hub import constants
-    from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
 
+    download = functools.partial(huggingface_hub.snapshot_download, repo_id, revision=revision)
+    pinned = f" at revision {revision!r}" if revision else ""
     try:
-        folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=_CHECKPOINT_FILES))
+        folder = Path(download(allow_patterns=_CHECKPOINT_FILES))
         if not any(folder.glob("*.safetensors")):
-            folder = Path(huggingface_hub.snapshot_download(repo_id, allow_patterns=["pytorch_model.bin"]))
+            folder = Path(download(allow_patterns=["pytorch_model.bin"]))
+    except RevisionNotFoundError:
+        raise PipelineError(
+            f"MODEL_REVISION={revision!r}: the model {repo_id!r} has no such branch, tag or commit on "
+            "the Hugging Face hub. Use one listed on the model's page, or None for the newest."
+        ) from None
     except RepositoryNotFoundError:
         raise PipelineError(
             f"MODEL={repo_id!r}: the Hugging Face hub has no such model (or it is private). Use an "
@@ -873,24 +969,33 @@ def _hub_snapshot(repo_id: str) -> Path:
         ) from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
         raise PipelineError(
-            f"Could not get the model {repo_id!r}: the Hugging Face hub ({constants.ENDPOINT}) could "
-            f"not be reached ({str(error).splitlines()[0]}) and the model is not in the local cache "
-            f"({constants.HF_HUB_CACHE}). To work offline, copy a cache that holds it (`hf download "
-            f"{repo_id}` where the hub is reachable) and point HF_HUB_CACHE at it, or set MODEL to a "
-            "local directory holding config.json, preprocessor_config.json and model.safetensors."
+            f"Could not get the model {repo_id!r}{pinned}: the Hugging Face hub ({constants.ENDPOINT}) "
+            f"could not be reached ({str(error).splitlines()[0]}) and the model is not in the local "
+            f"cache ({constants.HF_HUB_CACHE}). To work offline, copy a cache that holds it (`hf "
+            f"download {repo_id}{' --revision ' + revision if revision else ''}` where the hub is "
+            "reachable) and point HF_HUB_CACHE at it, or set MODEL to a local directory holding "
+            "config.json, preprocessor_config.json and model.safetensors."
         ) from None
     return folder
 
 
-def resolve_checkpoint(model: str) -> Checkpoint:
-    """MODEL as an OpenAI name, a local directory or a Hugging Face id -> its files and identity."""
+def resolve_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
+    """MODEL as an OpenAI name, a local directory or a Hugging Face id -> its files and identity.
+
+    `revision` pins a hub model to a branch, tag or commit; the checkpoint records the commit.
+    """
     local = resolve_path(model)
     if model not in OPENAI_MODELS and local.is_dir():
+        if revision is not None:
+            raise ParameterError(
+                f"MODEL_REVISION={revision!r} applies to hub models, but MODEL={model!r} is a local "
+                "directory (identified by its weights' digest). Set MODEL_REVISION=None."
+            )
         return Checkpoint(str(local), _weights_digest(local), local)
     if model.startswith((".", "/", "~")):
         raise PipelineError(f"MODEL={model!r}: the directory {local} does not exist.")
     repo_id = OPENAI_MODELS.get(model, model)
-    folder = _hub_snapshot(repo_id)
+    folder = _hub_snapshot(repo_id, revision)
     return Checkpoint(repo_id, folder.name, folder)
 
 
@@ -928,6 +1033,12 @@ def _checkpoint_preprocessing(folder: Path, image_size: int) -> Preprocessing:
     return Preprocessing(image_size, mean, std)
 
 
+def _normalised(features: torch.Tensor) -> np.ndarray:
+    """L2-normalise in float32, whatever precision the model computed in."""
+    features = features.float()
+    return (features / features.norm(dim=-1, keepdim=True)).cpu().numpy()
+
+
 class ClipEncoder:
     """A CLIP model on a device: preprocessed pixels in, L2-normalised float32 embeddings out."""
 
@@ -943,13 +1054,53 @@ class ClipEncoder:
     def embedding_size(self) -> int:
         return self.model.config.projection_dim
 
+    @property
+    def context_length(self) -> int:
+        """Tokens the text model reads (77 for OpenAI's models); longer texts are truncated."""
+        return self.model.config.text_config.max_position_embeddings
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        """The checkpoint's own tokenizer."""
+        from transformers import AutoTokenizer
+
+        folder = self.checkpoint.path
+        # without these files transformers builds an empty tokenizer instead of failing
+        if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
+            raise self._no_tokenizer("it has no tokenizer files")
+        try:
+            return AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, TypeError) as error:
+            raise self._no_tokenizer(str(error).splitlines()[0]) from None
+
+    def _no_tokenizer(self, problem: str) -> PipelineError:
+        return PipelineError(
+            f"The model {self.checkpoint.model_id} has no usable tokenizer in {self.checkpoint.path} "
+            f"({problem}): text embeddings need its tokenizer files (tokenizer.json, or vocab.json "
+            "and merges.txt)."
+        )
+
     def encode(self, pixels: np.ndarray) -> np.ndarray:
         """Embeddings (B, D) of preprocessed pixels (B, 3, n_px, n_px), normalised in float32."""
         batch = torch.from_numpy(pixels).to(self.device, self.dtype, non_blocking=True)
         with torch.inference_mode():
-            features = self.model.get_image_features(pixel_values=batch).pooler_output.float()
-            features = features / features.norm(dim=-1, keepdim=True)
-        return features.cpu().numpy()
+            return _normalised(self.model.get_image_features(pixel_values=batch).pooler_output)
+
+    def encode_text(self, texts: str | Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Embeddings (N, D) of texts, truncated to the context length, normalised in float32."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        vectors = [np.zeros((0, self.embedding_size), np.float32)]
+        for low in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(
+                texts[low : low + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.context_length,
+                return_tensors="pt",
+            ).to(self.device)
+            with torch.inference_mode():
+                vectors.append(_normalised(self.model.get_text_features(**tokens).pooler_output))
+        return np.concatenate(vectors)
 
     def signature(self) -> dict:
         """What must match for two runs' vectors to be mixed in one file."""
@@ -961,13 +1112,15 @@ class ClipEncoder:
         }
 
 
-def load_encoder(model: str, device: str = "auto", precision: str = "auto") -> ClipEncoder:
+def load_encoder(
+    model: str, device: str = "auto", precision: str = "auto", revision: str | None = None
+) -> ClipEncoder:
     """Load a CLIP checkpoint onto DEVICE in PRECISION (see resolve_checkpoint for MODEL forms)."""
     from transformers import CLIPModel
 
     torch_device = resolve_device(device)
     precision = resolve_precision(precision, torch_device)
-    checkpoint = resolve_checkpoint(model)
+    checkpoint = resolve_checkpoint(model, revision)
     model_type = _read_json(checkpoint.path / "config.json").get("model_type")
     if model_type != "clip":
         raise PipelineError(
@@ -993,6 +1146,8 @@ SIGNATURE_KEYS = (  # model_id is recorded but not compared: a local checkpoint 
     "image_mean",
     "image_std",
     "preprocessing",
+    "exif_transpose",
+    "apply_rotation",
     "precision",
     "table_sha256",
 )
@@ -1166,9 +1321,27 @@ class ChunkPlan:
         )
 
 
-def run_signature(encoder: ClipEncoder, table: ImageTable) -> dict:
-    """What every chunk of one output must share: model, preprocessing, precision, image table."""
-    return {**encoder.signature(), "table_sha256": table.info["sha256"]}
+def image_recipe(encoder: ClipEncoder, params: EmbedParams) -> ImageRecipe:
+    """The encoder's preprocessing with the run's orientation options and pixel limit."""
+    return ImageRecipe(encoder.preprocessing, params.max_pixels, params.exif_transpose, params.apply_rotation)
+
+
+def run_attributes(encoder: ClipEncoder, recipe: ImageRecipe, table: ImageTable) -> dict:
+    """How this run makes its vectors, as each chunk file records it."""
+    return {
+        **encoder.signature(),
+        **recipe.describe(),
+        "table_sha256": table.info["sha256"],
+        "model_id": encoder.checkpoint.model_id,
+        "device": encoder.device.type,
+        "library_versions": json.dumps(library_versions()),
+    }
+
+
+def run_signature(encoder: ClipEncoder, recipe: ImageRecipe, table: ImageTable) -> dict:
+    """What every chunk of one output must share: model, preprocessing, orientation, precision, table."""
+    attributes = run_attributes(encoder, recipe, table)
+    return {key: attributes[key] for key in SIGNATURE_KEYS}
 
 
 def _split_range(start: int, end: int, size: int) -> list[tuple[int, int]]:
@@ -1220,13 +1393,13 @@ class Loaded:
     size: int
 
 
-def load_image(location: str, fetcher: Fetcher, preprocessing: Preprocessing) -> Loaded:
+def load_image(location: str, rotation: float, fetcher: Fetcher, recipe: ImageRecipe) -> Loaded:
     """Fetch, decode and preprocess one image; a failure is returned, never raised."""
     size = 0
     try:
         data = fetcher.fetch(location)
         size = len(data)
-        return Loaded(preprocessing(decode_image(data)), None, size)
+        return Loaded(recipe(data, rotation), None, size)
     except ImageFailure as failure:
         return Loaded(None, failure.reason, size)
     except Exception as error:  # one image, whatever is wrong with it, must not stop the run
@@ -1240,8 +1413,8 @@ class ImageLoader:
     encoder works on the previous batch.
     """
 
-    def __init__(self, fetcher: Fetcher, preprocessing: Preprocessing, workers: int, lookahead: int):
-        self._load = functools.partial(load_image, fetcher=fetcher, preprocessing=preprocessing)
+    def __init__(self, fetcher: Fetcher, recipe: ImageRecipe, workers: int, lookahead: int):
+        self._load = functools.partial(load_image, fetcher=fetcher, recipe=recipe)
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="load")
         self._lookahead = lookahead
 
@@ -1251,10 +1424,11 @@ class ImageLoader:
     def __exit__(self, *exc_info: Any) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def load(self, locations: Iterable[str]) -> Iterator[Loaded]:
+    def load(self, locations: Iterable[str], rotations: Iterable[float]) -> Iterator[Loaded]:
+        """Each location's image, loaded with its rotation, in input order."""
         pending: collections.deque = collections.deque()
-        for location in locations:
-            pending.append(self._pool.submit(self._load, location))
+        for location, rotation in zip(locations, rotations, strict=True):
+            pending.append(self._pool.submit(self._load, location, rotation))
             if len(pending) >= self._lookahead:
                 yield pending.popleft().result()
         while pending:
@@ -1280,7 +1454,7 @@ def embed_chunk(
     rows = table.rows(start, end)
     result = ChunkResult(start, end, encoder.embedding_size)
     with tqdm(total=end - start, desc=f"rows {start}-{end}", unit="img", leave=False) as progress:
-        for batch in _batches(enumerate(loader.load(rows["location"])), batch_size):
+        for batch in _batches(enumerate(loader.load(rows["location"], rows["rotation"])), batch_size):
             pixels = [item.pixels for _, item in batch if item.pixels is not None]
             if pixels:
                 result.vectors.append(encoder.encode(np.stack(pixels)))
@@ -1341,22 +1515,21 @@ def library_versions() -> dict:
     }
 
 
-def embed_chunks(table: ImageTable, encoder: ClipEncoder, plan: ChunkPlan, params: EmbedParams) -> RunSummary:
+def embed_chunks(
+    table: ImageTable, encoder: ClipEncoder, recipe: ImageRecipe, plan: ChunkPlan, params: EmbedParams
+) -> RunSummary:
     """Embed every chunk the plan has to do, writing each chunk file as soon as it is complete."""
     summary = RunSummary(chunks_skipped=len(plan.done))
     attrs = {
-        **run_signature(encoder, table),
+        **run_attributes(encoder, recipe, table),
         "format_version": FORMAT_VERSION,
         "model": params.model,
-        "model_id": encoder.checkpoint.model_id,
-        "device": encoder.device.type,
         "source": json.dumps(table.info),
-        "library_versions": json.dumps(library_versions()),
     }
     fetcher = Fetcher(params.s3_endpoint_url, pool_size=params.num_workers)
     lookahead = 2 * params.gpu_batch_size + params.num_workers
     began = time.perf_counter()
-    with ImageLoader(fetcher, encoder.preprocessing, params.num_workers, lookahead) as loader:
+    with ImageLoader(fetcher, recipe, params.num_workers, lookahead) as loader:
         for start, end in tqdm(plan.todo, desc="chunks", unit="chunk"):
             result = embed_chunk(table, start, end, encoder, loader, params.gpu_batch_size)
             write_chunk(chunk_path(start, end), result, attrs)
@@ -1510,6 +1683,7 @@ def _merged_attrs(chunks: list[ChunkInfo], report: MergeReport) -> dict:
         "model_id": first.attrs["model_id"],
         "device": _distinct(chunks, "device"),
         "library_versions": _distinct(chunks, "library_versions"),
+        "max_pixels": _distinct(chunks, "max_pixels"),
         "source": first.attrs["source"],
         "embedded": report.embedded,
         "failed": report.failed,

@@ -344,16 +344,26 @@ def embed_params(**overrides) -> lib.EmbedParams:
         gpu_batch_size=3,
         num_workers=4,
         model="tiny",
+        model_revision=None,
         device="cpu",
         precision="fp32",
+        exif_transpose=False,
+        apply_rotation=False,
+        max_pixels=lib.DEFAULT_MAX_PIXELS,
         s3_endpoint_url=None,
     )
     return lib.EmbedParams(**{**values, **overrides})
 
 
+def run_signature(encoder, table, **overrides) -> dict:
+    """The signature 02 would plan with, for these parameters."""
+    return lib.run_signature(encoder, lib.image_recipe(encoder, embed_params(**overrides)), table)
+
+
 def run_embed(table, encoder, **overrides) -> lib.RunSummary:
     """Plan and embed as 02 does."""
     params = embed_params(**overrides)
-    signature = lib.run_signature(encoder, table)
+    recipe = lib.image_recipe(encoder, params)
+    signature = lib.run_signature(encoder, recipe, table)
     plan = lib.plan_chunks(params.start, params.end, params.chunk, signature, len(table))
-    return lib.embed_chunks(table, encoder, plan, params)
+    return lib.embed_chunks(table, encoder, recipe, plan, params)

@@ -6,7 +6,7 @@ import shutil
 import lib
 import numpy as np
 import pytest
-from conftest import TINY_IMAGE_SIZE, read_output, run_embed
+from conftest import TINY_IMAGE_SIZE, read_output, run_embed, run_signature
 from PIL import Image
 from reference import reference_embeddings
 
@@ -36,6 +36,7 @@ def test_chunk_files_record_how_they_were_made(table, tiny_encoder):
     assert attrs["table_sha256"] == table.info["sha256"] and (attrs["start"], attrs["end"]) == (0, 8)
     assert "torch" in attrs["library_versions"] and '"dataset": "folder"' in attrs["source"]
     assert '"failed_by_reason"' in attrs["stats"] and '"seconds"' in attrs["stats"]
+    assert attrs["preprocessing"] == lib.PREPROCESSING_RULE and attrs["max_pixels"] == lib.DEFAULT_MAX_PIXELS
 
 
 def test_embeddings_equal_the_model_on_openai_preprocessed_pixels(table, tiny_encoder, image_folder):
@@ -49,6 +50,33 @@ def test_embeddings_equal_the_model_on_openai_preprocessed_pixels(table, tiny_en
         np.testing.assert_allclose(chunk["embeddings"], expected, atol=1e-6)
 
 
+def test_apply_rotation_turns_each_row_by_the_tables_rotation(
+    workspace, image_folder, tiny_encoder, tmp_path
+):
+    names = sorted(path.name for path in image_folder.glob("*.jpg"))[:4]
+    listing = tmp_path / "rotated.csv"
+    rows = [f"{name},{image_folder / name},{90 * turns}" for turns, name in enumerate(names)]
+    listing.write_text("image_id,url,rotation\n" + "\n".join(rows) + "\n")
+    params = lib.MetadataParams("table", "validation", str(listing), "s3")
+    lib.save_image_table(lib.build_image_table(params), params)
+    run_embed(lib.load_image_table(), tiny_encoder, apply_rotation=True)
+    (chunk,) = [read_output(info.path) for info in lib.find_chunks()]
+    images = [Image.open(image_folder / name) for name in names]
+    turned = [Image.fromarray(np.rot90(np.asarray(image), turns)) for turns, image in enumerate(images)]
+    expected = reference_embeddings(
+        tiny_encoder.model, turned, TINY_IMAGE_SIZE, lib.OPENAI_MEAN, lib.OPENAI_STD
+    )
+    np.testing.assert_allclose(chunk["embeddings"], expected, atol=1e-6)
+    assert chunk["attrs"]["apply_rotation"] and not chunk["attrs"]["exif_transpose"]
+
+
+@pytest.mark.parametrize("option", ["exif_transpose", "apply_rotation"])
+def test_chunks_made_with_other_orientation_options_are_never_reused(table, tiny_encoder, option):
+    run_embed(table, tiny_encoder, end=8)
+    with pytest.raises(lib.PipelineError, match=rf"made differently .*{option}: False there, True here"):
+        lib.plan_chunks(0, None, 8, run_signature(tiny_encoder, table, **{option: True}), len(table))
+
+
 def test_a_rerun_skips_finished_chunks(table, tiny_encoder):
     run_embed(table, tiny_encoder)
     before = {c.path: c.path.stat().st_mtime_ns for c in lib.find_chunks()}
@@ -59,7 +87,7 @@ def test_a_rerun_skips_finished_chunks(table, tiny_encoder):
 
 def test_a_run_with_another_chunk_size_fills_only_the_gaps(table, tiny_encoder):
     run_embed(table, tiny_encoder, start=4, end=12)
-    signature = lib.run_signature(tiny_encoder, table)
+    signature = run_signature(tiny_encoder, table)
     plan = lib.plan_chunks(0, None, 5, signature, len(table))
     assert plan.todo == [(0, 4), (12, 17), (17, 20)]
     assert [(c.start, c.end) for c in plan.done] == [(4, 12)]
@@ -86,25 +114,25 @@ def test_chunks_of_another_model_or_precision_are_never_reused(table, tiny_encod
     run_embed(table, tiny_encoder, end=8)
     bf16 = lib.load_encoder(str(tiny_checkpoint), "cpu", "bf16")
     with pytest.raises(lib.PipelineError, match=r"made differently .*precision: 'fp32' there, 'bf16' here"):
-        lib.plan_chunks(0, None, 8, lib.run_signature(bf16, table), len(table))
+        lib.plan_chunks(0, None, 8, run_signature(bf16, table), len(table))
 
 
 def test_chunks_survive_moving_the_model_directory(table, tiny_encoder, tiny_checkpoint, tmp_path):
     run_embed(table, tiny_encoder)
     moved = lib.load_encoder(str(shutil.copytree(tiny_checkpoint, tmp_path / "moved")), "cpu", "fp32")
-    plan = lib.plan_chunks(0, None, 8, lib.run_signature(moved, table), len(table))
+    plan = lib.plan_chunks(0, None, 8, run_signature(moved, table), len(table))
     assert plan.todo == [] and len(plan.done) == 3
 
 
 def test_chunks_of_another_image_table_are_never_reused(table, tiny_encoder):
     run_embed(table, tiny_encoder, end=8)
-    signature = {**lib.run_signature(tiny_encoder, table), "table_sha256": "0" * 64}
+    signature = {**run_signature(tiny_encoder, table), "table_sha256": "0" * 64}
     with pytest.raises(lib.PipelineError, match="table_sha256"):
         lib.plan_chunks(0, None, 8, signature, len(table))
 
 
 def test_a_row_range_past_the_table_is_a_parameter_error(table, tiny_encoder):
-    signature = lib.run_signature(tiny_encoder, table)
+    signature = run_signature(tiny_encoder, table)
     with pytest.raises(
         lib.ParameterError, match=r"START=0, END=25 is outside the image table, which has 20 rows"
     ):

@@ -28,6 +28,26 @@ def test_openai_names_map_to_the_hub_and_work_offline_from_the_cache(offline_hub
     assert encoder.precision == "fp32"
 
 
+def test_a_revision_pin_resolves_offline_from_the_cache(offline_hub):
+    assert lib.resolve_checkpoint("ViT-B/32", FAKE_COMMIT).revision == FAKE_COMMIT
+    assert lib.resolve_checkpoint("openai/clip-vit-base-patch32", "main").revision == FAKE_COMMIT
+    encoder = lib.load_encoder("ViT-B/32", "cpu", "fp32", revision=FAKE_COMMIT)
+    assert encoder.checkpoint.revision == FAKE_COMMIT
+
+
+def test_a_revision_missing_from_an_unreachable_hub_names_it(offline_hub):
+    with pytest.raises(lib.PipelineError) as error:
+        lib.resolve_checkpoint("ViT-B/32", "v2.0")
+    message = str(error.value)
+    assert "'openai/clip-vit-base-patch32' at revision 'v2.0'" in message
+    assert "--revision v2.0" in message
+
+
+def test_a_revision_pin_on_a_local_directory_is_a_parameter_error(tiny_checkpoint):
+    with pytest.raises(lib.ParameterError, match=r"MODEL_REVISION='v1' applies to hub models"):
+        lib.resolve_checkpoint(str(tiny_checkpoint), "v1")
+
+
 def test_a_model_missing_from_an_unreachable_hub_says_how_to_work_offline(offline_hub):
     with pytest.raises(lib.PipelineError) as error:
         lib.load_encoder("ViT-L/14", "cpu")
@@ -111,3 +131,61 @@ def test_bf16_vectors_are_stored_as_normalised_float32(tiny_checkpoint):
     assert vectors.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-6)
     assert encoder.signature()["precision"] == "bf16"
+
+
+def test_image_size_and_embedding_size_come_from_the_checkpoint(tmp_path):
+    """A 48-pixel checkpoint with 8-d embeddings, as a 336-pixel one differs from ViT-B/32."""
+    from transformers import CLIPConfig, CLIPModel
+
+    layers = {"hidden_size": 16, "intermediate_size": 32, "num_attention_heads": 2, "num_hidden_layers": 1}
+    config = CLIPConfig(
+        text_config=layers, vision_config={**layers, "image_size": 48, "patch_size": 16}, projection_dim=8
+    )
+    torch.manual_seed(1)
+    CLIPModel(config).save_pretrained(tmp_path)
+    encoder = lib.load_encoder(str(tmp_path), "cpu", "fp32")
+    assert encoder.preprocessing == lib.Preprocessing(48) and encoder.embedding_size == 8
+    images = sample_images(4)
+    expected = reference_embeddings(encoder.model, images, 48, lib.OPENAI_MEAN, lib.OPENAI_STD)
+    ours = encoder.encode(np.stack([encoder.preprocessing(image) for image in images]))
+    np.testing.assert_allclose(ours, expected, atol=1e-6)
+
+
+QUERIES = ["a dog", "two cats on a red sofa", "x" * 300]
+
+
+def test_text_embeddings_equal_a_direct_clip_forward(tiny_encoder):
+    tokens = tiny_encoder.tokenizer(
+        QUERIES, padding=True, truncation=True, max_length=77, return_tensors="pt"
+    )
+    with torch.no_grad():
+        features = tiny_encoder.model.get_text_features(**tokens).pooler_output
+    expected = (features / features.norm(dim=-1, keepdim=True)).numpy()
+    ours = tiny_encoder.encode_text(QUERIES)
+    assert ours.dtype == np.float32 and ours.shape == (3, 16)
+    np.testing.assert_allclose(ours, expected, atol=1e-6)
+
+
+def test_long_texts_are_truncated_to_the_context_length_keeping_the_end_token(tiny_encoder):
+    assert tiny_encoder.context_length == 77
+    ids = tiny_encoder.tokenizer(QUERIES[2:], truncation=True, max_length=77)["input_ids"][0]
+    assert len(ids) == 77 and ids[-1] == tiny_encoder.tokenizer.eos_token_id
+
+
+def test_a_text_vector_does_not_depend_on_its_batch(tiny_encoder):
+    together = tiny_encoder.encode_text(QUERIES, batch_size=2)
+    alone = np.concatenate([tiny_encoder.encode_text([query]) for query in QUERIES])
+    np.testing.assert_allclose(together, alone, atol=1e-6)
+    assert tiny_encoder.encode_text([]).shape == (0, 16)
+    np.testing.assert_array_equal(tiny_encoder.encode_text(QUERIES[0]), alone[:1])
+
+
+def test_a_checkpoint_without_tokenizer_files_cannot_embed_text(tiny_checkpoint, tmp_path):
+    folder = shutil.copytree(
+        tiny_checkpoint,
+        tmp_path / "no-tokenizer",
+        ignore=shutil.ignore_patterns("vocab.json", "merges.txt", "tokenizer*", "special_tokens_map.json"),
+    )
+    encoder = lib.load_encoder(str(folder), "cpu", "fp32")
+    with pytest.raises(lib.PipelineError, match="text embeddings need its tokenizer files"):
+        encoder.encode_text(["a dog"])

@@ -10,8 +10,12 @@ EMBED_DEFAULTS = {
     "GPU_BATCH_SIZE": 512,
     "NUM_WORKERS": 32,
     "MODEL": "ViT-B/32",
+    "MODEL_REVISION": None,
     "DEVICE": "auto",
     "PRECISION": "auto",
+    "EXIF_TRANSPOSE": False,
+    "APPLY_ROTATION": False,
+    "MAX_PIXELS": 100_000_000,
     "S3_ENDPOINT_URL": None,
 }
 METADATA_DEFAULTS = {"DATASET": "openimages-v7", "SPLIT": "validation", "SOURCE": None, "FETCH": "s3"}
@@ -38,6 +42,10 @@ def test_defaults_are_valid():
         ("NUM_WORKERS", -4, "integer >= 1"),
         ("MODEL", "", "non-empty string"),
         ("MODEL", None, "non-empty string"),
+        ("MODEL_REVISION", "", "non-empty string or None"),
+        ("EXIF_TRANSPOSE", "yes", "True or False"),
+        ("APPLY_ROTATION", 1, "True or False"),
+        ("MAX_PIXELS", 0, "integer >= 1"),
         ("DEVICE", "gpu", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ("DEVICE", "cuda:x", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ("PRECISION", "fp8", "'auto', 'fp32', 'fp16', 'bf16'"),

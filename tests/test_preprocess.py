@@ -97,9 +97,139 @@ def test_undecodable_bytes_are_failures_with_stable_reasons(data, reason):
 
 def test_load_image_never_raises(tmp_path):
     (tmp_path / "page.jpg").write_bytes(b"<html></html>")
-    fetcher, preprocessing = lib.Fetcher(), lib.Preprocessing(N_PX)
-    assert lib.load_image(str(tmp_path / "page.jpg"), fetcher, preprocessing).reason == "not an image"
-    assert lib.load_image(str(tmp_path / "none.jpg"), fetcher, preprocessing).reason == "file not found"
+    fetcher, recipe = lib.Fetcher(), lib.ImageRecipe(lib.Preprocessing(N_PX))
+    assert lib.load_image(str(tmp_path / "page.jpg"), 0, fetcher, recipe).reason == "not an image"
+    assert lib.load_image(str(tmp_path / "none.jpg"), 0, fetcher, recipe).reason == "file not found"
     (tmp_path / "ok.jpg").write_bytes(jpeg_bytes(40, 30, seed=3))
-    loaded = lib.load_image(str(tmp_path / "ok.jpg"), fetcher, preprocessing)
+    loaded = lib.load_image(str(tmp_path / "ok.jpg"), 0, fetcher, recipe)
     assert loaded.reason is None and loaded.pixels.shape == (3, N_PX, N_PX) and loaded.size > 0
+
+
+def encoded(image: Image.Image, format: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format, **options)
+    return buffer.getvalue()
+
+
+def stretched_to_8_bits(values: np.ndarray) -> Image.Image:
+    """The documented rule, written independently: finite min..max to 0..255, half to even."""
+    values = values.astype(np.float64)
+    low, high = np.nanmin(values), np.nanmax(values)
+    return Image.fromarray(np.round((values - low) / (high - low) * 255).astype(np.uint8), "L")
+
+
+@pytest.mark.parametrize(
+    ("mode", "values"),
+    [
+        ("I;16", np.linspace(1000, 4000, 45 * 37).reshape(37, 45).astype(np.uint16)),  # 12 bits in 16
+        ("I;16B", np.linspace(0, 65535, 45 * 37).reshape(37, 45).astype(">u2")),
+        ("I", np.linspace(-70000, 90000, 45 * 37).reshape(37, 45).astype(np.int32)),
+        ("F", np.linspace(0.2, 0.7, 45 * 37).reshape(37, 45).astype(np.float32)),
+    ],
+)
+def test_16_bit_and_float_images_are_stretched_by_their_own_range_not_clipped(mode, values):
+    image = Image.frombytes(mode, (45, 37), values.tobytes())
+    ours = lib.Preprocessing(N_PX)(image)
+    expected = openai_preprocess(stretched_to_8_bits(values), N_PX, lib.OPENAI_MEAN, lib.OPENAI_STD)
+    np.testing.assert_array_equal(ours, expected.numpy())
+    white = openai_preprocess(Image.new("L", (45, 37), 255), N_PX, lib.OPENAI_MEAN, lib.OPENAI_STD)
+    assert not np.allclose(ours, white.numpy())
+
+
+def test_a_16_bit_png_decodes_to_the_full_8_bit_range():
+    values = np.linspace(0, 60000, 64 * 48).reshape(48, 64).astype(np.uint16)
+    image = lib.decode_image(encoded(Image.fromarray(values), "PNG"))
+    assert image.mode == "I;16"
+    assert lib.to_8_bits(image).getextrema() == (0, 255)
+
+
+def test_float_images_with_nan_and_constant_images_still_give_pixels():
+    values = np.full((20, 20), np.nan, np.float32)
+    values[5:, :] = np.linspace(0, 1, 300).reshape(15, 20)
+    values[0, 0] = np.inf
+    assert lib.to_8_bits(Image.fromarray(values)).getextrema() == (0, 255)
+    assert lib.to_8_bits(Image.fromarray(np.full((8, 8), 7, np.uint16))).getextrema() == (0, 0)
+
+
+ANIMATED = [("GIF", {}), ("PNG", {}), ("WEBP", {"lossless": True})]
+
+
+@pytest.mark.parametrize(("format", "options"), ANIMATED)
+def test_animated_images_give_their_first_frame(format, options, tmp_path):
+    first, second = pil_image(50, 40, seed=11), pil_image(50, 40, seed=12)
+    path = tmp_path / f"animated.{format.lower()}"
+    first.save(path, format, save_all=True, append_images=[second], duration=100, loop=0, **options)
+    recipe = lib.ImageRecipe(lib.Preprocessing(N_PX))
+    ours = recipe(path.read_bytes())
+    with Image.open(path) as opened:  # OpenAI's idiom: preprocess(Image.open(path))
+        assert getattr(opened, "n_frames", 1) == 2
+        np.testing.assert_array_equal(ours, openai_preprocess(opened, N_PX, lib.OPENAI_MEAN, lib.OPENAI_STD))
+    with Image.open(path) as opened:
+        opened.seek(1)
+        later = openai_preprocess(opened, N_PX, lib.OPENAI_MEAN, lib.OPENAI_STD).numpy()
+    assert not np.allclose(ours, later)
+
+
+def upright_and_tagged(orientation: int) -> tuple[Image.Image, bytes]:
+    """A lossless image and a file holding it turned sideways with an EXIF tag to undo that."""
+    upright = pil_image(48, 36, seed=5)
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # orientation 6 undoes this turn
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    return upright, encoded(stored, "PNG", exif=exif)
+
+
+def test_exif_orientation_is_ignored_by_default_as_openai_does():
+    upright, data = upright_and_tagged(6)
+    stored = Image.open(io.BytesIO(data))
+    expected = openai_preprocess(stored, N_PX, lib.OPENAI_MEAN, lib.OPENAI_STD).numpy()
+    np.testing.assert_array_equal(lib.ImageRecipe(lib.Preprocessing(N_PX))(data), expected)
+
+
+def test_exif_transpose_turns_the_image_upright():
+    upright, data = upright_and_tagged(6)
+    recipe = lib.ImageRecipe(lib.Preprocessing(N_PX), exif_transpose=True)
+    expected = openai_preprocess(upright, N_PX, lib.OPENAI_MEAN, lib.OPENAI_STD).numpy()
+    np.testing.assert_array_equal(recipe(data), expected)
+
+
+@pytest.mark.parametrize("degrees", [0, 90, 180, 270, float("nan")])
+def test_apply_rotation_turns_counter_clockwise_by_the_tables_degrees(degrees):
+    image = pil_image(48, 36, seed=6)
+    data = encoded(image, "PNG")
+    turns = 0 if np.isnan(degrees) else int(degrees) // 90
+    turned = Image.fromarray(np.rot90(np.asarray(image), turns))  # numpy's rot90 is counter-clockwise
+    expected = openai_preprocess(turned, N_PX, lib.OPENAI_MEAN, lib.OPENAI_STD).numpy()
+    np.testing.assert_array_equal(
+        lib.ImageRecipe(lib.Preprocessing(N_PX), apply_rotation=True)(data, degrees), expected
+    )
+    unrotated = openai_preprocess(image, N_PX, lib.OPENAI_MEAN, lib.OPENAI_STD).numpy()
+    np.testing.assert_array_equal(lib.ImageRecipe(lib.Preprocessing(N_PX))(data, degrees), unrotated)
+
+
+def png_with_size(width: int, height: int) -> bytes:
+    """A valid 1x1 PNG whose header claims width x height: a decompression bomb's shape."""
+    import struct
+    import zlib
+
+    data = bytearray(encoded(Image.new("L", (1, 1)), "PNG"))
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[12:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(header))
+    return bytes(data)
+
+
+def test_images_over_the_pixel_limit_fail_before_decoding():
+    with pytest.raises(lib.ImageFailure) as failure:
+        lib.decode_image(png_with_size(60_000, 60_000))  # 3.6 gigapixels, 70 bytes
+    assert failure.value.reason == "too many pixels"
+    data = encoded(pil_image(100, 80), "PNG")
+    assert lib.decode_image(data, max_pixels=8000).size == (100, 80)
+    with pytest.raises(lib.ImageFailure, match="too many pixels"):
+        lib.decode_image(data, max_pixels=7999)
+
+
+def test_a_mode_that_cannot_become_rgb_is_a_failure_with_a_reason():
+    with pytest.raises(lib.ImageFailure) as failure:
+        lib.Preprocessing(N_PX)(Image.new("La", (40, 40)))
+    assert failure.value.reason == "decode: unsupported mode La"

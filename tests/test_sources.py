@@ -110,6 +110,13 @@ def test_table_formats(workspace, tmp_path, name, write):
     assert table["url"].tolist() == ["http://example.com/a.jpg", "img/b.png"]
 
 
+def test_a_listings_rotation_column_is_kept(workspace, tmp_path):
+    path = tmp_path / "list.csv"
+    path.write_text("image_id,url,rotation\na,a.jpg,90\nb,b.jpg,\nc,c.jpg,270.0\n")
+    rotation = lib.build_image_table(metadata("table", str(path)))["rotation"]
+    assert rotation.tolist()[::2] == [90.0, 270.0] and np.isnan(rotation[1])
+
+
 def test_table_over_http_resolves_relative_urls_against_the_table(workspace, http_server):
     http_server.files["/lists/catalogue.csv"] = (b"image_id,url,title\np1,../images/x.jpg,Shoe\n", "text/csv")
     table = lib.build_image_table(metadata("table", http_server.url("/lists/catalogue.csv")))
@@ -141,6 +148,10 @@ def test_json_lists_of_different_lengths(workspace, tmp_path):
         ("image_id,url\n", "holds no images"),
         ("image_id,url\na,http://x/1\nb,http://x/2\na,http://x/3\n", r"1 duplicate image_id.*'a': 2"),
         ("image_id,url\na,http://x/1\nb,\n", r"1 row\(s\) with an empty url, e.g. row\(s\) \[1\]"),
+        (
+            "image_id,url,rotation\na,http://x/1,45\nb,http://x/2,up\n",
+            r"2 row\(s\) whose rotation is not 0, 90",
+        ),
     ],
 )
 def test_bad_tables_are_clear_errors(workspace, tmp_path, content, message):
