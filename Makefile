@@ -28,8 +28,8 @@ run: $(VENV)/.installed-run
 	done
 
 lint: $(VENV)/.installed-test
-	$(VENV)/bin/ruff check notebooks tests
-	$(VENV)/bin/ruff format --check notebooks/lib.py tests
+	$(VENV)/bin/ruff check notebooks tests benchmarks
+	$(VENV)/bin/ruff format --check notebooks/lib.py tests benchmarks
 
 test: lint
 	$(PYTHON) -m pytest

@@ -49,7 +49,7 @@ import urllib3
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm.auto import tqdm
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: orientation options and the pixel limit in every file
 
 
 @dataclasses.dataclass(frozen=True)
@@ -813,8 +813,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
     return image
 
 
-def rotate(image: Image.Image, degrees: float) -> Image.Image:
-    """Rotate counter-clockwise by 0, 90, 180 or 270 degrees (Open Images' Rotation); NaN: as is."""
+def rotate(image: Image.Image, degrees: float | None) -> Image.Image:
+    """Rotate counter-clockwise by 0, 90, 180 or 270 degrees (Open Images' Rotation); NaN, None: as is."""
     return image.transpose(_ROTATIONS[int(degrees)]) if degrees in _ROTATIONS else image
 
 
@@ -892,7 +892,7 @@ class ImageRecipe:
     exif_transpose: bool = False
     apply_rotation: bool = False
 
-    def __call__(self, data: bytes, rotation: float = float("nan")) -> np.ndarray:
+    def __call__(self, data: bytes, rotation: float | None = None) -> np.ndarray:
         image = decode_image(data, self.max_pixels)
         if self.exif_transpose:
             image = ImageOps.exif_transpose(image)
@@ -901,9 +901,8 @@ class ImageRecipe:
         return self.preprocessing(image)
 
     def describe(self) -> dict:
-        """What a chunk file records about the recipe; orientation changes the vectors."""
+        """The recipe's own options, as chunk files record them (the preprocessing is the encoder's)."""
         return {
-            **self.preprocessing.describe(),
             "exif_transpose": self.exif_transpose,
             "apply_rotation": self.apply_rotation,
             "max_pixels": self.max_pixels,
@@ -960,7 +959,7 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     except RevisionNotFoundError:
         raise PipelineError(
             f"MODEL_REVISION={revision!r}: the model {repo_id!r} has no such branch, tag or commit on "
-            "the Hugging Face hub. Use one listed on the model's page, or None for the newest."
+            "the Hugging Face hub. Use one listed on the model's page, or None for main."
         ) from None
     except RepositoryNotFoundError:
         raise PipelineError(
@@ -1285,6 +1284,12 @@ def read_chunk_info(path: Path) -> ChunkInfo:
             f"The chunk file {path} cannot be read ({error}): it is damaged. Delete it and run "
             "02_embed again for its rows."
         ) from None
+    if attrs.get("format_version") != FORMAT_VERSION:
+        raise PipelineError(
+            f"The chunk file {path} is in format {attrs.get('format_version')}, from another version of "
+            f"this pipeline (this one writes format {FORMAT_VERSION}). Move it aside and run 02_embed "
+            "again for its rows."
+        )
     return ChunkInfo(path, int(attrs["start"]), int(attrs["end"]), embedded, failed, attrs)
 
 
@@ -1393,7 +1398,7 @@ class Loaded:
     size: int
 
 
-def load_image(location: str, rotation: float, fetcher: Fetcher, recipe: ImageRecipe) -> Loaded:
+def load_image(location: str, rotation: float | None, fetcher: Fetcher, recipe: ImageRecipe) -> Loaded:
     """Fetch, decode and preprocess one image; a failure is returned, never raised."""
     size = 0
     try:
@@ -1424,7 +1429,7 @@ class ImageLoader:
     def __exit__(self, *exc_info: Any) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def load(self, locations: Iterable[str], rotations: Iterable[float]) -> Iterator[Loaded]:
+    def load(self, locations: Iterable[str], rotations: Iterable[float | None]) -> Iterator[Loaded]:
         """Each location's image, loaded with its rotation, in input order."""
         pending: collections.deque = collections.deque()
         for location, rotation in zip(locations, rotations, strict=True):
@@ -1665,8 +1670,9 @@ def _verify_merged(path: Path, chunks: list[ChunkInfo]) -> None:
             offset += info.embedded
 
 
-def _distinct(chunks: list[ChunkInfo], key: str) -> str:
-    values = list(dict.fromkeys(str(info.attrs.get(key)) for info in chunks))
+def _distinct(chunks: list[ChunkInfo], key: str) -> Any:
+    """An attribute's value when every chunk has the same one, else a JSON list of the values."""
+    values = list(dict.fromkeys(info.attrs[key] for info in chunks))
     return values[0] if len(values) == 1 else json.dumps(values)
 
 

@@ -9,6 +9,7 @@ import http.server
 import io
 import json
 import shutil
+import socket
 import sys
 import threading
 import time
@@ -22,6 +23,7 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "notebooks"))
+sys.path.insert(0, str(REPO / "benchmarks"))
 
 import lib  # noqa: E402
 
@@ -129,6 +131,14 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):
             pass
+
+
+def closed_port_url(path: str) -> str:
+    """A loopback URL on which nothing listens: an unreachable server."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    return f"http://127.0.0.1:{port}{path}"
 
 
 def official_metadata_csv(ids: list[str], url_of) -> bytes:

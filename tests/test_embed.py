@@ -3,6 +3,7 @@
 import io
 import shutil
 
+import h5py
 import lib
 import numpy as np
 import pytest
@@ -53,16 +54,17 @@ def test_embeddings_equal_the_model_on_openai_preprocessed_pixels(table, tiny_en
 def test_apply_rotation_turns_each_row_by_the_tables_rotation(
     workspace, image_folder, tiny_encoder, tmp_path
 ):
-    names = sorted(path.name for path in image_folder.glob("*.jpg"))[:4]
+    names = sorted(path.name for path in image_folder.glob("*.jpg"))[:5]
     listing = tmp_path / "rotated.csv"
-    rows = [f"{name},{image_folder / name},{90 * turns}" for turns, name in enumerate(names)]
+    rows = [f"{name},{image_folder / name},{90 * turns}" for turns, name in enumerate(names[:4])]
+    rows.append(f"{names[4]},{image_folder / names[4]},")  # no rotation known: as is
     listing.write_text("image_id,url,rotation\n" + "\n".join(rows) + "\n")
     params = lib.MetadataParams("table", "validation", str(listing), "s3")
     lib.save_image_table(lib.build_image_table(params), params)
     run_embed(lib.load_image_table(), tiny_encoder, apply_rotation=True)
     (chunk,) = [read_output(info.path) for info in lib.find_chunks()]
     images = [Image.open(image_folder / name) for name in names]
-    turned = [Image.fromarray(np.rot90(np.asarray(image), turns)) for turns, image in enumerate(images)]
+    turned = [Image.fromarray(np.rot90(np.asarray(image), turns % 4)) for turns, image in enumerate(images)]
     expected = reference_embeddings(
         tiny_encoder.model, turned, TINY_IMAGE_SIZE, lib.OPENAI_MEAN, lib.OPENAI_STD
     )
@@ -149,3 +151,12 @@ def test_a_chunk_is_written_whole_or_not_at_all(table, tiny_encoder, workspace, 
     with pytest.raises(OSError, match="disk full"):
         run_embed(table, tiny_encoder, end=8)
     assert lib.find_chunks() == [] and not list(workspace.chunks.glob("*"))
+
+
+def test_a_chunk_in_an_older_format_is_named_and_never_reused(table, tiny_encoder):
+    run_embed(table, tiny_encoder, end=8)
+    (info,) = lib.find_chunks()
+    with h5py.File(info.path, "r+") as file:
+        file.attrs["format_version"] = 1
+    with pytest.raises(lib.PipelineError, match=r"chunk_000000000_000000008.h5 is in format 1, .* format 2"):
+        run_embed(table, tiny_encoder)

@@ -7,7 +7,7 @@ import lib
 import numpy as np
 import pytest
 import torch
-from conftest import FAKE_COMMIT, TINY_IMAGE_SIZE, jpeg_bytes
+from conftest import FAKE_COMMIT, TINY_IMAGE_SIZE, closed_port_url, jpeg_bytes
 from PIL import Image
 from reference import reference_embeddings
 
@@ -26,6 +26,16 @@ def test_openai_names_map_to_the_hub_and_work_offline_from_the_cache(offline_hub
     encoder = lib.load_encoder("ViT-B/32", "cpu", "auto")
     assert encoder.embedding_size == 16 and encoder.preprocessing.image_size == TINY_IMAGE_SIZE
     assert encoder.precision == "fp32"
+
+
+def test_a_cached_model_works_when_the_hub_is_unreachable(hub_cache, monkeypatch):
+    import huggingface_hub
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
+    monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", closed_port_url(""))
+    assert lib.resolve_checkpoint("ViT-B/32").revision == FAKE_COMMIT
+    with pytest.raises(lib.PipelineError, match=r"could not be reached .*Connection refused"):
+        lib.resolve_checkpoint("ViT-L/14")
 
 
 def test_a_revision_pin_resolves_offline_from_the_cache(offline_hub):

@@ -2,7 +2,7 @@
 
 import lib
 import pytest
-from test_sources import closed_port_url
+from conftest import closed_port_url
 
 BUCKET = "s3://open-images-dataset"
 

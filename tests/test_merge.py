@@ -80,6 +80,9 @@ def test_merged_file_records_how_it_was_made(chunks, workspace, tiny_encoder):
     assert json.loads(attrs["failed_by_reason"]) == {"decode: truncated file": 1, "not an image": 1}
     assert json.loads(attrs["source"])["dataset"] == "folder" and "transformers" in attrs["library_versions"]
     assert json.loads(attrs["gaps"]) == [] and len(json.loads(attrs["chunks"])) == 3
+    assert attrs["device"] == "cpu" and attrs["preprocessing"] == lib.PREPROCESSING_RULE
+    assert (attrs["exif_transpose"], attrs["apply_rotation"]) == (False, False)
+    assert attrs["max_pixels"] == lib.DEFAULT_MAX_PIXELS
 
 
 def test_the_original_readers_snippet_runs_unchanged(chunks, workspace, capsys):

@@ -1,23 +1,16 @@
 """Sources: Open Images metadata, user tables and folders -> the normalised image table."""
 
 import json
-import socket
 
 import lib
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import closed_port_url
 
 
 def metadata(dataset, source=None, split="validation", fetch="s3"):
     return lib.MetadataParams(dataset, split, source, fetch)
-
-
-def closed_port_url(path: str) -> str:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    return f"http://127.0.0.1:{port}{path}"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,0 +1,67 @@
+"""What the benchmarks run on: synthetic photos, a ViT-B/32-shaped model, and lib on the path.
+
+Images are synthetic 1024x768 JPEGs at quality 90, the size of Open Images' S3 copies. The model is
+a randomly initialised CLIPModel with `CLIPConfig()` defaults (ViT-B/32's shape, hence its cost),
+saved once under .cache/benchmarks/ and loaded through lib like any local checkpoint.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "notebooks"))
+
+import lib  # noqa: E402
+
+CACHE = REPO / ".cache" / "benchmarks"
+
+
+def synthetic_jpeg(seed: int, width: int = 1024, height: int = 768, quality: int = 90) -> bytes:
+    """A photo-like JPEG: smooth colour gradients, a few flat shapes, and sensor-like noise."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:height, 0:width].astype(np.float32)
+    pixels = (
+        rng.uniform(0, 255, 3)
+        + x[..., None] * rng.uniform(-0.2, 0.2, 3)
+        + y[..., None] * rng.uniform(-0.2, 0.2, 3)
+    )
+    for _ in range(6):
+        cx, cy, r = rng.uniform(0, width), rng.uniform(0, height), rng.uniform(30, 250)
+        inside = (x - cx) ** 2 + (y - cy) ** 2 < r**2
+        pixels[inside] = rng.uniform(0, 255, 3)
+    pixels += rng.normal(0, 6, pixels.shape).astype(np.float32)
+    buffer = io.BytesIO()
+    Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8)).save(buffer, "JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def synthetic_images(count: int, seed: int = 0) -> list[bytes]:
+    """`count` distinct synthetic JPEGs."""
+    return [synthetic_jpeg(seed + index) for index in range(count)]
+
+
+def random_vit_b_32(cache: Path = CACHE) -> Path:
+    """A randomly initialised CLIPModel of ViT-B/32's shape (seed 0), saved once under `cache`."""
+    folder = cache / "random-vit-b-32"
+    if (folder / "model.safetensors").is_file():
+        return folder
+    import torch
+    from transformers import CLIPConfig, CLIPModel
+
+    torch.manual_seed(0)
+    CLIPModel(CLIPConfig()).save_pretrained(folder)
+    processor = {"image_mean": list(lib.OPENAI_MEAN), "image_std": list(lib.OPENAI_STD), "crop_size": 224}
+    (folder / "preprocessor_config.json").write_text(json.dumps(processor))
+    return folder
+
+
+def model_path(model: str) -> str:
+    """MODEL as lib takes it, with 'random' meaning the random ViT-B/32 above."""
+    return str(random_vit_b_32()) if model == "random" else model

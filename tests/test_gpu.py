@@ -1,0 +1,64 @@
+"""GPU checks, run with `pytest -m gpu` on a machine with CUDA; skipped elsewhere.
+
+They use a randomly initialised model of ViT-B/32's shape (benchmarks/workload.py), since the tests
+never download weights, and print the figures they measure (`pytest -m gpu -s` shows them).
+"""
+
+import json
+
+import lib
+import numpy as np
+import pytest
+import torch
+from conftest import read_output, run_embed
+from precision import encode_all, precision_agreement, preprocessed
+from workload import random_vit_b_32
+
+pytestmark = [
+    pytest.mark.gpu,
+    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU"),
+]
+
+
+@pytest.fixture(scope="module")
+def vit_b_32(tmp_path_factory) -> str:
+    return str(random_vit_b_32(tmp_path_factory.mktemp("models")))
+
+
+def test_fp16_and_bf16_agree_with_fp32(vit_b_32):
+    report = precision_agreement(vit_b_32, "cuda", 300, ["fp16", "bf16"])
+    print(json.dumps(report, indent=1))
+    assert report["precisions"]["fp16"]["min_cosine"] >= 0.999
+    assert report["precisions"]["bf16"]["min_cosine"] >= 0.99
+
+
+def test_auto_precision_on_cuda_is_fp16_and_vectors_are_float32(vit_b_32):
+    encoder = lib.load_encoder(vit_b_32, "cuda", "auto")
+    assert encoder.precision == "fp16" and next(encoder.model.parameters()).dtype == torch.float16
+    vectors = encoder.encode(preprocessed(4, encoder.preprocessing))
+    assert vectors.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-6)
+
+
+def test_fp32_on_cuda_agrees_with_fp32_on_the_cpu(vit_b_32):
+    on_gpu, on_cpu = (lib.load_encoder(vit_b_32, device, "fp32") for device in ("cuda", "cpu"))
+    pixels = preprocessed(64, on_cpu.preprocessing)
+    cosines = np.sum(encode_all(on_gpu, pixels, 16) * encode_all(on_cpu, pixels, 16), axis=1)
+    print(f"cuda fp32 vs cpu fp32: min cosine {cosines.min():.7f}")
+    assert cosines.min() >= 0.9999
+
+
+def test_a_vector_on_cuda_does_not_depend_on_its_batch(vit_b_32):
+    encoder = lib.load_encoder(vit_b_32, "cuda", "fp16")
+    pixels = preprocessed(33, encoder.preprocessing)
+    whole, alone = encode_all(encoder, pixels, 33), encode_all(encoder, pixels, 1)
+    cosines = np.sum(whole * alone, axis=1)
+    print(f"cuda fp16, batch of 33 vs batches of 1: min cosine {cosines.min():.7f}")
+    assert cosines.min() >= 0.9999
+
+
+def test_02_on_cuda_records_its_device_and_precision(table, tiny_checkpoint):
+    encoder = lib.load_encoder(str(tiny_checkpoint), "cuda", "auto")
+    run_embed(table, encoder, device="cuda", precision="auto")
+    attrs = read_output(lib.find_chunks()[0].path)["attrs"]
+    assert attrs["device"] == "cuda" and attrs["precision"] == "fp16"
