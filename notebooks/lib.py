@@ -992,7 +992,10 @@ def resolve_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
             )
         return Checkpoint(str(local), _weights_digest(local), local)
     if model.startswith((".", "/", "~")):
-        raise PipelineError(f"MODEL={model!r}: the directory {local} does not exist.")
+        raise PipelineError(
+            f"MODEL={model!r}: the directory {local} does not exist. Give a directory holding "
+            f"config.json and model.safetensors, an OpenAI name ({', '.join(OPENAI_MODELS)}) or a hub id."
+        )
     repo_id = OPENAI_MODELS.get(model, model)
     folder = _hub_snapshot(repo_id, revision)
     return Checkpoint(repo_id, folder.name, folder)
