@@ -27,6 +27,7 @@ import re
 import shutil
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -1051,6 +1052,7 @@ class ClipEncoder:
         self.precision = precision
         self.dtype = _DTYPES[precision]
         self.preprocessing = _checkpoint_preprocessing(checkpoint.path, model.config.vision_config.image_size)
+        self.batch_limit: int | None = None  # set when the GPU ran out of memory on a bigger batch
 
     @property
     def embedding_size(self) -> int:
@@ -1083,10 +1085,38 @@ class ClipEncoder:
         )
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
-        """Embeddings (B, D) of preprocessed pixels (B, 3, n_px, n_px), normalised in float32."""
+        """Embeddings (B, D) of preprocessed pixels (B, 3, n_px, n_px), normalised in float32.
+
+        A CUDA out-of-memory error halves the batch, warns once, and goes on with the smaller size.
+        """
+        while True:
+            step = min(len(pixels), self.batch_limit or len(pixels))
+            try:
+                parts = [self._encode_batch(pixels[low : low + step]) for low in range(0, len(pixels), step)]
+                return np.concatenate(parts) if parts else np.zeros((0, self.embedding_size), np.float32)
+            except torch.cuda.OutOfMemoryError:
+                self._halve_batch(step)
+
+    def _encode_batch(self, pixels: np.ndarray) -> np.ndarray:
         batch = torch.from_numpy(pixels).to(self.device, self.dtype, non_blocking=True)
         with torch.inference_mode():
             return _normalised(self.model.get_image_features(pixel_values=batch).pooler_output)
+
+    def _halve_batch(self, failed: int) -> None:
+        if failed == 1:
+            raise PipelineError(
+                f"{self.device} ran out of memory on a single image with {self.checkpoint.model_id} in "
+                f"{self.precision}: free the GPU (other processes, other notebooks' models) or use a "
+                "smaller PRECISION such as 'fp16'."
+            )
+        if self.batch_limit is None:
+            warnings.warn(
+                f"{self.device} ran out of memory on a batch of {failed} images: going on with smaller "
+                "batches. Lower GPU_BATCH_SIZE to avoid the retries.",
+                stacklevel=3,
+            )
+        self.batch_limit = (failed + 1) // 2
+        torch.cuda.empty_cache()
 
     def encode_text(self, texts: str | Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Embeddings (N, D) of texts, truncated to the context length, normalised in float32."""
