@@ -1,12 +1,13 @@
 # make run    installs requirements.txt into .venv and runs 00 -> 01 -> 02 -> 03 with PARAMS
 # make test   installs requirements-test.txt into .venv, then lints and runs every test
+# make benchmark  runs benchmarks/throughput.py (pipeline vs model alone vs the original loop)
 PARAMS ?= params/demo.yaml
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 RUNS := OUTPUT/runs/$(basename $(notdir $(PARAMS)))
 STAGES := 00_setup 01_metadata 02_embed 03_merge
 
-.PHONY: run test lint
+.PHONY: run test lint benchmark
 
 $(PYTHON):
 	python3 -m venv $(VENV)
@@ -33,3 +34,6 @@ lint: $(VENV)/.installed-test
 
 test: lint
 	$(PYTHON) -m pytest
+
+benchmark: $(VENV)/.installed-test
+	$(PYTHON) benchmarks/throughput.py

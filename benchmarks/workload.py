@@ -7,10 +7,14 @@ saved once under .cache/benchmarks/ and loaded through lib like any local checkp
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image
@@ -62,6 +66,48 @@ def random_vit_b_32(cache: Path = CACHE) -> Path:
     return folder
 
 
+@contextlib.contextmanager
+def temporary_workspace() -> Iterator[lib.Workspace]:
+    """lib's .cache/ and OUTPUT/ in a temporary folder for the duration, then as they were."""
+    previous = lib.WORKSPACE
+    with tempfile.TemporaryDirectory() as root:
+        lib.WORKSPACE = lib.Workspace(Path(root))
+        try:
+            yield lib.WORKSPACE
+        finally:
+            lib.WORKSPACE = previous
+
+
 def model_path(model: str) -> str:
     """MODEL as lib takes it, with 'random' meaning the random ViT-B/32 above."""
     return str(random_vit_b_32()) if model == "random" else model
+
+
+def loopback_s3(bucket: str, objects: dict[str, bytes]) -> tuple[Any, str]:
+    """A moto S3 server on loopback with a public-read `bucket` holding `objects`: (server, endpoint)."""
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    admin = boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+    admin.create_bucket(Bucket=bucket)
+    public_read = {
+        "Version": "2012-10-17",
+        "Statement": [
+            {
+                "Effect": "Allow",
+                "Principal": "*",
+                "Action": "s3:GetObject",
+                "Resource": f"arn:aws:s3:::{bucket}/*",
+            }
+        ],
+    }
+    admin.put_bucket_policy(Bucket=bucket, Policy=json.dumps(public_read))
+    for key, data in objects.items():
+        admin.put_object(Bucket=bucket, Key=key, Body=data)
+    return server, endpoint

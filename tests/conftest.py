@@ -15,7 +15,6 @@ import threading
 import time
 from pathlib import Path
 
-import boto3
 import h5py
 import numpy as np
 import pytest
@@ -26,6 +25,7 @@ sys.path.insert(0, str(REPO / "notebooks"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import lib  # noqa: E402
+from workload import loopback_s3  # noqa: E402
 
 IMAGE_COUNT = 40
 TINY_IMAGE_SIZE = 32
@@ -184,35 +184,8 @@ def http_server(images):
 @pytest.fixture(scope="session")
 def s3_endpoint(images) -> str:
     """The URL of a loopback S3 holding validation/<id>.jpg in a public-read open-images-dataset."""
-    from moto.server import ThreadedMotoServer
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    admin = boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
-    bucket = lib.OPENIMAGES_BUCKET
-    admin.create_bucket(Bucket=bucket)
-    policy = {
-        "Version": "2012-10-17",
-        "Statement": [
-            {
-                "Effect": "Allow",
-                "Principal": "*",
-                "Action": "s3:GetObject",
-                "Resource": f"arn:aws:s3:::{bucket}/*",
-            }
-        ],
-    }
-    admin.put_bucket_policy(Bucket=bucket, Policy=json.dumps(policy))
-    for key, data in images.items():
-        admin.put_object(Bucket=bucket, Key=f"validation/{key}.jpg", Body=data)
+    objects = {f"validation/{key}.jpg": data for key, data in images.items()}
+    server, endpoint = loopback_s3(lib.OPENIMAGES_BUCKET, objects)
     yield endpoint
     server.stop()
 

@@ -20,3 +20,19 @@ def test_precision_agreement_reports_cosines_with_fp32(tiny_checkpoint):
     assert report["images"] == 6 and report["device"] == "cpu"
     bf16 = report["precisions"]["bf16"]
     assert 0.99 < bf16["min_cosine"] <= bf16["mean_cosine"] <= 1.0
+
+
+def test_the_naive_loop_and_the_pipeline_embed_the_same_photos(tiny_checkpoint, tiny_encoder, tmp_path):
+    from conftest import embed_params
+    from naive_loop import naive_embed, peak_rss_mb
+    from throughput import end_to_end
+
+    paths = []
+    for index in range(5):
+        paths.append(tmp_path / f"{index}.jpg")
+        paths[-1].write_bytes(synthetic_jpeg(seed=index, width=96, height=64))
+    naive = naive_embed(paths, str(tiny_checkpoint))
+    assert naive.shape == (5, 16)
+    np.testing.assert_allclose(np.linalg.norm(naive, axis=1), 1, atol=1e-5)
+    assert end_to_end([str(path) for path in paths], tiny_encoder, embed_params()) > 0
+    assert peak_rss_mb() > 50

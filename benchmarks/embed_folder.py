@@ -1,0 +1,75 @@
+"""The pipeline as one process: 01 (DATASET="folder") then 02, into a temporary workspace.
+
+    python benchmarks/embed_folder.py FOLDER [--model random] [--device auto] [--precision auto]
+        [--batch-size 64] [--workers 4] [--chunk 10000]
+
+Prints JSON: images, embedded, seconds of 02's embedding (after the model is loaded), peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from naive_loop import peak_rss_mb
+from workload import lib, model_path, temporary_workspace
+
+
+def embed_params(args: argparse.Namespace) -> lib.EmbedParams:
+    """02's parameters for this run, defaults elsewhere."""
+    return lib.EmbedParams(
+        start=0,
+        end=None,
+        chunk=args.chunk,
+        gpu_batch_size=args.batch_size,
+        num_workers=args.workers,
+        model=args.model,
+        model_revision=None,
+        device=args.device,
+        precision=args.precision,
+        exif_transpose=False,
+        apply_rotation=False,
+        max_pixels=lib.DEFAULT_MAX_PIXELS,
+        s3_endpoint_url=None,
+    )
+
+
+def embed_folder(folder: Path, params: lib.EmbedParams) -> lib.RunSummary:
+    """Run 01 and 02 over `folder` in a temporary workspace."""
+    with temporary_workspace():
+        metadata = lib.MetadataParams("folder", "validation", str(folder), "s3")
+        lib.save_image_table(lib.build_image_table(metadata), metadata)
+        table = lib.load_image_table()
+        encoder = lib.load_encoder(model_path(params.model), params.device, params.precision)
+        recipe = lib.image_recipe(encoder, params)
+        plan = lib.plan_chunks(0, None, params.chunk, lib.run_signature(encoder, recipe, table), len(table))
+        return lib.embed_chunks(table, encoder, recipe, plan, params)
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options shared by the benchmarks that run the pipeline."""
+    parser.add_argument(
+        "--model", default="random", help="'random' (ViT-B/32 shape), or MODEL as 02 takes it"
+    )
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--precision", default="auto", choices=lib.PRECISIONS)
+    parser.add_argument("--batch-size", type=int, default=64, help="GPU_BATCH_SIZE")
+    parser.add_argument("--workers", type=int, default=4, help="NUM_WORKERS")
+    parser.add_argument("--chunk", type=int, default=10000, help="CHUNK")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("folder", type=Path)
+    add_run_arguments(parser)
+    args = parser.parse_args()
+    summary = embed_folder(args.folder.resolve(), embed_params(args))
+    report = {"images": summary.attempted, "embedded": summary.embedded, "seconds": round(summary.seconds, 2)}
+    print(json.dumps({**report, "peak_rss_mb": peak_rss_mb()}))
+
+
+if __name__ == "__main__":
+    main()

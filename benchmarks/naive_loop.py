@@ -1,0 +1,65 @@
+"""The original notebooks' loop, as the baseline: open and convert, CLIPProcessor, forward, normalise.
+
+    python benchmarks/naive_loop.py FOLDER [--model random] [--device cpu]
+
+One batch of 32 after another, nothing overlapped, as the original notebook and the fashion-search
+notebook do. Prints JSON: images, seconds (after the model is loaded), peak RSS.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from workload import model_path
+
+BATCH = 32
+
+
+def naive_embed(paths: list[Path], model: str, device: str = "cpu") -> np.ndarray:
+    """Embeddings of `paths` the way the original notebooks compute them."""
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    processor = CLIPImageProcessor.from_pretrained(model)  # the image half of CLIPProcessor
+    clip = CLIPModel.from_pretrained(model).to(device).eval()
+    vectors = []
+    for low in range(0, len(paths), BATCH):
+        images = [Image.open(path).convert("RGB") for path in paths[low : low + BATCH]]
+        inputs = processor(images=images, return_tensors="pt").to(device)
+        with torch.no_grad():
+            features = clip.get_image_features(**inputs).pooler_output
+        vectors.append((features / features.norm(dim=-1, keepdim=True)).cpu().numpy())
+    return np.concatenate(vectors)
+
+
+def peak_rss_mb() -> float:
+    """This process's peak resident memory in MB: VmHWM, which, unlike ru_maxrss, starts afresh at exec."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return round(int(line.split()[1]) / 1024, 1)
+    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("folder", type=Path)
+    parser.add_argument("--model", default="random")
+    parser.add_argument("--device", default="cpu")
+    args = parser.parse_args()
+    paths = sorted(args.folder.glob("*.jpg"))
+    began = time.perf_counter()
+    vectors = naive_embed(paths, model_path(args.model), args.device)
+    seconds = time.perf_counter() - began
+    print(json.dumps({"images": len(vectors), "seconds": round(seconds, 2), "peak_rss_mb": peak_rss_mb()}))
+
+
+if __name__ == "__main__":
+    main()
