@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 
 from naive_loop import peak_rss_mb
-from workload import lib, model_path, temporary_workspace
+from workload import MODEL_HELP, lib, model_path, temporary_workspace
 
 
 def embed_params(args: argparse.Namespace) -> lib.EmbedParams:
@@ -49,9 +49,7 @@ def embed_folder(folder: Path, params: lib.EmbedParams) -> lib.RunSummary:
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options shared by the benchmarks that run the pipeline."""
-    parser.add_argument(
-        "--model", default="random", help="'random' (ViT-B/32 shape), or MODEL as 02 takes it"
-    )
+    parser.add_argument("--model", default="random", help=MODEL_HELP)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=lib.PRECISIONS)
     parser.add_argument("--batch-size", type=int, default=64, help="GPU_BATCH_SIZE")

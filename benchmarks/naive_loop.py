@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from workload import model_path
+from workload import MODEL_HELP, model_path
 
 BATCH = 32
 
@@ -51,7 +51,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("folder", type=Path)
-    parser.add_argument("--model", default="random")
+    parser.add_argument("--model", default="random", help=MODEL_HELP)
     parser.add_argument("--device", default="cpu")
     args = parser.parse_args()
     paths = sorted(args.folder.glob("*.jpg"))

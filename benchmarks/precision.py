@@ -15,7 +15,7 @@ import json
 import time
 
 import numpy as np
-from workload import lib, model_path, synthetic_images
+from workload import MODEL_HELP, lib, model_path, synthetic_images
 
 
 def preprocessed(count: int, preprocessing: lib.Preprocessing) -> np.ndarray:
@@ -25,6 +25,7 @@ def preprocessed(count: int, preprocessing: lib.Preprocessing) -> np.ndarray:
 
 
 def encode_all(encoder: lib.ClipEncoder, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+    """Embeddings of all `pixels`, `batch_size` at a time."""
     return np.concatenate(
         [encoder.encode(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
     )
@@ -62,9 +63,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    parser.add_argument(
-        "--model", default="random", help="'random' (ViT-B/32 shape), or MODEL as 02 takes it"
-    )
+    parser.add_argument("--model", default="random", help=MODEL_HELP)
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     parser.add_argument("--images", type=int, default=300, help="synthetic 1024x768 photos to compare on")
     parser.add_argument("--precisions", nargs="+", default=["fp16", "bf16"], choices=["fp16", "bf16"])

@@ -25,6 +25,7 @@ sys.path.insert(0, str(REPO / "notebooks"))
 import lib  # noqa: E402
 
 CACHE = REPO / ".cache" / "benchmarks"
+MODEL_HELP = "'random' (a random model of ViT-B/32's shape), or MODEL as 02 takes it"
 
 
 def synthetic_jpeg(seed: int, width: int = 1024, height: int = 768, quality: int = 90) -> bytes:
