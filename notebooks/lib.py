@@ -26,6 +26,7 @@ import platform
 import re
 import shutil
 import tempfile
+import threading
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -1431,13 +1432,26 @@ class Loaded:
     size: int
 
 
-def load_image(location: str, rotation: float | None, fetcher: Fetcher, recipe: ImageRecipe) -> Loaded:
-    """Fetch, decode and preprocess one image; a failure is returned, never raised."""
+FETCH_THREADS_PER_WORKER = 4  # requests in flight per decoding thread: fetches wait on the network
+
+
+def load_image(
+    location: str,
+    rotation: float | None,
+    fetcher: Fetcher,
+    recipe: ImageRecipe,
+    decode_slots: threading.Semaphore | None = None,
+) -> Loaded:
+    """Fetch, decode and preprocess one image; a failure is returned, never raised.
+
+    Decoding waits for one of `decode_slots`, so fetches can outnumber the threads that decode.
+    """
     size = 0
     try:
         data = fetcher.fetch(location)
         size = len(data)
-        return Loaded(recipe(data, rotation), None, size)
+        with decode_slots or contextlib.nullcontext():
+            return Loaded(recipe(data, rotation), None, size)
     except ImageFailure as failure:
         return Loaded(None, failure.reason, size)
     except Exception as error:  # one image, whatever is wrong with it, must not stop the run
@@ -1445,15 +1459,17 @@ def load_image(location: str, rotation: float | None, fetcher: Fetcher, recipe: 
 
 
 class ImageLoader:
-    """Fetches, decodes and preprocesses images in worker threads, yielding them in input order.
+    """Fetches, decodes and preprocesses images in threads, yielding them in input order.
 
-    At most `lookahead` images are in flight or waiting, so memory stays bounded while the
-    encoder works on the previous batch.
+    FETCH_THREADS_PER_WORKER x `workers` requests are in flight; at most `workers` threads decode
+    and preprocess at once (Pillow and numpy release the GIL), while the caller encodes. At most
+    `lookahead` images are in flight or waiting, so memory stays bounded whatever the chunk size.
     """
 
     def __init__(self, fetcher: Fetcher, recipe: ImageRecipe, workers: int, lookahead: int):
-        self._load = functools.partial(load_image, fetcher=fetcher, recipe=recipe)
-        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="load")
+        slots = threading.Semaphore(workers)
+        self._load = functools.partial(load_image, fetcher=fetcher, recipe=recipe, decode_slots=slots)
+        self._pool = ThreadPoolExecutor(FETCH_THREADS_PER_WORKER * workers, thread_name_prefix="load")
         self._lookahead = lookahead
 
     def __enter__(self) -> ImageLoader:
@@ -1564,8 +1580,9 @@ def embed_chunks(
         "model": params.model,
         "source": json.dumps(table.info),
     }
-    fetcher = Fetcher(params.s3_endpoint_url, pool_size=params.num_workers)
-    lookahead = 2 * params.gpu_batch_size + params.num_workers
+    fetch_threads = FETCH_THREADS_PER_WORKER * params.num_workers
+    fetcher = Fetcher(params.s3_endpoint_url, pool_size=fetch_threads)
+    lookahead = 2 * params.gpu_batch_size + fetch_threads
     began = time.perf_counter()
     with ImageLoader(fetcher, recipe, params.num_workers, lookahead) as loader:
         for start, end in tqdm(plan.todo, desc="chunks", unit="chunk"):

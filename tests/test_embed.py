@@ -1,13 +1,16 @@
 """Embed: rows in chunks, failures recorded, finished chunks skipped, foreign chunks refused."""
 
+import contextlib
 import io
 import shutil
+import threading
+import time
 
 import h5py
 import lib
 import numpy as np
 import pytest
-from conftest import TINY_IMAGE_SIZE, read_output, run_embed, run_signature
+from conftest import TINY_IMAGE_SIZE, jpeg_bytes, read_output, run_embed, run_signature
 from PIL import Image
 from reference import reference_embeddings
 
@@ -160,3 +163,44 @@ def test_a_chunk_in_an_older_format_is_named_and_never_reused(table, tiny_encode
         file.attrs["format_version"] = 1
     with pytest.raises(lib.PipelineError, match=r"chunk_000000000_000000008.h5 is in format 1, .* format 2"):
         run_embed(table, tiny_encoder)
+
+
+class Gauge:
+    """How many threads are inside a block at once, and the most there ever were."""
+
+    def __init__(self):
+        self.now = self.peak = 0
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def inside(self):
+        with self._lock:
+            self.now += 1
+            self.peak = max(self.peak, self.now)
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.now -= 1
+
+
+def test_fetches_outnumber_decoding_threads_and_images_come_in_order():
+    photos = {f"photo-{index}": jpeg_bytes(40, 30, seed=index) for index in range(24)}
+    fetching, decoding = Gauge(), Gauge()
+    exact = lib.ImageRecipe(lib.Preprocessing(TINY_IMAGE_SIZE))
+
+    class SlowNetwork:
+        def fetch(self, location):
+            with fetching.inside():
+                time.sleep(0.05)
+                return photos[location]
+
+    def recipe(data, rotation):
+        with decoding.inside():
+            return exact(data, rotation)
+
+    with lib.ImageLoader(SlowNetwork(), recipe, workers=2, lookahead=40) as loader:
+        loaded = list(loader.load(photos, [None] * len(photos)))
+    assert decoding.peak <= 2 < fetching.peak <= lib.FETCH_THREADS_PER_WORKER * 2
+    for item, data in zip(loaded, photos.values(), strict=True):
+        np.testing.assert_array_equal(item.pixels, exact(data))
