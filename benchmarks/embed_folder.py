@@ -28,6 +28,7 @@ def embed_params(args: argparse.Namespace) -> lib.EmbedParams:
         model_revision=None,
         device=args.device,
         precision=args.precision,
+        preprocess=args.preprocess,
         exif_transpose=False,
         apply_rotation=False,
         max_pixels=lib.DEFAULT_MAX_PIXELS,
@@ -52,6 +53,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="random", help=MODEL_HELP)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=lib.PRECISIONS)
+    parser.add_argument("--preprocess", default="exact", choices=lib.PREPROCESS_MODES)
     parser.add_argument("--batch-size", type=int, default=64, help="GPU_BATCH_SIZE")
     parser.add_argument("--workers", type=int, default=4, help="NUM_WORKERS")
     parser.add_argument("--chunk", type=int, default=10000, help="CHUNK")

@@ -30,19 +30,9 @@ import numpy as np
 import pyarrow as pa
 from embed_folder import add_run_arguments, embed_params
 from naive_loop import naive_embed, peak_rss_mb
-from workload import CACHE, lib, loopback_s3, model_path, synthetic_images, temporary_workspace
+from workload import lib, loopback_s3, model_path, photo_folder, temporary_workspace
 
 HERE = Path(__file__).resolve().parent
-
-
-def photo_folder(count: int) -> Path:
-    """A folder of `count` synthetic photos, written once."""
-    folder = CACHE / f"photos-{count}"
-    if len(list(folder.glob("*.jpg"))) != count:
-        folder.mkdir(parents=True, exist_ok=True)
-        for index, data in enumerate(synthetic_images(count)):
-            (folder / f"{index:06d}.jpg").write_bytes(data)
-    return folder
 
 
 def timed(function, *args) -> float:
@@ -110,7 +100,7 @@ def whole_process(script: str, folder: Path, extra: list[str]) -> dict:
 
 def run_options(args: argparse.Namespace) -> list[str]:
     """The command-line options of this run, for embed_folder.py."""
-    names = ("model", "device", "precision", "batch_size", "workers", "chunk")
+    names = ("model", "device", "precision", "preprocess", "batch_size", "workers", "chunk")
     return [f"--{name.replace('_', '-')}={getattr(args, name)}" for name in names]
 
 

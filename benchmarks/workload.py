@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "notebooks"))
 import lib  # noqa: E402
 
 CACHE = REPO / ".cache" / "benchmarks"
-MODEL_HELP = "'random' (a random model of ViT-B/32's shape), or MODEL as 02 takes it"
+MODEL_HELP = "'random' (a random model of ViT-B/32's shape), 'random-small', or MODEL as 02 takes it"
 
 
 def synthetic_jpeg(seed: int, width: int = 1024, height: int = 768, quality: int = 90) -> bytes:
@@ -52,16 +52,35 @@ def synthetic_images(count: int, seed: int = 0) -> list[bytes]:
     return [synthetic_jpeg(seed + index) for index in range(count)]
 
 
-def random_vit_b_32(cache: Path = CACHE) -> Path:
-    """A randomly initialised CLIPModel of ViT-B/32's shape (seed 0), saved once under `cache`."""
-    folder = cache / "random-vit-b-32"
+def photo_folder(count: int, width: int = 1024, height: int = 768) -> Path:
+    """A folder of `count` synthetic photos, written once under .cache/benchmarks/."""
+    folder = CACHE / f"photos-{width}x{height}-{count}"
+    if len(list(folder.glob("*.jpg"))) != count:
+        folder.mkdir(parents=True, exist_ok=True)
+        for index in range(count):
+            (folder / f"{index:06d}.jpg").write_bytes(synthetic_jpeg(index, width, height))
+    return folder
+
+
+SMALL_LAYERS = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2}
+
+
+def random_clip(name: str, cache: Path = CACHE) -> Path:
+    """A randomly initialised CLIPModel (seed 0), saved once under `cache`.
+
+    'random-vit-b-32' has ViT-B/32's shape and cost; 'random-small' has its input and embedding
+    sizes but a tiny transformer, for measuring what does not depend on the model (memory).
+    """
+    folder = cache / name
     if (folder / "model.safetensors").is_file():
         return folder
     import torch
     from transformers import CLIPConfig, CLIPModel
 
+    small = {"text_config": SMALL_LAYERS, "vision_config": {**SMALL_LAYERS, "patch_size": 32}}
+    config = {"random-vit-b-32": CLIPConfig(), "random-small": CLIPConfig(**small)}[name]
     torch.manual_seed(0)
-    CLIPModel(CLIPConfig()).save_pretrained(folder)
+    CLIPModel(config).save_pretrained(folder)
     processor = {"image_mean": list(lib.OPENAI_MEAN), "image_std": list(lib.OPENAI_STD), "crop_size": 224}
     (folder / "preprocessor_config.json").write_text(json.dumps(processor))
     return folder
@@ -80,8 +99,9 @@ def temporary_workspace() -> Iterator[lib.Workspace]:
 
 
 def model_path(model: str) -> str:
-    """MODEL as lib takes it, with 'random' meaning the random ViT-B/32 above."""
-    return str(random_vit_b_32()) if model == "random" else model
+    """MODEL as lib takes it, with 'random' and 'random-small' meaning the random models above."""
+    names = {"random": "random-vit-b-32", "random-small": "random-small"}
+    return str(random_clip(names[model])) if model in names else model
 
 
 def loopback_s3(bucket: str, objects: dict[str, bytes]) -> tuple[Any, str]:

@@ -21,6 +21,7 @@ import hashlib
 import io
 import itertools
 import json
+import math
 import os
 import platform
 import re
@@ -121,6 +122,7 @@ DATASETS = ("openimages-v7", "table", "folder")
 SPLITS = ("train", "validation", "test")
 FETCH_MODES = ("s3", "url")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PREPROCESS_MODES = ("exact", "fast")
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 _PARAMETER_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 
@@ -206,6 +208,7 @@ class EmbedParams:
     model_revision: str | None
     device: str
     precision: str
+    preprocess: str
     exif_transpose: bool
     apply_rotation: bool
     max_pixels: int
@@ -222,6 +225,7 @@ class EmbedParams:
         _check_text("MODEL_REVISION", self.model_revision, optional=True)
         _check_device("DEVICE", self.device)
         _check_choice("PRECISION", self.precision, PRECISIONS)
+        _check_choice("PREPROCESS", self.preprocess, PREPROCESS_MODES)
         _check_bool("EXIF_TRANSPOSE", self.exif_transpose)
         _check_bool("APPLY_ROTATION", self.apply_rotation)
         _check_int("MAX_PIXELS", self.max_pixels, 1)
@@ -798,12 +802,21 @@ _ROTATIONS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 27
 Image.MAX_IMAGE_PIXELS = None
 
 
-def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
-    """The first frame of an image, decoded; bad bytes or too many pixels raise ImageFailure."""
+def decode_image(
+    data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS, draft_size: int | None = None
+) -> Image.Image:
+    """The first frame of an image, decoded; bad bytes or too many pixels raise ImageFailure.
+
+    With `draft_size`, a JPEG is decoded at 1/2, 1/4 or 1/8 scale (Pillow's draft mode) as long as
+    its short side stays at least `draft_size`: faster, and close to, not equal to, a full decode.
+    """
     try:
         image = Image.open(io.BytesIO(data))
         if image.width * image.height > max_pixels:
             raise ImageFailure("too many pixels")
+        if draft_size and image.format == "JPEG":
+            scale = draft_size / min(image.size)
+            image.draft(image.mode, (math.ceil(image.width * scale), math.ceil(image.height * scale)))
         image.load()
     except UnidentifiedImageError:
         raise ImageFailure("not an image") from None
@@ -893,9 +906,11 @@ class ImageRecipe:
     max_pixels: int = DEFAULT_MAX_PIXELS
     exif_transpose: bool = False
     apply_rotation: bool = False
+    preprocess: str = "exact"  # or "fast": JPEGs decoded in draft mode
 
     def __call__(self, data: bytes, rotation: float | None = None) -> np.ndarray:
-        image = decode_image(data, self.max_pixels)
+        draft_size = self.preprocessing.image_size if self.preprocess == "fast" else None
+        image = decode_image(data, self.max_pixels, draft_size)
         if self.exif_transpose:
             image = ImageOps.exif_transpose(image)
         if self.apply_rotation:
@@ -905,6 +920,7 @@ class ImageRecipe:
     def describe(self) -> dict:
         """The recipe's own options, as chunk files record them (the preprocessing is the encoder's)."""
         return {
+            "preprocess": self.preprocess,
             "exif_transpose": self.exif_transpose,
             "apply_rotation": self.apply_rotation,
             "max_pixels": self.max_pixels,
@@ -1037,10 +1053,23 @@ def _checkpoint_preprocessing(folder: Path, image_size: int) -> Preprocessing:
     return Preprocessing(image_size, mean, std)
 
 
-def _normalised(features: torch.Tensor) -> np.ndarray:
+def _normalised(features: torch.Tensor) -> torch.Tensor:
     """L2-normalise in float32, whatever precision the model computed in."""
     features = features.float()
-    return (features / features.norm(dim=-1, keepdim=True)).cpu().numpy()
+    return features / features.norm(dim=-1, keepdim=True)
+
+
+class PendingEmbeddings:
+    """Embeddings queued on the device; `result()` waits for them (on the CPU they are ready)."""
+
+    def __init__(self, parts: list[torch.Tensor], ready: torch.cuda.Event | None):
+        self._parts = parts
+        self._ready = ready
+
+    def result(self) -> np.ndarray:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return np.concatenate([part.numpy() for part in self._parts])
 
 
 class ClipEncoder:
@@ -1086,22 +1115,35 @@ class ClipEncoder:
         )
 
     def encode(self, pixels: np.ndarray) -> np.ndarray:
-        """Embeddings (B, D) of preprocessed pixels (B, 3, n_px, n_px), normalised in float32.
+        """Embeddings (B, D) of preprocessed pixels (B, 3, n_px, n_px), normalised in float32."""
+        return self.start_encoding(pixels).result()
+
+    def start_encoding(self, pixels: np.ndarray) -> PendingEmbeddings:
+        """Queue the embeddings of a non-empty batch; on CUDA this returns before the GPU is done.
 
         A CUDA out-of-memory error halves the batch, warns once, and goes on with the smaller size.
         """
         while True:
             step = min(len(pixels), self.batch_limit or len(pixels))
             try:
-                parts = [self._encode_batch(pixels[low : low + step]) for low in range(0, len(pixels), step)]
-                return np.concatenate(parts) if parts else np.zeros((0, self.embedding_size), np.float32)
+                parts = [self._launch(pixels[low : low + step]) for low in range(0, len(pixels), step)]
             except torch.cuda.OutOfMemoryError:
                 self._halve_batch(step)
+                continue
+            ready = torch.cuda.Event() if self.device.type == "cuda" else None
+            if ready is not None:
+                ready.record(torch.cuda.current_stream(self.device))
+            return PendingEmbeddings(parts, ready)
 
-    def _encode_batch(self, pixels: np.ndarray) -> np.ndarray:
-        batch = torch.from_numpy(pixels).to(self.device, self.dtype, non_blocking=True)
+    def _launch(self, pixels: np.ndarray) -> torch.Tensor:
+        """Queue a batch's copy to the device, its forward pass, and the copy of its embeddings back."""
+        batch = torch.from_numpy(pixels)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()  # page-locked host memory: the copy below is asynchronous
+        batch = batch.to(self.device, self.dtype, non_blocking=True)
         with torch.inference_mode():
-            return _normalised(self.model.get_image_features(pixel_values=batch).pooler_output)
+            features = _normalised(self.model.get_image_features(pixel_values=batch).pooler_output)
+        return features.to("cpu", non_blocking=True)  # into pinned memory from CUDA; ready at the event
 
     def _halve_batch(self, failed: int) -> None:
         if failed == 1:
@@ -1132,7 +1174,9 @@ class ClipEncoder:
                 return_tensors="pt",
             ).to(self.device)
             with torch.inference_mode():
-                vectors.append(_normalised(self.model.get_text_features(**tokens).pooler_output))
+                vectors.append(
+                    _normalised(self.model.get_text_features(**tokens).pooler_output).cpu().numpy()
+                )
         return np.concatenate(vectors)
 
     def signature(self) -> dict:
@@ -1179,6 +1223,7 @@ SIGNATURE_KEYS = (  # model_id is recorded but not compared: a local checkpoint 
     "image_mean",
     "image_std",
     "preprocessing",
+    "preprocess",
     "exif_transpose",
     "apply_rotation",
     "precision",
@@ -1362,7 +1407,13 @@ class ChunkPlan:
 
 def image_recipe(encoder: ClipEncoder, params: EmbedParams) -> ImageRecipe:
     """The encoder's preprocessing with the run's orientation options and pixel limit."""
-    return ImageRecipe(encoder.preprocessing, params.max_pixels, params.exif_transpose, params.apply_rotation)
+    return ImageRecipe(
+        encoder.preprocessing,
+        params.max_pixels,
+        params.exif_transpose,
+        params.apply_rotation,
+        params.preprocess,
+    )
 
 
 def run_attributes(encoder: ClipEncoder, recipe: ImageRecipe, table: ImageTable) -> dict:
@@ -1508,22 +1559,37 @@ def embed_chunk(
     rows = table.rows(start, end)
     result = ChunkResult(start, end, encoder.embedding_size)
     with tqdm(total=end - start, desc=f"rows {start}-{end}", unit="img", leave=False) as progress:
-        for batch in _batches(enumerate(loader.load(rows["location"], rows["rotation"])), batch_size):
-            pixels = [item.pixels for _, item in batch if item.pixels is not None]
-            if pixels:
-                result.vectors.append(encoder.encode(np.stack(pixels)))
-            for offset, item in batch:
-                record = (start + offset, rows["image_id"][offset], rows["url"][offset])
-                if item.reason is None:
-                    result.embedded.append(*record)
-                else:
-                    result.failed.append(*record)
-                    result.reasons.append(item.reason)
-                result.fetched_bytes += item.size
+
+        def finish(batch: list, embeddings: PendingEmbeddings | None) -> None:
+            _record_batch(result, rows, batch, embeddings)
             progress.update(len(batch))
             progress.set_postfix(failed=len(result.reasons))
+
+        on_device = None  # the batch the device works on while the next one is stacked and queued
+        for batch in _batches(enumerate(loader.load(rows["location"], rows["rotation"])), batch_size):
+            pixels = [item.pixels for _, item in batch if item.pixels is not None]
+            queued = (batch, encoder.start_encoding(np.stack(pixels)) if pixels else None)
+            if on_device:
+                finish(*on_device)
+            on_device = queued
+        if on_device:
+            finish(*on_device)
     result.seconds = time.perf_counter() - began
     return result
+
+
+def _record_batch(result: ChunkResult, rows: dict, batch: list, embeddings: PendingEmbeddings | None) -> None:
+    """Add an encoded batch's vectors, and its embedded and failed rows, to the chunk's result."""
+    if embeddings is not None:
+        result.vectors.append(embeddings.result())
+    for offset, item in batch:
+        record = (result.start + offset, rows["image_id"][offset], rows["url"][offset])
+        if item.reason is None:
+            result.embedded.append(*record)
+        else:
+            result.failed.append(*record)
+            result.reasons.append(item.reason)
+        result.fetched_bytes += item.size
 
 
 @dataclasses.dataclass

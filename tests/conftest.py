@@ -330,6 +330,7 @@ def embed_params(**overrides) -> lib.EmbedParams:
         model_revision=None,
         device="cpu",
         precision="fp32",
+        preprocess="exact",
         exif_transpose=False,
         apply_rotation=False,
         max_pixels=lib.DEFAULT_MAX_PIXELS,

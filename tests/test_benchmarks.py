@@ -36,3 +36,11 @@ def test_the_naive_loop_and_the_pipeline_embed_the_same_photos(tiny_checkpoint, 
     np.testing.assert_allclose(np.linalg.norm(naive, axis=1), 1, atol=1e-5)
     assert end_to_end([str(path) for path in paths], tiny_encoder, embed_params()) > 0
     assert peak_rss_mb() > 50
+
+
+def test_fast_preprocessing_agreement_reports_cosines_and_speeds(tiny_checkpoint):
+    from fast_preprocess import fast_agreement
+
+    report = fast_agreement(str(tiny_checkpoint), "cpu", 6, batch_size=4)
+    assert report["images"] == 6 and 0.9 < report["min_cosine"] <= report["mean_cosine"] <= 1.0
+    assert report["fast_img_s_per_core"] > 0 and report["exact_img_s_per_core"] > 0

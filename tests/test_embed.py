@@ -75,11 +75,20 @@ def test_apply_rotation_turns_each_row_by_the_tables_rotation(
     assert chunk["attrs"]["apply_rotation"] and not chunk["attrs"]["exif_transpose"]
 
 
-@pytest.mark.parametrize("option", ["exif_transpose", "apply_rotation"])
-def test_chunks_made_with_other_orientation_options_are_never_reused(table, tiny_encoder, option):
+@pytest.mark.parametrize(
+    ("option", "value", "difference"),
+    [
+        ("exif_transpose", True, "exif_transpose: False there, True here"),
+        ("apply_rotation", True, "apply_rotation: False there, True here"),
+        ("preprocess", "fast", "preprocess: 'exact' there, 'fast' here"),
+    ],
+)
+def test_chunks_made_with_other_image_options_are_never_reused(
+    table, tiny_encoder, option, value, difference
+):
     run_embed(table, tiny_encoder, end=8)
-    with pytest.raises(lib.PipelineError, match=rf"made differently .*{option}: False there, True here"):
-        lib.plan_chunks(0, None, 8, run_signature(tiny_encoder, table, **{option: True}), len(table))
+    with pytest.raises(lib.PipelineError, match=rf"made differently .*{difference}"):
+        lib.plan_chunks(0, None, 8, run_signature(tiny_encoder, table, **{option: value}), len(table))
 
 
 def test_a_rerun_skips_finished_chunks(table, tiny_encoder):

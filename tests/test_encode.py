@@ -205,14 +205,14 @@ def test_out_of_memory_halves_the_batch_warns_once_and_gives_the_same_vectors(ti
     encoder = lib.load_encoder(str(tiny_checkpoint), "cpu", "fp32")
     pixels = np.stack([encoder.preprocessing(image) for image in sample_images(9)])
     expected = encoder.encode(pixels)
-    forward = encoder._encode_batch
+    forward = encoder._launch
 
     def fits_four(batch):
         if len(batch) > 4:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
         return forward(batch)
 
-    monkeypatch.setattr(encoder, "_encode_batch", fits_four)
+    monkeypatch.setattr(encoder, "_launch", fits_four)
     with pytest.warns(UserWarning, match="ran out of memory on a batch of 9 images") as warned:
         np.testing.assert_allclose(encoder.encode(pixels), expected, atol=1e-6)
         np.testing.assert_allclose(encoder.encode(pixels), expected, atol=1e-6)
@@ -225,7 +225,7 @@ def test_out_of_memory_on_one_image_is_a_clear_error(tiny_checkpoint, monkeypatc
     def never_fits(batch):
         raise torch.cuda.OutOfMemoryError("CUDA out of memory")
 
-    monkeypatch.setattr(encoder, "_encode_batch", never_fits)
+    monkeypatch.setattr(encoder, "_launch", never_fits)
     pixels = np.stack([encoder.preprocessing(image) for image in sample_images(2)])
     with pytest.warns(UserWarning), pytest.raises(lib.PipelineError, match="out of memory on a single image"):
         encoder.encode(pixels)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from conftest import read_output, run_embed
 from precision import encode_all, precision_agreement, preprocessed
-from workload import random_vit_b_32
+from workload import random_clip
 
 pytestmark = [
     pytest.mark.gpu,
@@ -22,7 +22,7 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def vit_b_32(tmp_path_factory) -> str:
-    return str(random_vit_b_32(tmp_path_factory.mktemp("models")))
+    return str(random_clip("random-vit-b-32", tmp_path_factory.mktemp("models")))
 
 
 def test_fp16_and_bf16_agree_with_fp32(vit_b_32):

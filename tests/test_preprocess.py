@@ -233,3 +233,19 @@ def test_a_mode_that_cannot_become_rgb_is_a_failure_with_a_reason():
     with pytest.raises(lib.ImageFailure) as failure:
         lib.Preprocessing(N_PX)(Image.new("La", (40, 40)))
     assert failure.value.reason == "decode: unsupported mode La"
+
+
+def test_fast_preprocessing_decodes_jpegs_at_a_reduced_scale_and_stays_close():
+    data = jpeg_bytes(400, 300, seed=4)
+    drafted = lib.decode_image(data, draft_size=N_PX)
+    assert drafted.size[0] < 400 and min(drafted.size) >= N_PX
+    exact = lib.ImageRecipe(lib.Preprocessing(N_PX))(data)
+    fast = lib.ImageRecipe(lib.Preprocessing(N_PX), preprocess="fast")(data)
+    assert fast.shape == exact.shape and not np.array_equal(fast, exact)
+    assert np.abs(fast - exact).mean() < 0.1  # in normalised units: about 7 of 255 grey levels
+
+
+def test_fast_preprocessing_leaves_other_formats_exact():
+    data = encoded(pil_image(400, 300, seed=4), "PNG")
+    exact = lib.ImageRecipe(lib.Preprocessing(N_PX))(data)
+    np.testing.assert_array_equal(lib.ImageRecipe(lib.Preprocessing(N_PX), preprocess="fast")(data), exact)
