@@ -1067,6 +1067,7 @@ class PendingEmbeddings:
         self._ready = ready
 
     def result(self) -> np.ndarray:
+        """The (B, D) float32 embeddings, once the device has finished them."""
         if self._ready is not None:
             self._ready.synchronize()
         return np.concatenate([part.numpy() for part in self._parts])
