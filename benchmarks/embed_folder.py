@@ -12,8 +12,7 @@ import argparse
 import json
 from pathlib import Path
 
-from naive_loop import peak_rss_mb
-from workload import MODEL_HELP, lib, model_path, temporary_workspace
+from workload import MODEL_HELP, embed_rows, lib, model_path, peak_rss_mb, temporary_workspace
 
 
 def embed_params(args: argparse.Namespace) -> lib.EmbedParams:
@@ -43,9 +42,7 @@ def embed_folder(folder: Path, params: lib.EmbedParams) -> lib.RunSummary:
         lib.save_image_table(lib.build_image_table(metadata), metadata)
         table = lib.load_image_table()
         encoder = lib.load_encoder(model_path(params.model), params.device, params.precision)
-        recipe = lib.image_recipe(encoder, params)
-        plan = lib.plan_chunks(0, None, params.chunk, lib.run_signature(encoder, recipe, table), len(table))
-        return lib.embed_chunks(table, encoder, recipe, plan, params)
+        return embed_rows(table, encoder, params)
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:

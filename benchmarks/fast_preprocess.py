@@ -11,19 +11,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
 from precision import encode_all
+from throughput import preprocess_per_core
 from workload import MODEL_HELP, lib, model_path, synthetic_jpeg
-
-
-def preprocessing_rate(recipe: lib.ImageRecipe, photos: list[bytes]) -> float:
-    """Images per second of `recipe` in one thread."""
-    began = time.perf_counter()
-    for data in photos:
-        recipe(data)
-    return len(photos) / (time.perf_counter() - began)
 
 
 def fast_agreement(model: str, device: str, count: int, batch_size: int = 64) -> dict:
@@ -46,8 +38,8 @@ def fast_agreement(model: str, device: str, count: int, batch_size: int = 64) ->
         "images": count,
         "min_cosine": round(float(cosines.min()), 6),
         "mean_cosine": round(float(cosines.mean()), 6),
-        "exact_img_s_per_core": round(preprocessing_rate(exact, sample), 1),
-        "fast_img_s_per_core": round(preprocessing_rate(fast, sample), 1),
+        "exact_img_s_per_core": round(preprocess_per_core(exact, sample), 1),
+        "fast_img_s_per_core": round(preprocess_per_core(fast, sample), 1),
     }
 
 

@@ -10,14 +10,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
-from workload import MODEL_HELP, model_path
+from workload import MODEL_HELP, model_path, peak_rss_mb
 
 BATCH = 32
 
@@ -36,14 +35,6 @@ def naive_embed(paths: list[Path], model: str, device: str = "cpu") -> np.ndarra
             features = clip.get_image_features(**inputs).pooler_output
         vectors.append((features / features.norm(dim=-1, keepdim=True)).cpu().numpy())
     return np.concatenate(vectors)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MB: VmHWM, which, unlike ru_maxrss, starts afresh at exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def main() -> None:

@@ -29,13 +29,14 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from embed_folder import add_run_arguments, embed_params
-from naive_loop import naive_embed, peak_rss_mb
-from workload import lib, loopback_s3, model_path, photo_folder, temporary_workspace
+from naive_loop import naive_embed
+from workload import embed_rows, lib, loopback_s3, model_path, peak_rss_mb, photo_folder, temporary_workspace
 
 HERE = Path(__file__).resolve().parent
 
 
 def timed(function, *args) -> float:
+    """Seconds that function(*args) takes."""
     began = time.perf_counter()
     function(*args)
     return time.perf_counter() - began
@@ -51,7 +52,7 @@ def model_only(encoder: lib.ClipEncoder, count: int, batch_size: int) -> float:
 
 
 def preprocess_per_core(recipe: lib.ImageRecipe, photos: list[bytes]) -> float:
-    """Images per second of decode and exact preprocessing, in one thread."""
+    """Images per second of decoding and preprocessing by `recipe`, in one thread."""
     return len(photos) / timed(lambda: [recipe(data) for data in photos])
 
 
@@ -63,9 +64,7 @@ def end_to_end(locations: list[str], encoder: lib.ClipEncoder, params: lib.Embed
     )
     table = lib.ImageTable(columns, {"sha256": "benchmark"})
     with temporary_workspace():
-        recipe = lib.image_recipe(encoder, params)
-        plan = lib.plan_chunks(0, None, params.chunk, lib.run_signature(encoder, recipe, table), len(table))
-        summary = lib.embed_chunks(table, encoder, recipe, plan, params)
+        summary = embed_rows(table, encoder, params)
     if summary.embedded != len(locations):
         raise RuntimeError(f"only {summary.embedded} of {len(locations)} embedded: {summary}")
     return summary.attempted / summary.seconds

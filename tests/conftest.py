@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO / "notebooks"))
 sys.path.insert(0, str(REPO / "benchmarks"))
 
 import lib  # noqa: E402
-from workload import loopback_s3  # noqa: E402
+from workload import embed_rows, loopback_s3  # noqa: E402
 
 IMAGE_COUNT = 40
 TINY_IMAGE_SIZE = 32
@@ -346,8 +346,4 @@ def run_signature(encoder, table, **overrides) -> dict:
 
 def run_embed(table, encoder, **overrides) -> lib.RunSummary:
     """Plan and embed as 02 does."""
-    params = embed_params(**overrides)
-    recipe = lib.image_recipe(encoder, params)
-    signature = lib.run_signature(encoder, recipe, table)
-    plan = lib.plan_chunks(params.start, params.end, params.chunk, signature, len(table))
-    return lib.embed_chunks(table, encoder, recipe, plan, params)
+    return embed_rows(table, encoder, embed_params(**overrides))

@@ -5,7 +5,7 @@ import io
 import numpy as np
 from PIL import Image
 from precision import precision_agreement
-from workload import synthetic_jpeg
+from workload import peak_rss_mb, synthetic_jpeg
 
 
 def test_synthetic_photos_are_open_images_sized_jpegs():
@@ -24,7 +24,7 @@ def test_precision_agreement_reports_cosines_with_fp32(tiny_checkpoint):
 
 def test_the_naive_loop_and_the_pipeline_embed_the_same_photos(tiny_checkpoint, tiny_encoder, tmp_path):
     from conftest import embed_params
-    from naive_loop import naive_embed, peak_rss_mb
+    from naive_loop import naive_embed
     from throughput import end_to_end
 
     paths = []
