@@ -32,6 +32,7 @@ def embed_params(args: argparse.Namespace) -> lib.EmbedParams:
         apply_rotation=False,
         max_pixels=lib.DEFAULT_MAX_PIXELS,
         s3_endpoint_url=None,
+        retry_failed=False,
     )
 
 

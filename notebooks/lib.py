@@ -14,18 +14,24 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import ctypes
 import dataclasses
 import difflib
+import errno
+import fcntl
 import functools
 import hashlib
 import io
 import itertools
 import json
+import logging
 import math
 import os
 import platform
 import re
 import shutil
+import socket
+import struct
 import tempfile
 import threading
 import time
@@ -213,6 +219,7 @@ class EmbedParams:
     apply_rotation: bool
     max_pixels: int
     s3_endpoint_url: str | None
+    retry_failed: bool
 
     def __post_init__(self) -> None:
         _check_int("START", self.start, 0)
@@ -230,6 +237,7 @@ class EmbedParams:
         _check_bool("APPLY_ROTATION", self.apply_rotation)
         _check_int("MAX_PIXELS", self.max_pixels, 1)
         _check_text("S3_ENDPOINT_URL", self.s3_endpoint_url, optional=True)
+        _check_bool("RETRY_FAILED", self.retry_failed)
         if self.s3_endpoint_url and urlparse(self.s3_endpoint_url).scheme not in ("http", "https"):
             raise ParameterError(
                 f"S3_ENDPOINT_URL={self.s3_endpoint_url!r} is not allowed: use an http(s) URL "
@@ -283,6 +291,11 @@ def read_parameters(params_class: type, namespace: dict[str, Any]) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 HTTP_TIMEOUT = (10, 60)  # seconds to connect, seconds between bytes
+FETCH_DEADLINE = 300  # seconds for one image's whole body: a server that trickles bytes cannot stall a run
+MAX_IMAGE_BYTES = 512 << 20  # a larger body is not an image to embed ("too large"), and is not read
+# urllib3 logs a warning for each retried request: thousands of lines in a notebook on a bad day.
+# The ledger records what still failed after the retries.
+logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
 HTTP_RETRY = urllib3.Retry(
     total=4,
     read=2,
@@ -338,16 +351,44 @@ def _fsync_and_replace(temporary: Path, final: Path) -> None:
         os.close(directory)
 
 
+def temporary_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place."""
+    return path.with_name(path.name + ".tmp")
+
+
 @contextlib.contextmanager
 def _atomic_file(path: Path) -> Iterator[Path]:
     """A temporary path beside `path` that replaces it whole on success and is removed on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(path.name + ".tmp")
+    temporary = temporary_path(path)
     try:
         yield temporary
         _fsync_and_replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` if needed and make sure this process can write files in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PipelineError(
+            f"Cannot write in {folder} ({error.strerror or error}): give this user write permission "
+            "there, or run from a copy of the repository that it owns."
+        ) from None
+
+
+def check_free_space(folder: Path, needed: int, purpose: str) -> None:
+    """An error, before any work, when the disk of `folder` has less than `needed` bytes free."""
+    free = shutil.disk_usage(folder).free
+    if free < needed:
+        raise PipelineError(
+            f"Not enough disk space for {purpose}: it needs about {needed / 2**30:,.2f} GiB in {folder}, "
+            f"and {free / 2**30:,.2f} GiB is free. Free some space, or make OUTPUT/ a link to a larger disk."
+        )
 
 
 def _cached_download_is_valid(path: Path, record_path: Path, url: str) -> bool:
@@ -686,6 +727,12 @@ class ImageTable:
         """The columns of rows [start, end) as Python lists."""
         return self.columns.slice(start, end - start).to_pydict()
 
+    def take(self, row_numbers: Sequence[int]) -> dict[str, list]:
+        """The columns of the given rows, in that order, as Python lists."""
+        if isinstance(row_numbers, range) and row_numbers.step == 1:
+            return self.rows(row_numbers.start, row_numbers.stop)
+        return self.columns.take(pa.array(row_numbers, pa.int64())).to_pydict()
+
 
 def load_image_table() -> ImageTable:
     """The table that 01_metadata wrote."""
@@ -704,16 +751,23 @@ class Fetcher:
     """Bytes of images from S3 (unsigned, like Open Images' downloader.py), HTTP(S) or files.
 
     Transient failures are retried by the libraries' own mechanisms (botocore's retry modes,
-    urllib3's Retry); what still fails raises ImageFailure with a stable reason.
+    urllib3's Retry). Every request has timeouts, every body a deadline and a size limit; what
+    still fails raises ImageFailure with a stable reason.
     """
 
     def __init__(
         self,
         s3_endpoint_url: str | None = None,
         pool_size: int = 10,
-        timeout: tuple[float, float] = HTTP_TIMEOUT,
+        timeout: tuple[float, float] | None = None,
+        deadline: float | None = None,
+        max_bytes: int | None = None,
     ):
+        """None: HTTP_TIMEOUT, FETCH_DEADLINE and MAX_IMAGE_BYTES."""
+        timeout = timeout or HTTP_TIMEOUT
         self._timeout = timeout
+        self._deadline = deadline or FETCH_DEADLINE
+        self._max_bytes = max_bytes or MAX_IMAGE_BYTES
         self._http = http_session(pool_size)
         session = boto3.session.Session()
         self._s3 = session.client(
@@ -742,24 +796,48 @@ class Fetcher:
             raise ImageFailure("empty body")
         return data
 
+    def _read_body(self, blocks: Iterable[bytes], announced: int | None, began: float) -> bytes:
+        """A response body read block by block, within the deadline and the size limit."""
+        if announced is not None and announced > self._max_bytes:
+            raise ImageFailure("too large")
+        body, size = [], 0
+        for block in blocks:
+            size += len(block)
+            if size > self._max_bytes:
+                raise ImageFailure("too large")
+            if time.monotonic() - began > self._deadline:
+                raise ImageFailure("timeout")
+            body.append(block)
+        return b"".join(body)
+
     def _fetch_s3(self, bucket: str, key: str) -> bytes:
+        began = time.monotonic()
         try:
-            return self._s3.get_object(Bucket=bucket, Key=key)["Body"].read()
+            reply = self._s3.get_object(Bucket=bucket, Key=key)
+            return self._read_body(reply["Body"].iter_chunks(1 << 16), reply.get("ContentLength"), began)
         except botocore.exceptions.ClientError as error:
             raise ImageFailure(f"s3 {error.response['Error']['Code']}") from None
         except (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError):
             raise ImageFailure("timeout") from None
-        except botocore.exceptions.IncompleteReadError:
+        except (botocore.exceptions.IncompleteReadError, urllib3.exceptions.ProtocolError):
             raise ImageFailure("truncated body") from None
         except botocore.exceptions.BotoCoreError:
             raise ImageFailure("connection error") from None
 
     def _fetch_http(self, url: str) -> bytes:
+        began = time.monotonic()
         try:
-            reply = self._http.get(url, timeout=self._timeout)
-        except requests.Timeout:
+            with self._http.get(url, timeout=self._timeout, stream=True) as reply:
+                if reply.status_code != 200:
+                    raise ImageFailure(f"http {reply.status_code}")
+                announced = reply.headers.get("Content-Length")
+                announced = int(announced) if announced and announced.isdigit() else None
+                # read1 returns what has arrived, so a body that trickles in meets the deadline
+                blocks = iter(functools.partial(reply.raw.read1, 1 << 16, decode_content=True), b"")
+                return self._read_body(blocks, announced, began)
+        except (requests.Timeout, urllib3.exceptions.ReadTimeoutError):
             raise ImageFailure("timeout") from None
-        except requests.exceptions.ChunkedEncodingError:
+        except (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError):
             raise ImageFailure("truncated body") from None
         except requests.ConnectionError as error:
             # a read timeout mid-body, or after the last retry, arrives as a ConnectionError
@@ -767,14 +845,13 @@ class Fetcher:
             raise ImageFailure("timeout" if timed_out else "connection error") from None
         except requests.RequestException as error:
             raise ImageFailure(f"http error: {type(error).__name__}") from None
-        if reply.status_code != 200:
-            raise ImageFailure(f"http {reply.status_code}")
-        return reply.content
 
-    @staticmethod
-    def _fetch_file(path: str) -> bytes:
+    def _fetch_file(self, path: str) -> bytes:
         try:
-            return Path(path).read_bytes()
+            with open(path, "rb") as file:
+                if os.fstat(file.fileno()).st_size > self._max_bytes:
+                    raise ImageFailure("too large")
+                return file.read()
         except FileNotFoundError:
             raise ImageFailure("file not found") from None
         except OSError as error:
@@ -800,6 +877,31 @@ _ROTATIONS = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 27
 # MAX_PIXELS replaces Pillow's process-wide decompression-bomb limit: decode_image checks each
 # image's size from its header, before decoding, against the run's own limit.
 Image.MAX_IMAGE_PIXELS = None
+# Pillow warns about each odd file (corrupt EXIF, oversized tags); over millions of images that
+# floods a notebook, and the ledger already records every image that failed.
+warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
+
+
+def _quiet_libtiff() -> None:
+    """Stop libtiff printing each corrupt TIFF's complaints to stderr, which a notebook shows (Linux).
+
+    Only libtiff's own messages go: a TIFF it cannot decode still fails with its reason.
+    """
+    maps = Path("/proc/self/maps")
+    if not maps.is_file():
+        return
+    from PIL import _imaging  # noqa: F401 (loads the libtiff that Pillow decodes with)
+
+    loaded = {line.split()[-1] for line in maps.read_text().splitlines() if "libtiff" in line}
+    for path in loaded:
+        libtiff = ctypes.CDLL(path)
+        for set_handler in (libtiff.TIFFSetWarningHandler, libtiff.TIFFSetErrorHandler):
+            set_handler.restype = ctypes.c_void_p
+            set_handler.argtypes = [ctypes.c_void_p]
+            set_handler(None)
+
+
+_quiet_libtiff()
 
 
 def decode_image(
@@ -820,12 +922,22 @@ def decode_image(
         image.load()
     except UnidentifiedImageError:
         raise ImageFailure("not an image") from None
-    except (OSError, SyntaxError, ValueError, EOFError) as error:
-        if "truncated" in str(error).lower():
-            raise ImageFailure("decode: truncated file") from None
-        message = re.sub(r"\s*\(.*\)\s*$", "", str(error)).strip() or type(error).__name__
-        raise ImageFailure(f"decode: {message[:80]}") from None
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
+        raise ImageFailure(_decode_reason(error)) from None
     return image
+
+
+_TRUNCATION_SIGNS = ("truncated", "not enough image data", "expected to read", "incomplete", "premature end")
+
+
+def _decode_reason(error: Exception) -> str:
+    """A stable reason for an image that Pillow could not decode; the details vary with each file."""
+    message = str(error).lower()
+    if any(sign in message for sign in _TRUNCATION_SIGNS) or isinstance(error, EOFError):
+        return "decode: truncated file"
+    if "ghostscript" in message:
+        return "decode: EPS needs Ghostscript"
+    return "decode: corrupt data"
 
 
 def rotate(image: Image.Image, degrees: float | None) -> Image.Image:
@@ -1251,6 +1363,14 @@ class Records:
         self.image_ids.append(image_id)
         self.urls.append(url)
 
+    def __add__(self, other: Records) -> Records:
+        return Records(self.rows + other.rows, self.image_ids + other.image_ids, self.urls + other.urls)
+
+    def reordered(self, order: Sequence[int]) -> Records:
+        """The records at positions `order`."""
+        columns = (self.rows, self.image_ids, self.urls)
+        return Records(*([column[index] for index in order] for column in columns))
+
 
 @dataclasses.dataclass
 class ChunkResult:
@@ -1265,6 +1385,7 @@ class ChunkResult:
     vectors: list[np.ndarray] = dataclasses.field(default_factory=list)
     fetched_bytes: int = 0
     seconds: float = 0.0
+    retried: int = 0  # failed rows attempted again (RETRY_FAILED)
 
     def embeddings(self) -> np.ndarray:
         if not self.vectors:
@@ -1280,6 +1401,7 @@ class ChunkResult:
             "failed_by_reason": dict(collections.Counter(self.reasons).most_common()),
             "bytes": self.fetched_bytes,
             "seconds": round(self.seconds, 3),
+            "retried": self.retried,
         }
 
 
@@ -1340,6 +1462,50 @@ def write_chunk(path: Path, result: ChunkResult, attrs: dict) -> None:
         file.attrs["digest"] = records_digest(embedded.rows, embeddings, embedded.image_ids, embedded.urls)
 
 
+def _read_records(group: h5py.Group) -> Records:
+    return Records(
+        group["rows"][:].tolist(), group["image_ids"].asstr()[:].tolist(), group["urls"].asstr()[:].tolist()
+    )
+
+
+def read_chunk_result(path: Path) -> ChunkResult:
+    """A chunk file's records, vectors and statistics, as 02 gathered them."""
+    with open_hdf5(path) as file:
+        stats = json.loads(file.attrs["stats"])
+        embeddings = file["embeddings"][:]
+        return ChunkResult(
+            int(file.attrs["start"]),
+            int(file.attrs["end"]),
+            embeddings.shape[1],
+            _read_records(file),
+            _read_records(file["failed"]),
+            file["failed/reasons"].asstr()[:].tolist(),
+            [embeddings],
+            stats["bytes"],
+            stats["seconds"],
+            stats.get("retried", 0),
+        )
+
+
+def combine_results(first: ChunkResult, second: ChunkResult) -> ChunkResult:
+    """The records of two results for the same rows [start, end), in row order."""
+    embedded, failed = first.embedded + second.embedded, first.failed + second.failed
+    by_row, failed_by_row = np.argsort(embedded.rows), np.argsort(failed.rows)
+    reasons = first.reasons + second.reasons
+    return ChunkResult(
+        first.start,
+        first.end,
+        first.embedding_size,
+        embedded.reordered(by_row),
+        failed.reordered(failed_by_row),
+        [reasons[index] for index in failed_by_row],
+        [np.concatenate([first.embeddings(), second.embeddings()])[by_row]],
+        first.fetched_bytes + second.fetched_bytes,
+        first.seconds + second.seconds,
+        first.retried + second.retried,
+    )
+
+
 def open_hdf5(path: Path) -> h5py.File:
     """Open an HDF5 file for reading; one that another process holds open for writing is a clear error."""
     try:
@@ -1385,6 +1551,176 @@ def _describe_difference(expected: dict, found: dict) -> str:
 
 
 # ---------------------------------------------------------------------------------------------
+# Locks: one writer per chunk and per merged file, across processes and machines sharing OUTPUT/
+# ---------------------------------------------------------------------------------------------
+
+_LOCKS_UNSUPPORTED = (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS)
+
+
+def _flock(fd: int, operation: int, path: Path) -> bool:
+    """flock(fd, operation); False when LOCK_NB finds it held. A filesystem without locks warns once."""
+    try:
+        fcntl.flock(fd, operation)
+    except BlockingIOError:
+        return False
+    except OSError as error:
+        if error.errno not in _LOCKS_UNSUPPORTED:
+            raise
+        warnings.warn(
+            f"The filesystem of {path.parent} does not support file locks ({error.strerror}): two runs "
+            "writing the same OUTPUT/ at once cannot be told apart. Give each run its own START and END.",
+            stacklevel=3,
+        )
+    return True
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    try:
+        found = path.stat()
+    except FileNotFoundError:
+        return False
+    opened = os.fstat(fd)
+    return (found.st_dev, found.st_ino) == (opened.st_dev, opened.st_ino)
+
+
+class FileLock:
+    """An exclusive lock through a lock file that exists only while the lock is held.
+
+    flock() locks belong to the open file, so the kernel drops them when their process dies, even
+    by SIGKILL; the next process to lock the same path takes the stale file over.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self, blocking: bool = True) -> bool:
+        """Take the lock; without `blocking`, return False at once when another process holds it."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                if not _flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB), self.path):
+                    os.close(fd)
+                    return False
+                if _same_file(fd, self.path):  # else its holder removed it while we waited: again
+                    os.ftruncate(fd, 0)
+                    os.write(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.ctime()}".encode())
+                    self._fd = fd
+                    return True
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)
+
+    def release(self) -> None:
+        """Remove the lock file, then let go of the lock."""
+        self.path.unlink(missing_ok=True)
+        os.close(self._fd)
+        self._fd = None
+
+    def __enter__(self) -> FileLock:
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self.release()
+
+
+def lock_holder(path: Path) -> str | None:
+    """Who holds the lock file `path` ("pid 12 on host, since ..."), or None when nobody does."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None
+    try:
+        if _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, path):
+            return None
+        return os.pread(fd, 200, 0).decode(errors="replace") or "another process"
+    finally:
+        os.close(fd)
+
+
+def wait_for_lock(path: Path) -> None:
+    """Return once nobody holds the lock file `path`."""
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return
+    try:
+        _flock(fd, fcntl.LOCK_SH, path)
+    finally:
+        os.close(fd)
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file of an output file."""
+    return path.with_name(path.name + ".lock")
+
+
+def _chunks_lock() -> FileLock:
+    """Held for a moment while a run claims a chunk or clears what interrupted runs left."""
+    return FileLock(WORKSPACE.chunks / ".lock")
+
+
+def _ranges(pattern: str) -> dict[tuple[int, int], Path]:
+    """Row ranges of the files in OUTPUT/chunks/ named like chunk_<start>_<end>.h5 plus a suffix."""
+    found = {}
+    for path in WORKSPACE.chunks.glob(pattern):
+        match = _CHUNK_NAME.match(path.name)
+        if match and path.name == match.group(0) + pattern.removeprefix("chunk_*.h5"):
+            found[(int(match.group(1)), int(match.group(2)))] = path
+    return found
+
+
+def _overlapping(ranges: Iterable[tuple[int, int]], start: int, end: int) -> list[tuple[int, int]]:
+    return [(low, high) for low, high in ranges if low < end and high > start]
+
+
+def claim_chunk(start: int, end: int, rewrite: bool = False) -> FileLock | str | None:
+    """The lock on rows [start, end) for this process, or why not.
+
+    None: a finished chunk covers some of these rows (unless `rewrite`, for the chunk's own file).
+    A string: who holds an overlapping claim, another run at work on these rows.
+    """
+    with _chunks_lock():
+        finished = set(_ranges("chunk_*.h5")) - ({(start, end)} if rewrite else set())
+        if _overlapping(finished, start, end):
+            return None
+        claims = _ranges("chunk_*.h5.lock")
+        for low, high in _overlapping(claims, start, end):
+            holder = lock_holder(claims[(low, high)])
+            if holder:
+                return f"rows [{low}, {high}): {holder}"
+        claim = FileLock(lock_path(chunk_path(start, end)))
+        claim.acquire(blocking=False)
+        temporary_path(chunk_path(start, end)).unlink(missing_ok=True)
+        return claim
+
+
+def wait_for_claims(start: int, end: int) -> None:
+    """Return once no other run holds a claim on any of rows [start, end)."""
+    claims = _ranges("chunk_*.h5.lock")
+    for found in _overlapping(claims, start, end):
+        wait_for_lock(claims[found])
+
+
+def remove_stale_files() -> list[str]:
+    """Delete what interrupted runs left in OUTPUT/chunks/: lock and temporary files nobody holds."""
+    removed = []
+    with _chunks_lock():
+        for claim in _ranges("chunk_*.h5.lock").values():
+            if lock_holder(claim) is None:
+                claim.unlink()
+                removed.append(claim.name)
+        for temporary in _ranges("chunk_*.h5.tmp").values():
+            if not lock_path(temporary.with_suffix("")).exists():
+                temporary.unlink()
+                removed.append(temporary.name)
+    return removed
+
+
+# ---------------------------------------------------------------------------------------------
 # Embed: rows [START, END) in chunks; per chunk fetch -> decode -> preprocess -> encode -> write
 # ---------------------------------------------------------------------------------------------
 
@@ -1397,13 +1733,19 @@ class ChunkPlan:
     end: int
     done: list[ChunkInfo]
     todo: list[tuple[int, int]]
+    retry: list[ChunkInfo] = dataclasses.field(default_factory=list)  # done, with failed rows to retry
+    signature: dict = dataclasses.field(default_factory=dict)  # what every chunk of the output shares
 
     def __str__(self) -> str:
         todo_rows = sum(end - start for start, end in self.todo)
-        return (
+        text = (
             f"rows [{self.start}, {self.end}): {len(self.done)} chunk(s) already done, "
             f"{len(self.todo)} to embed ({todo_rows:,} rows)"
         )
+        if self.retry:
+            failed = sum(info.failed for info in self.retry)
+            text += f", {len(self.retry)} to retry ({failed:,} failed rows)"
+        return text
 
 
 def image_recipe(encoder: ClipEncoder, params: EmbedParams) -> ImageRecipe:
@@ -1449,30 +1791,44 @@ def _check_row_range(start: int, end: int | None, rows: int) -> int:
     return end
 
 
-def plan_chunks(start: int, end: int | None, chunk: int, signature: dict, rows: int) -> ChunkPlan:
-    """Cover rows [start, end) with chunks of at most `chunk` rows, skipping rows already embedded.
-
-    A chunk file made with another model, preprocessing, precision or image table is never
-    reused: it is an error that says what differs.
-    """
-    end = _check_row_range(start, end, rows)
-    existing = find_chunks()
-    for info in existing:
+def _check_signatures(chunks: list[ChunkInfo], signature: dict) -> None:
+    for info in chunks:
         if info.signature != signature:
             raise PipelineError(
                 f"{info.path} was made differently from this run "
                 f"({_describe_difference(signature, info.signature)}). Run with the same MODEL, "
                 f"PRECISION and image table, or move {WORKSPACE.chunks} aside to start afresh."
             )
-    done = [info for info in existing if info.start < end and info.end > start]
+
+
+def _uncovered(start: int, end: int, chunk: int, done: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """Rows of [start, end) outside the `done` ranges, in pieces of at most `chunk` rows."""
     todo, cursor = [], start
-    for info in done:
-        if info.start > cursor:
-            todo += _split_range(cursor, info.start, chunk)
-        cursor = max(cursor, info.end)
+    for low, high in sorted(done):
+        if low > cursor:
+            todo += _split_range(cursor, min(low, end), chunk)
+        cursor = max(cursor, high)
     if cursor < end:
         todo += _split_range(cursor, end, chunk)
-    return ChunkPlan(start, end, done, todo)
+    return todo
+
+
+def plan_chunks(
+    start: int, end: int | None, chunk: int, signature: dict, rows: int, retry_failed: bool = False
+) -> ChunkPlan:
+    """Cover rows [start, end) with chunks of at most `chunk` rows, skipping rows already embedded.
+
+    A chunk file made with another model, preprocessing, precision or image table is never
+    reused: it is an error that says what differs. With `retry_failed`, finished chunks that
+    recorded failures are planned for a retry of those rows.
+    """
+    end = _check_row_range(start, end, rows)
+    existing = find_chunks()
+    _check_signatures(existing, signature)
+    done = [info for info in existing if info.start < end and info.end > start]
+    todo = _uncovered(start, end, chunk, [(info.start, info.end) for info in done])
+    retry = [info for info in done if info.failed] if retry_failed else []
+    return ChunkPlan(start, end, done, todo, retry, signature)
 
 
 @dataclasses.dataclass
@@ -1556,18 +1912,43 @@ def embed_chunk(
     table: ImageTable, start: int, end: int, encoder: ClipEncoder, loader: ImageLoader, batch_size: int
 ) -> ChunkResult:
     """Embed rows [start, end): the loader prepares images while each batch is encoded."""
-    began = time.perf_counter()
-    rows = table.rows(start, end)
     result = ChunkResult(start, end, encoder.embedding_size)
-    with tqdm(total=end - start, desc=f"rows {start}-{end}", unit="img", leave=False) as progress:
+    _embed_rows(result, table, range(start, end), encoder, loader, batch_size)
+    return result
+
+
+def estimated_bytes(table: ImageTable, ranges: Iterable[tuple[int, int]], embedding_size: int) -> int:
+    """About how many bytes the chunk files of these row ranges will take, with a 10% margin."""
+    per_row = 4 * embedding_size + 8 + 16  # the vector, the row number, HDF5's share per string
+    total = 0
+    for start, end in ranges:
+        texts = table.columns.slice(start, end - start).select(["image_id", "url"])
+        total += (end - start) * per_row + sum(column.nbytes for column in texts.columns)
+    return int(total * 1.1)
+
+
+def _embed_rows(
+    result: ChunkResult,
+    table: ImageTable,
+    row_numbers: Sequence[int],
+    encoder: ClipEncoder,
+    loader: ImageLoader,
+    batch_size: int,
+) -> None:
+    """Embed the given rows into `result`, in order, one batch queued on the device ahead."""
+    began = time.perf_counter()
+    columns = table.take(row_numbers)
+    description = f"rows {result.start}-{result.end}"
+    with tqdm(total=len(row_numbers), desc=description, unit="img", leave=False) as progress:
 
         def finish(batch: list, embeddings: PendingEmbeddings | None) -> None:
-            _record_batch(result, rows, batch, embeddings)
+            _record_batch(result, row_numbers, columns, batch, embeddings)
             progress.update(len(batch))
             progress.set_postfix(failed=len(result.reasons))
 
         on_device = None  # the batch the device works on while the next one is stacked and queued
-        for batch in _batches(enumerate(loader.load(rows["location"], rows["rotation"])), batch_size):
+        loaded = loader.load(columns["location"], columns["rotation"])
+        for batch in _batches(enumerate(loaded), batch_size):
             pixels = [item.pixels for _, item in batch if item.pixels is not None]
             queued = (batch, encoder.start_encoding(np.stack(pixels)) if pixels else None)
             if on_device:
@@ -1575,22 +1956,38 @@ def embed_chunk(
             on_device = queued
         if on_device:
             finish(*on_device)
-    result.seconds = time.perf_counter() - began
-    return result
+    result.seconds += time.perf_counter() - began
 
 
-def _record_batch(result: ChunkResult, rows: dict, batch: list, embeddings: PendingEmbeddings | None) -> None:
+def _record_batch(
+    result: ChunkResult,
+    row_numbers: Sequence[int],
+    columns: dict,
+    batch: list,
+    embeddings: PendingEmbeddings | None,
+) -> None:
     """Add an encoded batch's vectors, and its embedded and failed rows, to the chunk's result."""
     if embeddings is not None:
         result.vectors.append(embeddings.result())
     for offset, item in batch:
-        record = (result.start + offset, rows["image_id"][offset], rows["url"][offset])
+        record = (row_numbers[offset], columns["image_id"][offset], columns["url"][offset])
         if item.reason is None:
             result.embedded.append(*record)
         else:
             result.failed.append(*record)
             result.reasons.append(item.reason)
         result.fetched_bytes += item.size
+
+
+def retry_chunk(
+    info: ChunkInfo, table: ImageTable, encoder: ClipEncoder, loader: ImageLoader, batch_size: int
+) -> ChunkResult:
+    """A finished chunk with its failed rows attempted again; the vectors it holds are kept as stored."""
+    stored = read_chunk_result(info.path)
+    retried = ChunkResult(info.start, info.end, stored.embedding_size, retried=len(stored.failed.rows))
+    _embed_rows(retried, table, stored.failed.rows, encoder, loader, batch_size)
+    stored.failed, stored.reasons = Records(), []
+    return combine_results(stored, retried)
 
 
 @dataclasses.dataclass
@@ -1602,6 +1999,9 @@ class RunSummary:
     attempted: int = 0
     embedded: int = 0
     failed_by_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    chunks_retried: int = 0
+    retried: int = 0
+    recovered: int = 0
     seconds: float = 0.0
 
     def add(self, stats: dict) -> None:
@@ -1610,8 +2010,14 @@ class RunSummary:
         self.embedded += stats["embedded"]
         self.failed_by_reason.update(stats["failed_by_reason"])
 
+    def add_retry(self, before: ChunkInfo, after: ChunkResult) -> None:
+        self.chunks_retried += 1
+        self.retried += after.retried
+        self.recovered += before.failed - len(after.failed.rows)
+
     def __str__(self) -> str:
-        rate = self.attempted / self.seconds if self.seconds else 0.0
+        attempted = self.attempted + self.retried
+        rate = attempted / self.seconds if self.seconds else 0.0
         failed = sum(self.failed_by_reason.values())
         lines = [
             f"chunks written: {self.chunks_written}, already done: {self.chunks_skipped}",
@@ -1619,6 +2025,11 @@ class RunSummary:
             f" ({rate:,.1f} img/s)",
         ]
         lines += [f"  failed, {reason}: {count:,}" for reason, count in self.failed_by_reason.most_common()]
+        if self.chunks_retried:
+            lines.append(
+                f"failed images retried: {self.retried:,} in {self.chunks_retried} chunk(s), "
+                f"recovered: {self.recovered:,}, still failed: {self.retried - self.recovered:,}"
+            )
         return "\n".join(lines)
 
 
@@ -1639,8 +2050,17 @@ def library_versions() -> dict:
 def embed_chunks(
     table: ImageTable, encoder: ClipEncoder, recipe: ImageRecipe, plan: ChunkPlan, params: EmbedParams
 ) -> RunSummary:
-    """Embed every chunk the plan has to do, writing each chunk file as soon as it is complete."""
-    summary = RunSummary(chunks_skipped=len(plan.done))
+    """Embed every chunk the plan has to do, writing each chunk file as soon as it is complete.
+
+    Each chunk is claimed first (a lock file beside it), so runs that share OUTPUT/ never write the
+    same rows: a chunk claimed by another run is left to it, and waited for at the end.
+    """
+    check_writable(WORKSPACE.chunks)
+    needed = estimated_bytes(table, plan.todo, encoder.embedding_size)
+    check_free_space(WORKSPACE.chunks, needed, f"{sum(e - s for s, e in plan.todo):,} rows of chunk files")
+    removed = remove_stale_files()
+    if removed:
+        print(f"Removed {len(removed)} file(s) that an interrupted run left in {WORKSPACE.chunks}")
     attrs = {
         **run_attributes(encoder, recipe, table),
         "format_version": FORMAT_VERSION,
@@ -1652,12 +2072,71 @@ def embed_chunks(
     lookahead = 2 * params.gpu_batch_size + fetch_threads
     began = time.perf_counter()
     with ImageLoader(fetcher, recipe, params.num_workers, lookahead) as loader:
-        for start, end in tqdm(plan.todo, desc="chunks", unit="chunk"):
-            result = embed_chunk(table, start, end, encoder, loader, params.gpu_batch_size)
-            write_chunk(chunk_path(start, end), result, attrs)
-            summary.add(result.stats())
-    summary.seconds = time.perf_counter() - began
-    return summary
+        run = _ChunkWriter(table, encoder, loader, params.gpu_batch_size, attrs, RunSummary(len(plan.done)))
+        todo = plan.todo
+        while todo:
+            busy = [chunk for chunk in tqdm(todo, desc="chunks", unit="chunk") if not run.embed(*chunk)]
+            todo = _after_other_runs(busy, plan, params.chunk)
+        for info in tqdm(plan.retry, desc="retry failed", unit="chunk", disable=not plan.retry):
+            run.retry(info)
+    run.summary.seconds = time.perf_counter() - began
+    return run.summary
+
+
+@dataclasses.dataclass
+class _ChunkWriter:
+    """Claims, embeds and writes one run's chunks, and keeps its summary."""
+
+    table: ImageTable
+    encoder: ClipEncoder
+    loader: ImageLoader
+    batch_size: int
+    attrs: dict
+    summary: RunSummary
+
+    def embed(self, start: int, end: int) -> bool:
+        """Embed rows [start, end) into their chunk file; False when another run is at work on them."""
+        claim = claim_chunk(start, end)
+        if isinstance(claim, str):
+            print(f"rows [{start}, {end}) overlap a chunk that another run is embedding ({claim})")
+            return False
+        if claim is None:  # another run finished them meanwhile
+            self.summary.chunks_skipped += 1
+            return True
+        try:
+            result = embed_chunk(self.table, start, end, self.encoder, self.loader, self.batch_size)
+            write_chunk(chunk_path(start, end), result, self.attrs)
+        finally:
+            claim.release()
+        self.summary.add(result.stats())
+        return True
+
+    def retry(self, info: ChunkInfo) -> None:
+        """Attempt a finished chunk's failed rows again and replace the chunk file whole."""
+        claim = claim_chunk(info.start, info.end, rewrite=True)
+        if not isinstance(claim, FileLock):
+            print(f"{info.path.name} is not retried: another run is at work on its rows ({claim})")
+            return
+        try:
+            current = read_chunk_info(info.path)  # as it is now, under the claim
+            result = retry_chunk(current, self.table, self.encoder, self.loader, self.batch_size)
+            write_chunk(info.path, result, current.attrs)
+        finally:
+            claim.release()
+        self.summary.add_retry(current, result)
+
+
+def _after_other_runs(busy: list[tuple[int, int]], plan: ChunkPlan, chunk: int) -> list[tuple[int, int]]:
+    """Wait for the runs at work on the `busy` ranges; what they left undone is this run's to do."""
+    if not busy:
+        return []
+    print(f"Waiting for the other run(s) to finish {len(busy)} chunk(s)...")
+    for start, end in busy:
+        wait_for_claims(start, end)
+    finished = find_chunks()
+    _check_signatures(finished, plan.signature)
+    done = [(info.start, info.end) for info in finished]
+    return [piece for start, end in busy for piece in _uncovered(start, end, chunk, done)]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1823,12 +2302,49 @@ def _failed_by_reason(chunks: list[ChunkInfo]) -> dict:
     return dict(counter.most_common())
 
 
-def _is_up_to_date(path: Path, chunks: list[ChunkInfo]) -> bool:
-    """True when `path` was merged from exactly these chunks (same names and digests)."""
+def _recorded_chunks(path: Path) -> dict[str, str] | None:
+    """Name -> digest of the chunks the merged file at `path` was made from; None without a file."""
     if not path.is_file():
-        return False
+        return None
     with open_hdf5(path) as file:
-        return file.attrs.get("chunks") == _chunk_list(chunks)
+        return dict(json.loads(file.attrs.get("chunks", "[]")))
+
+
+def _report_of_merged(path: Path) -> MergeReport:
+    """What an existing merged file holds, from its attributes."""
+    with open_hdf5(path) as file:
+        attrs = {key: _attribute(value) for key, value in file.attrs.items()}
+    return MergeReport(
+        path,
+        embedded=attrs["embedded"],
+        failed=attrs["failed"],
+        failed_by_reason=json.loads(attrs["failed_by_reason"]),
+        chunks=len(json.loads(attrs["chunks"])),
+        gaps=[tuple(gap) for gap in json.loads(attrs["gaps"])],
+        written=False,
+    )
+
+
+def _holds_every_chunk(path: Path, chunks: list[ChunkInfo]) -> bool:
+    """True when the merged file already holds these chunks (it may hold more: CLEANUP removed them).
+
+    A merged file made from chunks that are gone is never replaced by a merge without them: that
+    would lose their rows.
+    """
+    recorded = _recorded_chunks(path)
+    if recorded is None:
+        return False
+    present = {info.path.name: info.attrs["digest"] for info in chunks}
+    if present.items() <= recorded.items():
+        return True
+    gone = sorted(set(recorded) - set(present))
+    if gone:
+        raise PipelineError(
+            f"{path} holds the rows of {len(gone)} chunk file(s) that are no longer in {WORKSPACE.chunks} "
+            f"(e.g. {gone[0]}, removed by CLEANUP): merging the chunks there now would lose those rows. "
+            f"Set OUTPUT_FILE to a new file, or move {path.name} aside to rebuild it from the chunks present."
+        )
+    return False
 
 
 def _write_merged(path: Path, chunks: list[ChunkInfo], attrs: dict) -> None:
@@ -1854,13 +2370,30 @@ def merge_chunks(output_file: str, cleanup: bool = False) -> MergeReport:
 
     Memory is bounded by one chunk, whatever the number of chunks. Overlapping chunks or chunks
     of different models are errors; rows that no chunk covers are reported as gaps. With
-    `cleanup`, the chunk files are deleted once the merged file is verified.
+    `cleanup`, the chunk files are deleted once the merged file is verified. One merge at a time
+    writes a given OUTPUT_FILE (a lock file beside it); a killed merge leaves the old file whole.
     """
     path = resolve_path(output_file)
-    chunks = find_chunks()
-    if not chunks:
-        raise PipelineError(f"There are no chunk files in {WORKSPACE.chunks}: run 02_embed first.")
+    check_writable(path.parent)
+    with _merge_lock(path):
+        temporary_path(path).unlink(missing_ok=True)  # left by an interrupted merge
+        chunks = find_chunks()
+        if _holds_every_chunk(path, chunks):
+            report = _report_of_merged(path)
+        elif chunks:
+            report = _merge(path, chunks)
+        else:
+            raise PipelineError(f"There are no chunk files in {WORKSPACE.chunks}: run 02_embed first.")
+    if cleanup:
+        for info in chunks:
+            info.path.unlink()
+    return report
+
+
+def _merge(path: Path, chunks: list[ChunkInfo]) -> MergeReport:
+    """Write the merged file of `chunks` at `path`."""
     _check_chunks_agree(chunks)
+    check_free_space(path.parent, sum(info.path.stat().st_size for info in chunks), f"merging into {path}")
     report = MergeReport(
         path,
         embedded=sum(info.embedded for info in chunks),
@@ -1868,14 +2401,23 @@ def merge_chunks(output_file: str, cleanup: bool = False) -> MergeReport:
         failed_by_reason=_failed_by_reason(chunks),
         chunks=len(chunks),
         gaps=find_gaps(chunks, json.loads(chunks[0].attrs["source"])["rows"]),
-        written=not _is_up_to_date(path, chunks),
+        written=True,
     )
-    if report.written:
-        _write_merged(path, chunks, _merged_attrs(chunks, report))
-    if cleanup:
-        for info in chunks:
-            info.path.unlink()
+    _write_merged(path, chunks, _merged_attrs(chunks, report))
     return report
+
+
+@contextlib.contextmanager
+def _merge_lock(path: Path) -> Iterator[None]:
+    """Hold the lock of the merged file `path`, waiting (and saying so) while another merge holds it."""
+    lock = FileLock(lock_path(path))
+    if not lock.acquire(blocking=False):
+        print(f"Waiting for another merge into {path} ({lock_holder(lock.path)}) to finish...")
+        lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # ---------------------------------------------------------------------------------------------

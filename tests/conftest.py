@@ -72,14 +72,20 @@ class LoopbackServer(http.server.ThreadingHTTPServer):
     """Serves `files` (path -> (bytes, content type)) and misbehaves on purpose under some prefixes.
 
     /status/<code>/...   always answers <code>
-    /flaky/...           answers 500 on the first request for a path, then the file
+    /flaky/...           answers 500 on the first request for a path (query included), then the file
+    /outage/...          answers 503 while `outage` is True, then the file
     /slow/...            waits `slow_seconds` before answering
+    /trickle/...         sends the file a few bytes at a time, each within any read timeout
     /truncated/...       announces the full length but sends half of the file
+    /huge/...            announces a body of 1 TB
     /html/...            an HTML page with status 200
+    A query string (?copy=3) is ignored when finding the file, so one file can stand for many rows.
     """
 
     daemon_threads = True
+    request_queue_size = 256  # a listen backlog like a real server's, for many concurrent fetches
     slow_seconds = 3.0
+    outage = True
 
     def __init__(self):
         super().__init__(("127.0.0.1", 0), _Handler)
@@ -96,6 +102,9 @@ class LoopbackServer(http.server.ThreadingHTTPServer):
             return self.hits[path]
 
 
+MISBEHAVIOURS = ("flaky", "outage", "slow", "trickle", "truncated", "huge")
+
+
 class _Handler(http.server.BaseHTTPRequestHandler):
     server: LoopbackServer
 
@@ -103,24 +112,39 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         pass
 
     def do_GET(self) -> None:  # noqa: N802 (the name http.server calls)
-        path = self.path
-        attempt = self.server.count(path)
-        parts = path.split("/")
+        attempt = self.server.count(self.path)
+        parts = self.path.split("?")[0].split("/")
         if parts[1] == "status":
             return self._send(int(parts[2]), b"error", "text/plain")
         if parts[1] == "html":
             return self._send(200, b"<html><body>Not found</body></html>", "text/html")
-        inner = "/" + "/".join(parts[2:]) if parts[1] in ("flaky", "slow", "truncated") else path
+        inner = "/" + "/".join(parts[2 if parts[1] in MISBEHAVIOURS else 1 :])
         if inner not in self.server.files:
             return self._send(404, b"not found", "text/plain")
         body, content_type = self.server.files[inner]
         if parts[1] == "flaky" and attempt == 1:
             return self._send(500, b"try again", "text/plain")
+        if parts[1] == "outage" and self.server.outage:
+            return self._send(503, b"down for maintenance", "text/plain")
         if parts[1] == "slow":
             time.sleep(self.server.slow_seconds)
         if parts[1] == "truncated":
             return self._send(200, body[: len(body) // 2], content_type, length=len(body))
+        if parts[1] == "huge":
+            return self._send(200, body, content_type, length=10**12)
+        if parts[1] == "trickle":
+            return self._trickle(body, content_type)
         return self._send(200, body, content_type)
+
+    def _trickle(self, body: bytes, content_type: str) -> None:
+        self._send(200, b"", content_type, length=len(body))
+        try:
+            for low in range(0, len(body), 16):
+                self.wfile.write(body[low : low + 16])
+                self.wfile.flush()
+                time.sleep(0.1)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
 
     def _send(self, status: int, body: bytes, content_type: str, length: int | None = None) -> None:
         try:
@@ -335,6 +359,7 @@ def embed_params(**overrides) -> lib.EmbedParams:
         apply_rotation=False,
         max_pixels=lib.DEFAULT_MAX_PIXELS,
         s3_endpoint_url=None,
+        retry_failed=False,
     )
     return lib.EmbedParams(**{**values, **overrides})
 

@@ -74,3 +74,18 @@ def test_files(tmp_path):
     assert reason_of(fetcher, str(tmp_path / "missing.jpg")) == "file not found"
     assert reason_of(fetcher, str(tmp_path / "empty.jpg")) == "empty body"
     assert reason_of(fetcher, str(tmp_path)).startswith("file unreadable")
+
+
+def test_a_body_that_trickles_in_past_the_deadline_is_a_timeout(http_server, images):
+    fetcher = lib.Fetcher(timeout=(2, 2), deadline=0.5)
+    assert reason_of(fetcher, http_server.url(f"/trickle/images/{sorted(images)[6]}.jpg")) == "timeout"
+
+
+def test_bodies_over_the_size_limit_are_never_read(http_server, s3_endpoint, images, tmp_path):
+    key = sorted(images)[7]
+    assert reason_of(lib.Fetcher(), http_server.url(f"/huge/images/{key}.jpg")) == "too large"
+    small = lib.Fetcher(s3_endpoint, max_bytes=100)
+    assert reason_of(small, http_server.url(f"/images/{key}.jpg")) == "too large"
+    assert reason_of(small, f"{BUCKET}/validation/{key}.jpg") == "too large"
+    (tmp_path / "big.jpg").write_bytes(images[key])
+    assert reason_of(small, str(tmp_path / "big.jpg")) == "too large"

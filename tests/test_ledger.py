@@ -1,0 +1,126 @@
+"""The ledger: every row ends embedded or failed with a stable reason, and RETRY_FAILED recovers rows.
+
+The faults come from the loopback servers: 404 and 403, 500 then 200, 503 for good, a server too
+slow to answer, a body that trickles in past the deadline, a truncated body, an HTML page, a missing
+S3 key, a body announced at a terabyte.
+"""
+
+import json
+
+import lib
+import numpy as np
+import pytest
+from conftest import read_output, run_embed
+
+FAULTS = {  # row kind -> (URL path or S3 key pattern, expected reason; None: embedded)
+    "good": ("/images/{key}.jpg?row={row}", None),
+    "flaky": ("/flaky/images/{key}.jpg?row={row}", None),
+    "s3": ("s3://open-images-dataset/validation/{key}.jpg", None),
+    "missing": ("/status/404/{row}.jpg", "http 404"),
+    "forbidden": ("/status/403/{row}.jpg", "http 403"),
+    "unavailable": ("/status/503/{row}.jpg", "http 503"),
+    "outage": ("/outage/images/{key}.jpg?row={row}", "http 503"),  # until the server is back
+    "slow": ("/slow/images/{key}.jpg?row={row}", "timeout"),
+    "trickle": ("/trickle/images/{key}.jpg?row={row}", "timeout"),
+    "truncated": ("/truncated/images/{key}.jpg?row={row}", "truncated body"),
+    "html": ("/html/{row}.jpg", "not an image"),
+    "no such key": ("s3://open-images-dataset/validation/missing-{row}.jpg", "s3 NoSuchKey"),
+    "huge": ("/huge/images/{key}.jpg?row={row}", "too large"),
+}
+ROWS_PER_KIND = 20
+
+
+@pytest.fixture
+def quick_faults(monkeypatch, fast_retries, http_server):
+    """Timeouts and the deadline short enough for a test; retries without their backoff sleeps."""
+    monkeypatch.setattr(lib, "HTTP_TIMEOUT", (5, 1.0))
+    monkeypatch.setattr(lib, "FETCH_DEADLINE", 2.5)
+    monkeypatch.setattr(http_server, "slow_seconds", 2.5)
+
+
+def faulty_table(workspace, http_server, images, kinds) -> tuple[lib.ImageTable, list[str]]:
+    """An image table of ROWS_PER_KIND rows of each kind, interleaved; and each row's kind."""
+    keys = sorted(images)
+    rows, row_kinds = [], []
+    for row in range(ROWS_PER_KIND * len(kinds)):
+        kind = kinds[row % len(kinds)]
+        location = FAULTS[kind][0].format(key=keys[row % len(keys)], row=row)
+        rows.append((f"row-{row}", location if location.startswith("s3") else http_server.url(location)))
+        row_kinds.append(kind)
+    listing = workspace.root / "listing.csv"
+    listing.write_text("image_id,url\n" + "".join(f"{i},{u}\n" for i, u in rows))
+    params = lib.MetadataParams("table", "validation", str(listing), "s3")
+    lib.save_image_table(lib.build_image_table(params), params)
+    return lib.load_image_table(), row_kinds
+
+
+def merged_ledger(workspace) -> dict:
+    report = lib.merge_chunks("OUTPUT/merged.h5")
+    return read_output(report.path) | {"report": report}
+
+
+def test_every_row_is_embedded_or_failed_with_the_reason_of_its_fault(
+    workspace, http_server, s3_endpoint, images, tiny_encoder, quick_faults
+):
+    table, kinds = faulty_table(workspace, http_server, images, list(FAULTS))
+    assert len(table) >= 200
+    many_fetches = {"gpu_batch_size": 16, "num_workers": 8}
+    summary = run_embed(table, tiny_encoder, chunk=64, s3_endpoint_url=s3_endpoint, **many_fetches)
+    merged = merged_ledger(workspace)
+
+    assert sorted(merged["rows"] + merged["failed_rows"]) == list(range(len(table)))
+    expected = {row: FAULTS[kind][1] for row, kind in enumerate(kinds)}
+    assert merged["rows"] == [row for row, reason in expected.items() if reason is None]
+    assert dict(zip(merged["failed_rows"], merged["reasons"], strict=True)) == {
+        row: reason for row, reason in expected.items() if reason is not None
+    }
+    recovered = [path for path, hits in http_server.hits.items() if path.startswith("/flaky/")]
+    assert len(recovered) == ROWS_PER_KIND and all(http_server.hits[path] == 2 for path in recovered)
+    failed = len(merged["failed_rows"])
+    assert summary.embedded == len(merged["rows"]) and sum(summary.failed_by_reason.values()) == failed
+    assert merged["report"].failed_by_reason == dict(summary.failed_by_reason.most_common())
+
+
+def test_each_chunk_records_its_statistics(
+    workspace, http_server, s3_endpoint, images, tiny_encoder, quick_faults
+):
+    table, _ = faulty_table(workspace, http_server, images, ["good", "missing", "truncated"])
+    run_embed(table, tiny_encoder, chunk=25, s3_endpoint_url=s3_endpoint)
+    for info in lib.find_chunks():
+        stats = json.loads(info.attrs["stats"])
+        assert stats["attempted"] == info.end - info.start == stats["embedded"] + stats["failed"]
+        assert sum(stats["failed_by_reason"].values()) == stats["failed"] == info.failed
+        assert stats["bytes"] > 0 and stats["seconds"] > 0 and stats["retried"] == 0
+
+
+def test_retry_failed_attempts_only_the_failed_rows_and_keeps_every_stored_vector(
+    workspace, http_server, images, tiny_encoder, quick_faults, monkeypatch
+):
+    table, kinds = faulty_table(workspace, http_server, images, ["good", "outage", "missing"])
+    run_embed(table, tiny_encoder, chunk=16)
+    before = {info.path.name: lib.read_chunk_result(info.path) for info in lib.find_chunks()}
+    failed_rows = {row for result in before.values() for row in result.failed.rows}
+    assert failed_rows == {row for row, kind in enumerate(kinds) if kind != "good"}
+    hits_before = dict(http_server.hits)
+
+    monkeypatch.setattr(http_server, "outage", False)
+    summary = run_embed(table, tiny_encoder, chunk=16, retry_failed=True)
+    assert summary.chunks_written == 0 and summary.chunks_retried == len(before)
+    assert summary.retried == len(failed_rows) and summary.recovered == ROWS_PER_KIND
+    fetched = [path for path, hits in http_server.hits.items() if hits != hits_before.get(path)]
+    assert len(fetched) == len(failed_rows), "only the failed rows are fetched again"
+
+    for name, old in before.items():
+        new = lib.read_chunk_result(workspace.chunks / name)
+        kept = np.isin(new.embedded.rows, old.embedded.rows)
+        np.testing.assert_array_equal(new.embeddings()[kept], old.embeddings())
+        assert sorted(new.embedded.rows + new.failed.rows) == list(range(new.start, new.end))
+        assert set(new.reasons) == {"http 404"} and new.retried == len(old.failed.rows)
+    assert not [path for path in workspace.chunks.iterdir() if not lib._CHUNK_NAME.fullmatch(path.name)]
+
+    retried = merged_ledger(workspace)
+    workspace.chunks.rename(workspace.root / "retried-chunks")
+    run_embed(table, tiny_encoder, chunk=16)  # a run with no outage at all
+    clean = merged_ledger(workspace)
+    assert (retried["rows"], retried["failed_rows"]) == (clean["rows"], clean["failed_rows"])
+    np.testing.assert_allclose(retried["embeddings"], clean["embeddings"], atol=1e-6)
