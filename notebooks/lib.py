@@ -922,7 +922,7 @@ def decode_image(
         image.load()
     except UnidentifiedImageError:
         raise ImageFailure("not an image") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error) as error:
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, NotImplementedError) as error:
         raise ImageFailure(_decode_reason(error)) from None
     return image
 
