@@ -1,0 +1,169 @@
+"""Runs that share OUTPUT/: lock files, claims per chunk, and what interrupted runs leave behind."""
+
+import json
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import lib
+import pytest
+from conftest import REPO, read_output
+
+HOLD_LOCK = """
+import sys, time
+import conftest, lib
+lib.FileLock(lib.Path(sys.argv[1])).acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+EMBED = """
+import json, sys
+from pathlib import Path
+import conftest, lib
+root, model, start, end, chunk = sys.argv[1:]
+lib.WORKSPACE = lib.Workspace(Path(root))
+encoder = lib.load_encoder(model, "cpu", "fp32")
+rows = {"start": int(start), "end": int(end), "chunk": int(chunk)}
+summary = conftest.run_embed(lib.load_image_table(), encoder, **rows)
+print(json.dumps({"written": summary.chunks_written, "skipped": summary.chunks_skipped}))
+"""
+
+
+def child(code: str, *arguments) -> subprocess.Popen:
+    """A Python process running `code` with the tests' imports."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, arguments)],
+        cwd=REPO / "tests",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture
+def lock_holder(tmp_path):
+    """A child process holding the lock file tmp_path/held.lock until the test kills it."""
+    process = child(HOLD_LOCK, tmp_path / "held.lock")
+    assert process.stdout.readline() == "held\n"
+    yield process
+    process.kill()
+    process.wait()
+
+
+def test_a_lock_is_exclusive_across_processes_and_dies_with_its_holder(lock_holder, tmp_path):
+    path = tmp_path / "held.lock"
+    assert f"pid {lock_holder.pid} on " in lib.lock_holder(path)
+    assert not lib.FileLock(path).acquire(blocking=False)
+    lock_holder.kill()
+    lock_holder.wait()
+    assert path.exists() and lib.lock_holder(path) is None, "SIGKILL leaves a stale file, not a lock"
+    lock = lib.FileLock(path)
+    assert lock.acquire(blocking=False)
+    lock.release()
+    assert not path.exists()
+
+
+def test_stale_lock_and_temporary_files_are_removed_and_live_ones_kept(workspace):
+    workspace.chunks.mkdir(parents=True)
+    stale = [
+        "chunk_000000000_000000004.h5.lock",
+        "chunk_000000000_000000004.h5.tmp",
+        "chunk_000000004_000000008.h5.tmp",
+    ]
+    for name in stale:
+        (workspace.chunks / name).write_text("left by a killed run")
+    live = lib.claim_chunk(8, 12)
+    (workspace.chunks / "chunk_000000008_000000012.h5.tmp").write_text("being written")
+    try:
+        assert sorted(lib.remove_stale_files()) == sorted(stale)
+        assert sorted(p.name for p in workspace.chunks.iterdir()) == [
+            "chunk_000000008_000000012.h5.lock",
+            "chunk_000000008_000000012.h5.tmp",
+        ]
+    finally:
+        live.release()
+
+
+def test_a_claim_is_refused_while_another_covers_any_of_its_rows(workspace):
+    first = lib.claim_chunk(0, 10)
+    try:
+        assert f"rows [0, 10): pid {lib.os.getpid()}" in lib.claim_chunk(5, 15)
+        second = lib.claim_chunk(10, 20)
+        assert isinstance(second, lib.FileLock)
+        second.release()
+    finally:
+        first.release()
+    (workspace.chunks / "chunk_000000000_000000010.h5").write_bytes(b"finished")
+    assert lib.claim_chunk(5, 15) is None, "finished rows are not claimed again"
+    assert not list(workspace.chunks.glob("*.lock"))
+
+
+def slow_table(workspace, http_server, images, rows: int) -> None:
+    """An image table whose images take `slow_seconds` each to arrive."""
+    keys = sorted(images)
+    urls = [http_server.url(f"/slow/images/{keys[row % len(keys)]}.jpg?run={row}") for row in range(rows)]
+    listing = workspace.root / "slow.csv"
+    listing.write_text("image_id,url\n" + "".join(f"{row},{url}\n" for row, url in enumerate(urls)))
+    params = lib.MetadataParams("table", "validation", str(listing), "s3")
+    lib.save_image_table(lib.build_image_table(params), params)
+
+
+@pytest.mark.parametrize(
+    ("second_run", "first_chunk"),
+    [((20, 40, 4), 4), ((0, 40, 4), 4), ((0, 40, 6), 4)],
+    ids=["disjoint ranges", "the same chunks", "other chunk boundaries"],
+)
+def test_two_runs_at_once_write_every_row_once(
+    workspace, http_server, images, tiny_checkpoint, monkeypatch, second_run, first_chunk
+):
+    monkeypatch.setattr(http_server, "slow_seconds", 0.7)
+    slow_table(workspace, http_server, images, 40)
+    first = child(EMBED, workspace.root, tiny_checkpoint, 0, 40 if second_run[0] == 0 else 20, first_chunk)
+    while not list(workspace.chunks.glob("*.lock")) and first.poll() is None:
+        time.sleep(0.05)
+    second = child(EMBED, workspace.root, tiny_checkpoint, *second_run)
+    outputs = [process.communicate(timeout=240) for process in (first, second)]
+    assert [process.returncode for process in (first, second)] == [0, 0], (
+        outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    )
+
+    summaries = [json.loads(stdout.splitlines()[-1]) for stdout, _ in outputs]
+    chunks = lib.find_chunks()
+    assert sum(summary["written"] for summary in summaries) == len(chunks), "each chunk written once"
+    report = lib.merge_chunks("OUTPUT/both.h5")  # refuses overlapping chunks
+    assert report.gaps == [] and read_output(report.path)["rows"] == list(range(40))
+    assert sorted(p.name for p in workspace.chunks.iterdir()) == sorted(info.path.name for info in chunks)
+    if second_run[0] == 0:
+        assert "another run is embedding" in outputs[0][0] + outputs[1][0]
+
+
+def test_a_second_merge_into_the_same_file_waits_for_the_first(workspace, table, tiny_encoder, capsys):
+    from conftest import run_embed
+
+    run_embed(table, tiny_encoder)
+    merged = workspace.root / "OUTPUT" / "merged.h5"
+    holder = child(HOLD_LOCK, lib.lock_path(merged))
+    assert holder.stdout.readline() == "held\n"
+    merge = threading.Thread(target=lib.merge_chunks, args=("OUTPUT/merged.h5",))
+    merge.start()
+    time.sleep(1)
+    assert merge.is_alive() and not merged.exists()
+    holder.kill()
+    holder.wait()
+    merge.join(timeout=60)
+    assert not merge.is_alive() and merged.exists() and not lib.lock_path(merged).exists()
+    assert "Waiting for another merge into" in capsys.readouterr().out
+
+
+def test_a_filesystem_without_locks_warns_and_goes_on(workspace, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(lib.errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(lib.fcntl, "flock", no_locks)
+    with pytest.warns(UserWarning, match="does not support file locks"):
+        claim = lib.claim_chunk(0, 4)
+    claim.release()
+    assert not any(Path(workspace.chunks).glob("*.lock"))
