@@ -8,6 +8,7 @@ from __future__ import annotations
 import http.server
 import io
 import json
+import os
 import shutil
 import socket
 import sys
@@ -372,3 +373,24 @@ def run_signature(encoder, table, **overrides) -> dict:
 def run_embed(table, encoder, **overrides) -> lib.RunSummary:
     """Plan and embed as 02 does."""
     return embed_rows(table, encoder, embed_params(**overrides))
+
+
+# ---------------------------------------------------------------------------------------------
+# The stage notebooks, run by papermill in a copy of the repository
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def repo(tmp_path) -> Path:
+    """A copy of the repository's notebooks and lib.py."""
+    root = tmp_path / "repo"
+    shutil.copytree(REPO / "notebooks", root / "notebooks", ignore=shutil.ignore_patterns("__pycache__"))
+    return root
+
+
+@pytest.fixture
+def kernel_env(hub_cache) -> dict:
+    """The environment of the papermill and nbval kernels: this Python, an offline hub cache."""
+    env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
+    env.pop("AWS_ENDPOINT_URL_S3", None)
+    return env

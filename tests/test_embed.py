@@ -2,6 +2,7 @@
 
 import contextlib
 import io
+import os
 import shutil
 import threading
 import time
@@ -213,3 +214,31 @@ def test_fetches_outnumber_decoding_threads_and_images_come_in_order():
     assert decoding.peak <= 2 < fetching.peak <= lib.FETCH_THREADS_PER_WORKER * 2
     for item, data in zip(loaded, photos.values(), strict=True):
         np.testing.assert_array_equal(item.pixels, exact(data))
+
+
+def test_too_little_disk_space_is_an_error_before_any_chunk(table, tiny_encoder, workspace, monkeypatch):
+    needed = lib.estimated_bytes(table, [(0, len(table))], tiny_encoder.embedding_size)
+    assert 20 * (16 * 4 + 8) < needed < 20 * 2000
+    full = shutil._ntuple_diskusage(total=10**9, used=10**9 - needed // 2, free=needed // 2)
+    monkeypatch.setattr(lib.shutil, "disk_usage", lambda path: full)
+    with pytest.raises(lib.PipelineError, match=r"Not enough disk space for 20 rows of chunk files"):
+        run_embed(table, tiny_encoder)
+    assert lib.find_chunks() == []
+
+
+def test_an_output_folder_without_write_permission_is_named(table, tiny_encoder, workspace, monkeypatch):
+    workspace.output.mkdir()
+    workspace.output.chmod(0o555)
+    if os.geteuid() == 0:  # root may write anywhere: deny it as the kernel denies other users
+
+        def denied(dir: str) -> None:
+            raise PermissionError(13, "Permission denied", dir)
+
+        monkeypatch.setattr(lib.tempfile, "TemporaryFile", denied)
+    try:
+        with pytest.raises(
+            lib.PipelineError, match=rf"Cannot write in {workspace.chunks} \(Permission denied\)"
+        ):
+            run_embed(table, tiny_encoder)
+    finally:
+        workspace.output.chmod(0o755)

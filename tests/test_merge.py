@@ -219,3 +219,31 @@ def test_a_file_held_open_for_writing_elsewhere_is_named(chunks, workspace):
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_a_merge_interrupted_while_cleaning_up_finishes_the_cleanup_and_loses_nothing(chunks, workspace):
+    lib.merge_chunks(OUTPUT_FILE)
+    before = (workspace.root / OUTPUT_FILE).read_bytes()
+    chunks[0].path.unlink()  # as CLEANUP does, one chunk after another, until the kill
+    report = lib.merge_chunks(OUTPUT_FILE, cleanup=True)
+    assert report.written is False and report.embedded == 18 and report.chunks == 3
+    assert (workspace.root / OUTPUT_FILE).read_bytes() == before and lib.find_chunks() == []
+    assert lib.merge_chunks(OUTPUT_FILE).embedded == 18, "a later merge reports the file as it is"
+
+
+def test_a_merge_that_would_drop_the_rows_of_cleaned_up_chunks_is_refused(
+    chunks, workspace, table, tiny_encoder
+):
+    lib.merge_chunks(OUTPUT_FILE, cleanup=True)
+    run_embed(table, tiny_encoder, start=0, end=4, chunk=4)  # new chunks after the cleanup
+    with pytest.raises(lib.PipelineError, match=r"holds the rows of 3 chunk file\(s\) that are no longer"):
+        lib.merge_chunks(OUTPUT_FILE)
+    assert lib.merge_chunks("OUTPUT/new.h5").embedded == 4
+
+
+def test_too_little_disk_space_is_an_error_before_the_merge(chunks, workspace, monkeypatch):
+    full = shutil._ntuple_diskusage(total=10**9, used=10**9 - 1000, free=1000)
+    monkeypatch.setattr(lib.shutil, "disk_usage", lambda path: full)
+    with pytest.raises(lib.PipelineError, match=r"Not enough disk space for merging into .*0.00 GiB is free"):
+        lib.merge_chunks(OUTPUT_FILE)
+    assert not (workspace.root / OUTPUT_FILE).exists()

@@ -7,7 +7,6 @@ model is the tiny checkpoint, found as "ViT-B/32" in an offline Hugging Face cac
 import io
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -26,22 +25,6 @@ from reference import reference_embeddings
 pytestmark = pytest.mark.notebooks
 STAGES = ["00_setup", "01_metadata", "02_embed", "03_merge"]
 EMBED = {"CHUNK": 16, "GPU_BATCH_SIZE": 8, "NUM_WORKERS": 4, "MODEL": "ViT-B/32", "DEVICE": "cpu"}
-
-
-@pytest.fixture
-def repo(tmp_path) -> Path:
-    """A copy of the repository's notebooks and lib.py."""
-    root = tmp_path / "repo"
-    shutil.copytree(REPO / "notebooks", root / "notebooks", ignore=shutil.ignore_patterns("__pycache__"))
-    return root
-
-
-@pytest.fixture
-def kernel_env(hub_cache) -> dict:
-    """The environment of the papermill and nbval kernels: this Python, an offline hub cache."""
-    env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
-    env.pop("AWS_ENDPOINT_URL_S3", None)
-    return env
 
 
 def run_papermill(notebook: str, arguments: list[str], cwd: Path, env: dict) -> subprocess.CompletedProcess:

@@ -1,0 +1,135 @@
+"""Kill safety: SIGKILL papermill and its kernel at several points of 02 and 03, then run again.
+
+Whatever the point, the re-run must end with the file an uninterrupted run makes: the same rows,
+the same embeddings bit for bit (on the CPU), the same failures, and no stray files.
+"""
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import h5py
+import lib
+import numpy as np
+import pytest
+import yaml
+from conftest import BROKEN, read_output
+from test_notebooks import EMBED, papermill
+
+pytestmark = pytest.mark.notebooks
+PARAMETERS = {**EMBED, "CHUNK": 4, "GPU_BATCH_SIZE": 3, "NUM_WORKERS": 2}
+MERGE = {"OUTPUT_FILE": "OUTPUT/Images_Embedded.h5", "CLEANUP": False}
+
+
+def descendants(pid: int) -> list[int]:
+    """The process's children, their children, and so on (Linux /proc)."""
+    found = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            children = (task / "children").read_text().split()
+        except OSError:
+            continue
+        for child in map(int, children):
+            found += [child, *descendants(child)]
+    return found
+
+
+def kill_when(repo: Path, stage: str, parameters: dict, env: dict, condition: Callable[[], bool]) -> None:
+    """Run a stage with papermill and SIGKILL papermill and its kernel as soon as `condition()` holds."""
+    params_file = repo.parent / f"{stage}-killed.yaml"
+    params_file.write_text(yaml.safe_dump(parameters))
+    command = [
+        sys.executable,
+        "-m",
+        "papermill",
+        f"notebooks/{stage}.ipynb",
+        str(repo.parent / "killed.ipynb"),
+    ]
+    process = subprocess.Popen(
+        [*command, "-f", str(params_file)],
+        cwd=repo,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    while process.poll() is None:
+        if condition():
+            for pid in [process.pid, *descendants(process.pid)]:
+                os.kill(pid, signal.SIGKILL)
+            process.wait()
+            return
+        time.sleep(0.0005)
+    pytest.fail(f"{stage} finished before the moment it was to be killed")
+
+
+def chunk_names(repo: Path, suffix: str = ".h5") -> list[str]:
+    return sorted(p.name for p in (repo / "OUTPUT" / "chunks").glob(f"chunk_*{suffix}"))
+
+
+def leftovers(repo: Path) -> list[str]:
+    """Lock and temporary files anywhere under OUTPUT/."""
+    return sorted(str(p) for p in (repo / "OUTPUT").rglob("*") if p.suffix in (".tmp", ".lock"))
+
+
+def assert_every_chunk_is_whole(repo: Path) -> None:
+    for name in chunk_names(repo):
+        with h5py.File(repo / "OUTPUT" / "chunks" / name, "r") as file:
+            assert len(file["rows"]) == len(file["embeddings"]) and "digest" in file.attrs
+
+
+def prepared_repo(repo: Path, env: dict, images: dict, folder: Path) -> Path:
+    """`repo` with an image table of 40 photos and 2 broken files, made by 01."""
+    folder.mkdir()
+    for key, data in images.items():
+        (folder / f"{key}.jpg").write_bytes(data)
+    for name, data in BROKEN.items():
+        (folder / name).write_bytes(data)
+    papermill(repo, "01_metadata", {"DATASET": "folder", "SOURCE": str(folder)}, env)
+    return repo
+
+
+def same_output(path: Path, reference: Path) -> None:
+    found, expected = read_output(path), read_output(reference)
+    for key in ("rows", "image_ids", "urls", "failed_rows", "failed_ids", "reasons"):
+        assert found[key] == expected[key], key
+    np.testing.assert_array_equal(found["embeddings"], expected["embeddings"])  # bit for bit
+
+
+def test_sigkill_at_any_point_of_02_and_03_then_a_rerun_gives_the_uninterrupted_result(
+    repo, kernel_env, images, tmp_path
+):
+    clean = prepared_repo(repo, kernel_env, images, tmp_path / "photos")
+    papermill(clean, "02_embed", PARAMETERS, kernel_env)
+    papermill(clean, "03_merge", MERGE, kernel_env)
+    killed = tmp_path / "killed"
+    for name in ("notebooks", ".cache"):
+        shutil.copytree(clean / name, killed / name)
+    began = time.monotonic()
+
+    moments_of_02 = [
+        lambda: time.monotonic() - began > 3,  # starting: the kernel imports, the model loads
+        lambda: len(chunk_names(killed)) >= 2 and bool(chunk_names(killed, ".h5.lock")),  # mid-chunk
+        lambda: bool(chunk_names(killed, ".h5.tmp")),  # a chunk file half written
+    ]
+    for moment in moments_of_02:
+        began = time.monotonic()
+        kill_when(killed, "02_embed", PARAMETERS, kernel_env, moment)
+        assert_every_chunk_is_whole(killed)
+    papermill(killed, "03_merge", MERGE, kernel_env)  # a merged file of what is done so far
+    partial = (killed / MERGE["OUTPUT_FILE"]).read_bytes()
+    printed = papermill(killed, "02_embed", PARAMETERS, kernel_env)
+    assert "chunk(s) already done" in printed and "interrupted run" in printed
+
+    merged = killed / MERGE["OUTPUT_FILE"]
+    kill_when(killed, "03_merge", MERGE, kernel_env, lambda: lib.temporary_path(merged).exists())
+    assert merged.read_bytes() == partial, "a killed merge leaves the previous merged file as it was"
+    papermill(killed, "03_merge", MERGE, kernel_env)
+
+    same_output(merged, clean / MERGE["OUTPUT_FILE"])
+    assert chunk_names(killed) == chunk_names(clean)
+    assert leftovers(killed) == []
