@@ -103,9 +103,7 @@ def embed_rows(table: lib.ImageTable, encoder: lib.ClipEncoder, params: lib.Embe
     """Plan and embed rows [START, END) of `table` as 02 does."""
     recipe = lib.image_recipe(encoder, params)
     signature = lib.run_signature(encoder, recipe, table)
-    plan = lib.plan_chunks(
-        params.start, params.end, params.chunk, signature, len(table), params.retry_failed
-    )
+    plan = lib.plan_chunks(params.start, params.end, params.chunk, signature, len(table), params.retry_failed)
     return lib.embed_chunks(table, encoder, recipe, plan, params)
 
 

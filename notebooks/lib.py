@@ -814,7 +814,8 @@ class Fetcher:
         began = time.monotonic()
         try:
             reply = self._s3.get_object(Bucket=bucket, Key=key)
-            return self._read_body(reply["Body"].iter_chunks(1 << 16), reply.get("ContentLength"), began)
+            with contextlib.closing(reply["Body"]) as body:
+                return self._read_body(body.iter_chunks(1 << 16), reply.get("ContentLength"), began)
         except botocore.exceptions.ClientError as error:
             raise ImageFailure(f"s3 {error.response['Error']['Code']}") from None
         except (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError):

@@ -73,7 +73,7 @@ def chunk_names(repo: Path, suffix: str = ".h5") -> list[str]:
 
 def leftovers(repo: Path) -> list[str]:
     """Lock and temporary files anywhere under OUTPUT/."""
-    return sorted(str(p) for p in (repo / "OUTPUT").rglob("*") if p.suffix in (".tmp", ".lock"))
+    return sorted(str(p) for p in (repo / "OUTPUT").rglob("*") if p.name.endswith((".tmp", ".lock")))
 
 
 def assert_every_chunk_is_whole(repo: Path) -> None:

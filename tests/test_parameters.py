@@ -18,6 +18,7 @@ EMBED_DEFAULTS = {
     "APPLY_ROTATION": False,
     "MAX_PIXELS": 100_000_000,
     "S3_ENDPOINT_URL": None,
+    "RETRY_FAILED": False,
 }
 METADATA_DEFAULTS = {"DATASET": "openimages-v7", "SPLIT": "validation", "SOURCE": None, "FETCH": "s3"}
 
@@ -48,6 +49,7 @@ def test_defaults_are_valid():
         ("EXIF_TRANSPOSE", "yes", "True or False"),
         ("APPLY_ROTATION", 1, "True or False"),
         ("MAX_PIXELS", 0, "integer >= 1"),
+        ("RETRY_FAILED", "True", "True or False"),
         ("DEVICE", "gpu", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ("DEVICE", "cuda:x", "'auto', 'cpu', 'cuda' or 'cuda:N'"),
         ("PRECISION", "fp8", "'auto', 'fp32', 'fp16', 'bf16'"),
