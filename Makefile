@@ -1,11 +1,11 @@
-# make run    installs requirements.txt into .venv and runs 00 -> 01 -> 02 -> 03 with PARAMS
+# make run    installs requirements.txt into .venv and runs 00 -> 01 -> 02 -> 03 -> 04 with PARAMS
 # make test   installs requirements-test.txt into .venv, then lints and runs every test
 # make benchmark  runs benchmarks/throughput.py (pipeline vs model alone vs the original loop)
 PARAMS ?= params/demo.yaml
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
 RUNS := OUTPUT/runs/$(basename $(notdir $(PARAMS)))
-STAGES := 00_setup 01_metadata 02_embed 03_merge
+STAGES := 00_setup 01_metadata 02_embed 03_merge 04_search
 
 .PHONY: run test lint benchmark
 

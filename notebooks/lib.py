@@ -12,6 +12,7 @@ merge, environment. Each seam is a plain function or a small class that a test c
 
 from __future__ import annotations
 
+import base64
 import collections
 import contextlib
 import ctypes
@@ -21,6 +22,7 @@ import errno
 import fcntl
 import functools
 import hashlib
+import html
 import io
 import itertools
 import json
@@ -257,7 +259,47 @@ class MergeParams:
         _check_bool("CLEANUP", self.cleanup)
 
 
-STAGE_PARAMETERS = (SetupParams, MetadataParams, EmbedParams, MergeParams)
+INDEXES = ("exact", "ivf")
+EXPORTS = ("npy", "parquet")
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchParams:
+    """Parameters of 04_search."""
+
+    embeddings: str
+    queries: list[str]
+    image_query: str | None
+    top_k: int
+    index: str
+    model: str | None
+    device: str
+    export: str | None
+    pca_dim: int | None
+    s3_endpoint_url: str | None
+
+    def __post_init__(self) -> None:
+        _check_text("EMBEDDINGS", self.embeddings)
+        _check_text("S3_ENDPOINT_URL", self.s3_endpoint_url, optional=True)
+        if not isinstance(self.queries, list) or not all(
+            isinstance(q, str) and q.strip() for q in self.queries
+        ):
+            raise ParameterError(
+                f"QUERIES={self.queries!r} is not allowed: use a list of non-empty texts, such as "
+                "['a dog on a beach'], or [] for none."
+            )
+        _check_text("IMAGE_QUERY", self.image_query, optional=True)
+        _check_int("TOP_K", self.top_k, 1)
+        _check_choice("INDEX", self.index, INDEXES)
+        _check_text("MODEL", self.model, optional=True)
+        _check_device("DEVICE", self.device)
+        if self.export is not None:
+            _check_choice("EXPORT", self.export, EXPORTS)
+        if self.pca_dim is not None:
+            _check_int("PCA_DIM", self.pca_dim, 1)
+
+
+STAGE_PARAMETERS = (SetupParams, MetadataParams, EmbedParams, MergeParams, SearchParams)
 
 
 def _parameter_names(params_class: type) -> list[str]:
@@ -2419,6 +2461,390 @@ def _merge_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         lock.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Search (04_search): exact top-k streamed from HDF5, an approximate FAISS index, a gallery, exports
+# ---------------------------------------------------------------------------------------------
+
+SEARCH_BLOCK_BYTES = 256 << 20  # embeddings read per block: memory stays bounded whatever N is
+THUMBNAIL_SIZE = 160
+
+
+@dataclasses.dataclass(frozen=True)
+class EmbeddingsFile:
+    """A merged file as 04 reads it: its path, size and how its vectors were made."""
+
+    path: Path
+    count: int
+    dimension: int
+    attrs: dict
+
+    @property
+    def block_rows(self) -> int:
+        return max(1, SEARCH_BLOCK_BYTES // (4 * self.dimension))
+
+    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, embeddings) of consecutive blocks of the file, read one at a time."""
+        with open_hdf5(self.path) as file:
+            yield from array_blocks(file["embeddings"], self.block_rows)
+
+    def records(self, positions: np.ndarray) -> dict[str, list]:
+        """image_id, url and row of the given positions, in that order."""
+        order = np.argsort(positions)
+        unique, inverse = np.unique(positions[order], return_inverse=True)
+        with open_hdf5(self.path) as file:
+            columns = {
+                "image_id": file["image_ids"].asstr()[unique],
+                "url": file["urls"].asstr()[unique],
+                "row": file["rows"][unique],
+            }
+        back = np.empty(len(positions), dtype=np.int64)
+        back[order] = inverse
+        return {name: values[back].tolist() for name, values in columns.items()}
+
+    def position_of(self, image_id: str) -> int | None:
+        """Where `image_id` is in the file, or None."""
+        for start, ids in self._id_blocks():
+            found = np.flatnonzero(ids == image_id)
+            if len(found):
+                return start + int(found[0])
+        return None
+
+    def _id_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+        with open_hdf5(self.path) as file:
+            for start in range(0, self.count, self.block_rows):
+                yield start, file["image_ids"].asstr()[start : start + self.block_rows].astype(object)
+
+    def first_image_id(self) -> str:
+        with open_hdf5(self.path) as file:
+            return file["image_ids"].asstr()[0]
+
+    def vector(self, position: int) -> np.ndarray:
+        with open_hdf5(self.path) as file:
+            return file["embeddings"][position]
+
+
+def array_blocks(vectors: Any, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
+    """(first row, rows) of consecutive blocks of an array or HDF5 dataset, read one at a time."""
+    for start in range(0, len(vectors), block_rows):
+        yield start, vectors[start : start + block_rows]
+
+
+def open_embeddings(path: str | os.PathLike) -> EmbeddingsFile:
+    """The merged file at `path`; a missing or foreign file is an error that says what to do."""
+    resolved = resolve_path(path)
+    if not resolved.is_file():
+        raise PipelineError(
+            f"EMBEDDINGS file {resolved} does not exist: run 03_merge first, or fix the path."
+        )
+    try:
+        with open_hdf5(resolved) as file:
+            count, dimension = file["embeddings"].shape
+            attrs = {key: _attribute(value) for key, value in file.attrs.items()}
+            for name in ("image_ids", "urls", "rows"):
+                if len(file[name]) != count:
+                    raise KeyError(f"{name} and embeddings differ in length")
+    except (OSError, KeyError, ValueError) as error:
+        raise PipelineError(
+            f"{resolved} is not a merged embeddings file ({error}): give EMBEDDINGS the file 03_merge wrote."
+        ) from None
+    return EmbeddingsFile(resolved, count, dimension, attrs)
+
+
+@dataclasses.dataclass(frozen=True)
+class SearchResult:
+    """Top-k positions in the file and their cosine scores, one row per query."""
+
+    positions: np.ndarray  # (Q, k) int64
+    scores: np.ndarray  # (Q, k) float32
+
+
+def _top_k(scores: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of each row of `scores` (ties: lower position first), best first."""
+    if scores.shape[1] > k:
+        keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        scores, positions = np.take_along_axis(scores, keep, 1), np.take_along_axis(positions, keep, 1)
+    order = np.lexsort((positions, -scores), axis=1)
+    return np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
+
+
+def exact_search(blocks: Iterable[tuple[int, np.ndarray]], queries: np.ndarray, top_k: int) -> SearchResult:
+    """Exact top-k by inner product (cosine, for unit vectors), over blocks of (first row, vectors)."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, queries.shape[-1])
+    best_scores = np.zeros((len(queries), 0), np.float32)
+    best_positions = np.zeros((len(queries), 0), np.int64)
+    for start, block in blocks:
+        scores = queries @ block.T
+        positions = np.broadcast_to(np.arange(start, start + len(block)), scores.shape)
+        best_scores, best_positions = _top_k(
+            np.concatenate([best_scores, scores], 1), np.concatenate([best_positions, positions], 1), top_k
+        )
+    return SearchResult(best_positions, best_scores)
+
+
+def result_table(embeddings: EmbeddingsFile, result: SearchResult, query: int = 0) -> pd.DataFrame:
+    """One query's results: rank, score, image_id, url and row in the image table."""
+    records = embeddings.records(result.positions[query])
+    table = pd.DataFrame(
+        {"rank": np.arange(1, len(result.positions[query]) + 1), "score": result.scores[query]}
+    )
+    return table.assign(**records)
+
+
+# The approximate index: FAISS's inverted file (IVF-Flat), built from the file in blocks and saved
+# beside it. Search scans the `nprobe` lists nearest the query out of `nlist`.
+
+
+def _ivf_path(embeddings: EmbeddingsFile) -> Path:
+    return embeddings.path.with_name(embeddings.path.stem + ".ivf.faiss")
+
+
+def _index_key(embeddings: EmbeddingsFile) -> str:
+    """What the saved index was built from: the merged file's chunk digests and size."""
+    return hashlib.sha256(f"{embeddings.attrs.get('chunks')}:{embeddings.count}".encode()).hexdigest()
+
+
+def ivf_lists(count: int) -> int:
+    """FAISS's rule of thumb, 4 sqrt(N) lists, with at least 39 training vectors per list."""
+    return max(1, min(int(4 * math.sqrt(count)), count // 39))
+
+
+def build_ivf(embeddings: EmbeddingsFile, seed: int = 0) -> Any:
+    """An IVF-Flat index of the file's embeddings (inner product), trained on a sample of them."""
+    import faiss
+
+    lists = ivf_lists(embeddings.count)
+    index = faiss.IndexIVFFlat(
+        faiss.IndexFlatIP(embeddings.dimension), embeddings.dimension, lists, faiss.METRIC_INNER_PRODUCT
+    )
+    sample = np.sort(
+        np.random.default_rng(seed).choice(
+            embeddings.count, min(embeddings.count, 256 * lists), replace=False
+        )
+    )
+    with open_hdf5(embeddings.path) as file:
+        index.train(file["embeddings"][sample])
+    for _, block in tqdm(
+        embeddings.blocks(), desc="index", unit="block", total=-(-embeddings.count // embeddings.block_rows)
+    ):
+        index.add(np.ascontiguousarray(block))
+    index.nprobe = max(1, lists // 10)
+    return index
+
+
+def load_ivf(embeddings: EmbeddingsFile) -> Any:
+    """The file's IVF index: the one saved beside it when it is up to date, else built and saved."""
+    import faiss
+
+    path, key = _ivf_path(embeddings), _index_key(embeddings)
+    record = path.with_name(path.name + ".json")
+    if path.is_file() and record.is_file() and json.loads(record.read_text()).get("key") == key:
+        index = faiss.read_index(str(path))
+        index.nprobe = json.loads(record.read_text())["nprobe"]
+        return index
+    index = build_ivf(embeddings)
+    with _atomic_file(path) as temporary:
+        faiss.write_index(index, str(temporary))
+    record.write_text(json.dumps({"key": key, "nlist": index.nlist, "nprobe": index.nprobe}))
+    return index
+
+
+def approximate_search(index: Any, queries: np.ndarray, top_k: int) -> SearchResult:
+    """Top-k from a FAISS index; positions of -1 (fewer than k found) are dropped."""
+    scores, positions = index.search(
+        np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, index.d), top_k
+    )
+    found = positions[0] >= 0
+    return SearchResult(positions[:, found].astype(np.int64), scores[:, found])
+
+
+def search(embeddings: EmbeddingsFile, queries: np.ndarray, top_k: int, index: str = "exact") -> SearchResult:
+    """Top-k of each query with INDEX: 'exact' (streamed from the file) or 'ivf' (approximate)."""
+    if queries.shape[-1] != embeddings.dimension:
+        raise PipelineError(
+            f"The queries have {queries.shape[-1]} dimensions and {embeddings.path} holds "
+            f"{embeddings.dimension}: use the MODEL the file was made with (leave MODEL=None)."
+        )
+    top_k = min(top_k, embeddings.count)
+    if index == "ivf":
+        return approximate_search(load_ivf(embeddings), queries, top_k)
+    return exact_search(embeddings.blocks(), queries, top_k)
+
+
+def query_encoder(embeddings: EmbeddingsFile, model: str | None, device: str) -> ClipEncoder:
+    """The model that embeds queries: MODEL, or the one the file records, of the file's embedding size."""
+    revision = embeddings.attrs.get("model_revision")
+    chosen = model or embeddings.attrs["model"]
+    hub_revision = revision if model is None and re.fullmatch(r"[0-9a-f]{40}", str(revision)) else None
+    encoder = load_encoder(chosen, device, "fp32", hub_revision)
+    if encoder.embedding_size != embeddings.dimension:
+        raise PipelineError(
+            f"MODEL={chosen!r} makes {encoder.embedding_size}-d embeddings, and {embeddings.path} holds "
+            f"{embeddings.dimension}-d ones (from {embeddings.attrs.get('model_id')}): leave MODEL=None."
+        )
+    return encoder
+
+
+def image_query_vector(
+    embeddings: EmbeddingsFile, query: str, encoder: ClipEncoder | None, fetcher: Fetcher
+) -> np.ndarray:
+    """IMAGE_QUERY as a vector: an image_id's stored embedding, or a path or URL embedded by `encoder`."""
+    position = embeddings.position_of(query)
+    if position is not None:
+        return embeddings.vector(position)
+    if encoder is None:
+        raise PipelineError(
+            f"IMAGE_QUERY={query!r} is not an image_id of {embeddings.path}, and no model is loaded."
+        )
+    recipe = ImageRecipe(encoder.preprocessing, exif_transpose=bool(embeddings.attrs.get("exif_transpose")))
+    try:
+        pixels = recipe(fetcher.fetch(query))
+    except ImageFailure as failure:
+        raise PipelineError(
+            f"IMAGE_QUERY={query!r} is neither an image_id of {embeddings.path} nor an image that can be "
+            f"embedded ({failure.reason})."
+        ) from None
+    return encoder.encode(pixels[None])[0]
+
+
+def thumbnail(location: str, fetcher: Fetcher) -> bytes | None:
+    """A JPEG thumbnail of the image at `location`, cached under .cache/thumbnails/; None if it fails."""
+    path = WORKSPACE.cache / "thumbnails" / (hashlib.sha256(location.encode()).hexdigest()[:24] + ".jpg")
+    if path.is_file():
+        return path.read_bytes()
+    try:
+        image = decode_image(fetcher.fetch(location)).convert("RGB")
+    except ImageFailure:
+        return None
+    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
+    buffer = io.BytesIO()
+    image.save(buffer, "JPEG", quality=85)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with _atomic_file(path) as temporary:
+        temporary.write_bytes(buffer.getvalue())
+    return buffer.getvalue()
+
+
+def _gallery_cell(record: Any, data: bytes | None) -> str:
+    size = THUMBNAIL_SIZE
+    picture = (
+        f'<img src="data:image/jpeg;base64,{base64.b64encode(data).decode()}" style="max-width:{size}px">'
+        if data
+        else f'<div style="width:{size}px;height:{size // 2}px">(not available)</div>'
+    )
+    caption = html.escape(f"#{record.rank} {record.score:.3f} {record.image_id}")
+    caption = f'<figcaption style="font-size:11px">{caption}</figcaption>'
+    return f'<figure style="margin:4px">{picture}{caption}</figure>'
+
+
+def gallery_html(results: pd.DataFrame, title: str, fetcher: Fetcher) -> str:
+    """A grid of the results' thumbnails with rank, score and image_id, as HTML for the notebook."""
+    with ThreadPoolExecutor(8) as pool:
+        thumbnails = list(pool.map(lambda url: thumbnail(url, fetcher), results["url"]))
+    cells = [
+        _gallery_cell(record, data) for record, data in zip(results.itertuples(), thumbnails, strict=True)
+    ]
+    return f"<h4>{html.escape(title)}</h4><div style='display:flex;flex-wrap:wrap'>{''.join(cells)}</div>"
+
+
+# Exports: the .npy files the other notebooks use, or Parquet; optionally through PCA.
+
+
+@dataclasses.dataclass(frozen=True)
+class Pca:
+    """A PCA fitted on a file's embeddings: vectors are centred, projected, then made unit length again."""
+
+    mean: np.ndarray
+    components: np.ndarray  # (PCA_DIM, D)
+    explained_variance_ratio: np.ndarray
+
+    def transform(self, vectors: np.ndarray) -> np.ndarray:
+        projected = ((vectors - self.mean) @ self.components.T).astype(np.float32)
+        return projected / np.maximum(np.linalg.norm(projected, axis=1, keepdims=True), 1e-12)
+
+
+def fit_pca(embeddings: EmbeddingsFile, dimensions: int) -> Pca:
+    """PCA by the covariance of all the file's embeddings, accumulated block by block in float64."""
+    if dimensions > embeddings.dimension:
+        raise ParameterError(
+            f"PCA_DIM={dimensions} is more than the file's {embeddings.dimension} dimensions."
+        )
+    total = np.zeros(embeddings.dimension)
+    products = np.zeros((embeddings.dimension, embeddings.dimension))
+    for _, block in embeddings.blocks():
+        block = block.astype(np.float64)
+        total += block.sum(0)
+        products += block.T @ block
+    mean = total / embeddings.count
+    covariance = products / embeddings.count - np.outer(mean, mean)
+    variances, vectors = np.linalg.eigh(covariance)
+    top = np.argsort(variances)[::-1][:dimensions]
+    return Pca(
+        mean.astype(np.float32), vectors[:, top].T.astype(np.float32), variances[top] / variances.sum()
+    )
+
+
+def export_embeddings(embeddings: EmbeddingsFile, kind: str, pca_dim: int | None = None) -> list[Path]:
+    """Write the file's embeddings and ids as .npy files or Parquet beside it; return the paths."""
+    pca = fit_pca(embeddings, pca_dim) if pca_dim else None
+    stem = embeddings.path.with_suffix("").name + (f"_pca{pca_dim}" if pca else "")
+    folder = embeddings.path.parent
+    transform = pca.transform if pca else (lambda vectors: vectors)
+    written = (
+        _export_npy(embeddings, folder, stem, transform)
+        if kind == "npy"
+        else _export_parquet(embeddings, folder / f"{stem}.parquet", transform)
+    )
+    if pca:
+        components = folder / f"{stem}_components.npz"
+        np.savez(
+            components,
+            mean=pca.mean,
+            components=pca.components,
+            explained_variance_ratio=pca.explained_variance_ratio,
+        )
+        written.append(components)
+    return written
+
+
+def _export_npy(embeddings: EmbeddingsFile, folder: Path, stem: str, transform: Callable) -> list[Path]:
+    """<stem>_embeddings.npy (N, D) float32, <stem>_image_ids.npy and <stem>_urls.npy, in file order."""
+    dimension = len(transform(np.zeros((1, embeddings.dimension), np.float32))[0])
+    paths = [folder / f"{stem}_{name}.npy" for name in ("embeddings", "image_ids", "urls")]
+    with _atomic_file(paths[0]) as temporary:
+        vectors = np.lib.format.open_memmap(temporary, "w+", np.float32, (embeddings.count, dimension))
+        for start, block in embeddings.blocks():
+            vectors[start : start + len(block)] = transform(block)
+        vectors.flush()
+        del vectors
+    with open_hdf5(embeddings.path) as file:
+        for path, name in zip(paths[1:], ("image_ids", "urls"), strict=True):
+            with _atomic_file(path) as temporary, open(temporary, "wb") as out:
+                np.save(out, file[name].asstr()[:].astype(str))
+    return paths
+
+
+def _export_parquet(embeddings: EmbeddingsFile, path: Path, transform: Callable) -> list[Path]:
+    """One row per image: image_id, url, row, embedding (a list of float32), written block by block."""
+    with _atomic_file(path) as temporary, open_hdf5(embeddings.path) as file:
+        writer = None
+        for start, block in embeddings.blocks():
+            end = start + len(block)
+            vectors = transform(block)
+            table = pa.table(
+                {
+                    "image_id": file["image_ids"].asstr()[start:end],
+                    "url": file["urls"].asstr()[start:end],
+                    "row": file["rows"][start:end],
+                    "embedding": pa.FixedSizeListArray.from_arrays(vectors.reshape(-1), vectors.shape[1]),
+                }
+            )
+            writer = writer or pq.ParquetWriter(temporary, table.schema)
+            writer.write_table(table)
+        if writer:
+            writer.close()
+    return [path]
 
 
 # ---------------------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from PIL import Image
 from reference import reference_embeddings
 
 pytestmark = pytest.mark.notebooks
-STAGES = ["00_setup", "01_metadata", "02_embed", "03_merge"]
+STAGES = ["00_setup", "01_metadata", "02_embed", "03_merge", "04_search"]
 EMBED = {"CHUNK": 16, "GPU_BATCH_SIZE": 8, "NUM_WORKERS": 4, "MODEL": "ViT-B/32", "DEVICE": "cpu"}
 
 
@@ -153,6 +153,15 @@ def test_openimages_chain_over_s3(repo, kernel_env, http_server, s3_endpoint, im
     expected = reference_for(images, merged["image_ids"], tiny_checkpoint)
     np.testing.assert_allclose(merged["embeddings"], expected, atol=1e-5)
 
+    search = {"QUERIES": ["a dog"], "TOP_K": 5, "S3_ENDPOINT_URL": s3_endpoint, "EXPORT": "npy"}
+    printed = papermill(repo, "04_search", search, kernel_env)
+    first = merged["image_ids"][0]
+    assert "40 embeddings of 16 dimensions from openai/clip-vit-base-patch32" in printed
+    assert re.search(rf"'{first}'\n +rank +score +image_id .*\n +1 +1\.0+ +{first} ", printed)
+    assert printed.count("\n    5 ") == 2, "five results for the text query and for the image query"
+    assert np.load(repo / "OUTPUT" / "Images_Embedded_embeddings.npy").shape == (40, 16)
+    assert len(list((repo / ".cache" / "thumbnails").glob("*.jpg"))) >= 5, "thumbnails over S3"
+
     before = chunk_files(repo)
     printed = papermill(repo, "02_embed", embed, kernel_env, cwd=repo / "notebooks")
     assert "3 chunk(s) already done, 0 to embed" in printed
@@ -214,7 +223,8 @@ def test_every_notebook_runs_under_nbval(repo, kernel_env, images, tmp_path):
     folder.mkdir()
     for key, data in list(images.items())[:5]:
         (folder / f"{key}.jpg").write_bytes(data)
-    values = {"DEVICE": "cpu", "DATASET": "folder", "SOURCE": str(folder), **EMBED, "CHUNK": 2}
+    values = {"DEVICE": "cpu", "DATASET": "folder", "SOURCE": str(folder), **EMBED, "CHUNK": 2, "TOP_K": 3}
+    values["EMBEDDINGS"] = "OUTPUT/nbval.h5"
     params_file = tmp_path / "test.yaml"
     params_file.write_text(yaml.safe_dump({**values, "OUTPUT_FILE": "OUTPUT/nbval.h5", "CLEANUP": False}))
     for stage in STAGES:

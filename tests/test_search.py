@@ -1,0 +1,168 @@
+"""04_search: exact search streamed in blocks, the approximate index, queries, gallery and exports."""
+
+import h5py
+import lib
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from conftest import run_embed
+
+
+def unit_vectors(count: int, dimension: int, seed: int) -> np.ndarray:
+    vectors = np.random.default_rng(seed).standard_normal((count, dimension), dtype=np.float32)
+    return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+
+
+def embeddings_file(path, vectors: np.ndarray) -> lib.EmbeddingsFile:
+    """A file in the merged layout holding `vectors`, with ids 'v<i>'."""
+    count = len(vectors)
+    with h5py.File(path, "w") as file:
+        file["embeddings"] = vectors
+        file.create_dataset("image_ids", data=[f"v{i}" for i in range(count)], dtype=h5py.string_dtype())
+        file.create_dataset(
+            "urls", data=[f"/images/v{i}.jpg" for i in range(count)], dtype=h5py.string_dtype()
+        )
+        file["rows"] = np.arange(count, dtype=np.int64)
+        file.attrs["chunks"] = "[]"
+    return lib.open_embeddings(path)
+
+
+@pytest.fixture
+def merged(table, tiny_encoder, workspace) -> lib.EmbeddingsFile:
+    run_embed(table, tiny_encoder)
+    return lib.open_embeddings(lib.merge_chunks("OUTPUT/Images_Embedded.h5").path)
+
+
+def test_an_image_used_as_its_own_query_ranks_first_with_score_1(merged, tiny_encoder, image_folder):
+    fetcher = lib.Fetcher()
+    for position in range(merged.count):
+        image_id = merged.records(np.array([position]))["image_id"][0]
+        vector = lib.image_query_vector(merged, image_id, tiny_encoder, fetcher)
+        top = lib.result_table(merged, lib.search(merged, vector, 5))
+        assert top["image_id"][0] == image_id and top["score"][0] == pytest.approx(1, abs=1e-6)
+    path = sorted(image_folder.glob("*.jpg"))[3]  # a path, not an id: embedded as 02 embeds it
+    top = lib.result_table(
+        merged, lib.search(merged, lib.image_query_vector(merged, str(path), tiny_encoder, fetcher), 3)
+    )
+    assert top["image_id"][0] == path.name and top["score"][0] == pytest.approx(1, abs=1e-5)
+    assert list(top["rank"]) == [1, 2, 3] and top["score"].is_monotonic_decreasing
+
+
+def test_text_queries_run_through_the_models_tokenizer(merged, tiny_encoder):
+    queries = ["a dog", "red car at night"]
+    vectors = tiny_encoder.encode_text(queries)
+    tokens = tiny_encoder.tokenizer(queries, padding=True, return_tensors="pt")
+    with torch.no_grad():
+        direct = tiny_encoder.model.get_text_features(**tokens).pooler_output
+    np.testing.assert_allclose(vectors, torch.nn.functional.normalize(direct, dim=-1).numpy(), atol=1e-6)
+    result = lib.search(merged, vectors, 4)
+    with h5py.File(merged.path) as file:
+        expected = np.argsort(-(vectors @ file["embeddings"][:].T), axis=1)[:, :4]
+    np.testing.assert_array_equal(result.positions, expected)
+
+
+def test_block_streamed_and_in_memory_exact_search_give_identical_results(tmp_path, monkeypatch):
+    vectors = unit_vectors(20_000, 32, seed=1)
+    monkeypatch.setattr(lib, "SEARCH_BLOCK_BYTES", 4 * 32 * 1_500)  # 14 blocks, the last one short
+    embeddings = embeddings_file(tmp_path / "e.h5", vectors)
+    queries = unit_vectors(25, 32, seed=2)
+    streamed = lib.search(embeddings, queries, 10)
+    in_memory = lib.exact_search(lib.array_blocks(vectors, embeddings.block_rows), queries, 10)
+    np.testing.assert_array_equal(streamed.positions, in_memory.positions)
+    np.testing.assert_array_equal(streamed.scores, in_memory.scores)
+    everything = queries @ vectors.T  # one product: the same top 10, scores to float32 rounding
+    np.testing.assert_array_equal(streamed.positions, np.argsort(-everything, axis=1)[:, :10])
+    np.testing.assert_allclose(streamed.scores, np.sort(everything, axis=1)[:, ::-1][:, :10], atol=1e-6)
+
+
+def test_the_approximate_index_agrees_with_exact_search_at_recall_10(tmp_path):
+    vectors = unit_vectors(100_000, 16, seed=3)  # the tiny model's embedding size
+    embeddings = embeddings_file(tmp_path / "random.h5", vectors)
+    queries = unit_vectors(200, vectors.shape[1], seed=4)
+    exact = lib.search(embeddings, queries, 10)
+    approximate = lib.search(embeddings, queries, 10, index="ivf")
+    recall = np.mean(
+        [len(set(a) & set(e)) / 10 for a, e in zip(approximate.positions, exact.positions, strict=True)]
+    )
+    assert recall >= 0.95
+    saved = tmp_path / "random.ivf.faiss"
+    built = saved.stat().st_mtime_ns
+    again = lib.search(embeddings, queries, 10, index="ivf")
+    assert saved.stat().st_mtime_ns == built, "the saved index is reused"
+    np.testing.assert_array_equal(again.positions, approximate.positions)
+
+
+def test_a_model_of_another_embedding_size_is_an_error(merged, tmp_path):
+    from transformers import CLIPConfig, CLIPModel
+
+    other = tmp_path / "other"
+    layers = {"hidden_size": 32, "intermediate_size": 64, "num_attention_heads": 4, "num_hidden_layers": 1}
+    CLIPModel(
+        CLIPConfig(
+            text_config=layers, vision_config={**layers, "image_size": 32, "patch_size": 8}, projection_dim=8
+        )
+    ).save_pretrained(other)
+    with pytest.raises(lib.PipelineError, match=r"makes 8-d embeddings, and .* holds 16-d ones"):
+        lib.query_encoder(merged, str(other), "cpu")
+
+
+def test_a_missing_file_and_bad_parameters_are_named(workspace):
+    with pytest.raises(lib.PipelineError, match="EMBEDDINGS file .*missing.h5 does not exist: run 03_merge"):
+        lib.open_embeddings("OUTPUT/missing.h5")
+    values = dict(
+        embeddings="x.h5",
+        queries=[],
+        image_query=None,
+        top_k=10,
+        index="exact",
+        model=None,
+        device="auto",
+        export=None,
+        pca_dim=None,
+        s3_endpoint_url=None,
+    )
+    for name, value, allowed in [
+        ("queries", "a dog", "a list of non-empty texts"),
+        ("top_k", 0, "integer >= 1"),
+        ("index", "hnsw", "'exact', 'ivf'"),
+        ("export", "csv", "'npy', 'parquet'"),
+        ("pca_dim", 0, "integer >= 1"),
+    ]:
+        with pytest.raises(lib.ParameterError, match=allowed):
+            lib.SearchParams(**{**values, name: value})
+
+
+def test_the_gallery_shows_cached_thumbnails_and_says_which_are_missing(merged, workspace):
+    table = lib.result_table(merged, lib.search(merged, merged.vector(0), 4))
+    table.loc[3, "url"] = str(workspace.root / "gone.jpg")
+    page = lib.gallery_html(table, "image: first", lib.Fetcher())
+    assert page.count("<img ") == 3 and page.count("(not available)") == 1
+    assert len(list((workspace.cache / "thumbnails").glob("*.jpg"))) == 3
+    assert f"#1 1.000 {table['image_id'][0]}" in page
+
+
+@pytest.mark.parametrize("pca_dim", [None, 6])
+def test_exports_hold_every_embedding_and_id_in_file_order(merged, pca_dim):
+    with h5py.File(merged.path) as file:
+        vectors, ids = file["embeddings"][:], file["image_ids"].asstr()[:].tolist()
+        urls = file["urls"].asstr()[:].tolist()
+    npy = lib.export_embeddings(merged, "npy", pca_dim)
+    parquet = pq.read_table(lib.export_embeddings(merged, "parquet", pca_dim)[0]).to_pandas()
+    exported = np.load(npy[0])
+    assert np.load(npy[1]).tolist() == ids == parquet["image_id"].tolist()
+    assert np.load(npy[2]).tolist() == urls
+    np.testing.assert_array_equal(np.stack(parquet["embedding"]), exported)
+    if pca_dim is None:
+        np.testing.assert_array_equal(exported, vectors)
+        return
+    components = np.load(npy[-1])
+    centred = vectors.astype(np.float64) - vectors.mean(0)
+    _, singular, directions = np.linalg.svd(centred, full_matrices=False)
+    np.testing.assert_allclose(
+        np.abs(components["components"] @ directions[:pca_dim].T), np.eye(pca_dim), atol=1e-3
+    )
+    ratio = singular[:pca_dim] ** 2 / (singular**2).sum()
+    np.testing.assert_allclose(components["explained_variance_ratio"], ratio, rtol=1e-3)
+    assert exported.shape == (merged.count, pca_dim)
+    np.testing.assert_allclose(np.linalg.norm(exported, axis=1), 1, atol=1e-5)
