@@ -2605,9 +2605,18 @@ def _index_key(embeddings: EmbeddingsFile) -> str:
     return hashlib.sha256(f"{embeddings.attrs.get('chunks')}:{embeddings.count}".encode()).hexdigest()
 
 
+IVF_TRAINING_PER_LIST = 64  # vectors per list that k-means trains on (FAISS asks for 39 to 256)
+
+
 def ivf_lists(count: int) -> int:
-    """FAISS's rule of thumb, 4 sqrt(N) lists, with at least 39 training vectors per list."""
-    return max(1, min(int(4 * math.sqrt(count)), count // 39))
+    """sqrt(N) lists (a tenth of them scanned per query), with at least 39 training vectors each."""
+    return max(1, min(int(math.sqrt(count)), count // 39))
+
+
+def _rows_in(block: np.ndarray, start: int, positions: np.ndarray) -> np.ndarray:
+    """The rows of `block` (which starts at `start`) at the given sorted positions."""
+    low, high = np.searchsorted(positions, [start, start + len(block)])
+    return block[positions[low:high] - start]
 
 
 def build_ivf(embeddings: EmbeddingsFile, seed: int = 0) -> Any:
@@ -2618,13 +2627,9 @@ def build_ivf(embeddings: EmbeddingsFile, seed: int = 0) -> Any:
     index = faiss.IndexIVFFlat(
         faiss.IndexFlatIP(embeddings.dimension), embeddings.dimension, lists, faiss.METRIC_INNER_PRODUCT
     )
-    sample = np.sort(
-        np.random.default_rng(seed).choice(
-            embeddings.count, min(embeddings.count, 256 * lists), replace=False
-        )
-    )
-    with open_hdf5(embeddings.path) as file:
-        index.train(file["embeddings"][sample])
+    training = min(embeddings.count, IVF_TRAINING_PER_LIST * lists)
+    sample = np.sort(np.random.default_rng(seed).choice(embeddings.count, training, replace=False))
+    index.train(np.concatenate([_rows_in(block, start, sample) for start, block in embeddings.blocks()]))
     for _, block in tqdm(
         embeddings.blocks(), desc="index", unit="block", total=-(-embeddings.count // embeddings.block_rows)
     ):

@@ -20,13 +20,16 @@ time.sleep(120)
 """
 
 EMBED = """
-import json, sys
+import json, sys, time
 from pathlib import Path
 import conftest, lib
 root, model, start, end, chunk = sys.argv[1:]
 lib.WORKSPACE = lib.Workspace(Path(root))
 encoder = lib.load_encoder(model, "cpu", "fp32")
 rows = {"start": int(start), "end": int(end), "chunk": int(chunk)}
+print("ready", flush=True)
+while not (lib.WORKSPACE.root / "go").exists():  # both runs start embedding together
+    time.sleep(0.01)
 summary = conftest.run_embed(lib.load_image_table(), encoder, **rows)
 print(json.dumps({"written": summary.chunks_written, "skipped": summary.chunks_skipped}))
 """
@@ -122,9 +125,9 @@ def test_two_runs_at_once_write_every_row_once(
     monkeypatch.setattr(http_server, "slow_seconds", 0.7)
     slow_table(workspace, http_server, images, 40)
     first = child(EMBED, workspace.root, tiny_checkpoint, 0, 40 if second_run[0] == 0 else 20, first_chunk)
-    while not list(workspace.chunks.glob("*.lock")) and first.poll() is None:
-        time.sleep(0.05)
     second = child(EMBED, workspace.root, tiny_checkpoint, *second_run)
+    assert first.stdout.readline() == second.stdout.readline() == "ready\n"
+    (workspace.root / "go").touch()
     outputs = [process.communicate(timeout=240) for process in (first, second)]
     assert [process.returncode for process in (first, second)] == [0, 0], (
         outputs[0][1][-2000:] + outputs[1][1][-2000:]
