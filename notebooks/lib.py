@@ -2485,9 +2485,17 @@ class EmbeddingsFile:
         return max(1, SEARCH_BLOCK_BYTES // (4 * self.dimension))
 
     def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, embeddings) of consecutive blocks of the file, read one at a time."""
+        """(first row, embeddings) of consecutive blocks of the file, read one at a time.
+
+        Every block is read into the same buffer (fresh memory per block costs more than the
+        read): use each block before asking for the next, and copy what you keep.
+        """
+        buffer = np.empty((min(self.block_rows, self.count), self.dimension), np.float32)
         with open_hdf5(self.path) as file:
-            yield from array_blocks(file["embeddings"], self.block_rows)
+            for start in range(0, self.count, self.block_rows):
+                rows = min(self.block_rows, self.count - start)
+                file["embeddings"].read_direct(buffer, np.s_[start : start + rows], np.s_[:rows])
+                yield start, buffer[:rows]
 
     def records(self, positions: np.ndarray) -> dict[str, list]:
         """image_id, url and row of the given positions, in that order."""
@@ -2585,11 +2593,10 @@ def exact_search(blocks: Iterable[tuple[int, np.ndarray]], queries: np.ndarray, 
 
 def result_table(embeddings: EmbeddingsFile, result: SearchResult, query: int = 0) -> pd.DataFrame:
     """One query's results: rank, score, image_id, url and row in the image table."""
-    records = embeddings.records(result.positions[query])
-    table = pd.DataFrame(
-        {"rank": np.arange(1, len(result.positions[query]) + 1), "score": result.scores[query]}
-    )
-    return table.assign(**records)
+    found = result.positions[query] >= 0
+    positions, scores = result.positions[query][found], result.scores[query][found]
+    table = pd.DataFrame({"rank": np.arange(1, len(positions) + 1), "score": scores})
+    return table.assign(**embeddings.records(positions))
 
 
 # The approximate index: FAISS's inverted file (IVF-Flat), built from the file in blocks and saved
@@ -2656,12 +2663,11 @@ def load_ivf(embeddings: EmbeddingsFile) -> Any:
 
 
 def approximate_search(index: Any, queries: np.ndarray, top_k: int) -> SearchResult:
-    """Top-k from a FAISS index; positions of -1 (fewer than k found) are dropped."""
+    """Top-k from a FAISS index; a position of -1 means fewer than k vectors were found."""
     scores, positions = index.search(
         np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, index.d), top_k
     )
-    found = positions[0] >= 0
-    return SearchResult(positions[:, found].astype(np.int64), scores[:, found])
+    return SearchResult(positions.astype(np.int64), scores)
 
 
 def search(embeddings: EmbeddingsFile, queries: np.ndarray, top_k: int, index: str = "exact") -> SearchResult:
