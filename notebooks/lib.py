@@ -1736,7 +1736,8 @@ def claim_chunk(start: int, end: int, rewrite: bool = False) -> FileLock | str |
             if holder:
                 return f"rows [{low}, {high}): {holder}"
         claim = FileLock(lock_path(chunk_path(start, end)))
-        claim.acquire(blocking=False)
+        if not claim.acquire(blocking=False):  # a process that locks chunks without claiming them
+            return f"rows [{start}, {end}): {lock_holder(claim.path)}"
         temporary_path(chunk_path(start, end)).unlink(missing_ok=True)
         return claim
 
@@ -2698,19 +2699,18 @@ def query_encoder(embeddings: EmbeddingsFile, model: str | None, device: str) ->
 
 
 def image_query_vector(
-    embeddings: EmbeddingsFile, query: str, encoder: ClipEncoder | None, fetcher: Fetcher
+    embeddings: EmbeddingsFile, query: str, encoder: ClipEncoder, fetcher: Fetcher
 ) -> np.ndarray:
     """IMAGE_QUERY as a vector: an image_id's stored embedding, or a path or URL embedded by `encoder`."""
     position = embeddings.position_of(query)
     if position is not None:
         return embeddings.vector(position)
-    if encoder is None:
-        raise PipelineError(
-            f"IMAGE_QUERY={query!r} is not an image_id of {embeddings.path}, and no model is loaded."
-        )
+    location = (
+        query if urlparse(query).scheme in ("s3", "http", "https", "file") else str(resolve_path(query))
+    )
     recipe = ImageRecipe(encoder.preprocessing, exif_transpose=bool(embeddings.attrs.get("exif_transpose")))
     try:
-        pixels = recipe(fetcher.fetch(query))
+        pixels = recipe(fetcher.fetch(location))
     except ImageFailure as failure:
         raise PipelineError(
             f"IMAGE_QUERY={query!r} is neither an image_id of {embeddings.path} nor an image that can be "

@@ -166,3 +166,10 @@ def test_exports_hold_every_embedding_and_id_in_file_order(merged, pca_dim):
     np.testing.assert_allclose(components["explained_variance_ratio"], ratio, rtol=1e-3)
     assert exported.shape == (merged.count, pca_dim)
     np.testing.assert_allclose(np.linalg.norm(exported, axis=1), 1, atol=1e-5)
+
+
+def test_an_image_query_that_is_neither_an_id_nor_an_image_is_named(merged, tiny_encoder, workspace):
+    with pytest.raises(
+        lib.PipelineError, match=r"IMAGE_QUERY='nowhere.jpg' is neither .* \(file not found\)"
+    ):
+        lib.image_query_vector(merged, "nowhere.jpg", tiny_encoder, lib.Fetcher())
