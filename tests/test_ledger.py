@@ -54,7 +54,8 @@ def faulty_table(workspace, http_server, images, kinds) -> tuple[lib.ImageTable,
     return lib.load_image_table(), row_kinds
 
 
-def merged_ledger(workspace) -> dict:
+def merged_ledger() -> dict:
+    """Merge the chunks; the merged file as plain Python, with the merge report."""
     report = lib.merge_chunks("OUTPUT/merged.h5")
     return read_output(report.path) | {"report": report}
 
@@ -66,7 +67,7 @@ def test_every_row_is_embedded_or_failed_with_the_reason_of_its_fault(
     assert len(table) >= 200
     many_fetches = {"gpu_batch_size": 16, "num_workers": 8}
     summary = run_embed(table, tiny_encoder, chunk=64, s3_endpoint_url=s3_endpoint, **many_fetches)
-    merged = merged_ledger(workspace)
+    merged = merged_ledger()
 
     assert sorted(merged["rows"] + merged["failed_rows"]) == list(range(len(table)))
     expected = {row: FAULTS[kind][1] for row, kind in enumerate(kinds)}
@@ -119,9 +120,9 @@ def test_retry_failed_attempts_only_the_failed_rows_and_keeps_every_stored_vecto
         assert set(new.reasons) == {"http 404"} and new.retried == len(old.failed.rows)
     assert not [path for path in workspace.chunks.iterdir() if not lib._CHUNK_NAME.fullmatch(path.name)]
 
-    retried = merged_ledger(workspace)
+    retried = merged_ledger()
     workspace.chunks.rename(workspace.root / "retried-chunks")
     run_embed(table, tiny_encoder, chunk=16)  # a run with no outage at all
-    clean = merged_ledger(workspace)
+    clean = merged_ledger()
     assert (retried["rows"], retried["failed_rows"]) == (clean["rows"], clean["failed_rows"])
     np.testing.assert_allclose(retried["embeddings"], clean["embeddings"], atol=1e-6)
