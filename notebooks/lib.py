@@ -2514,16 +2514,12 @@ class EmbeddingsFile:
 
     def position_of(self, image_id: str) -> int | None:
         """Where `image_id` is in the file, or None."""
-        for start, ids in self._id_blocks():
-            found = np.flatnonzero(ids == image_id)
-            if len(found):
-                return start + int(found[0])
-        return None
-
-    def _id_blocks(self) -> Iterator[tuple[int, np.ndarray]]:
         with open_hdf5(self.path) as file:
-            for start in range(0, self.count, self.block_rows):
-                yield start, file["image_ids"].asstr()[start : start + self.block_rows].astype(object)
+            for start, ids in array_blocks(file["image_ids"].asstr(), self.block_rows):
+                found = np.flatnonzero(ids.astype(object) == image_id)
+                if len(found):
+                    return start + int(found[0])
+        return None
 
     def first_image_id(self) -> str:
         with open_hdf5(self.path) as file:
@@ -2803,7 +2799,7 @@ def export_embeddings(embeddings: EmbeddingsFile, kind: str, pca_dim: int | None
     folder = embeddings.path.parent
     transform = pca.transform if pca else (lambda vectors: vectors)
     written = (
-        _export_npy(embeddings, folder, stem, transform)
+        _export_npy(embeddings, folder, stem, transform, pca_dim or embeddings.dimension)
         if kind == "npy"
         else _export_parquet(embeddings, folder / f"{stem}.parquet", transform)
     )
@@ -2819,21 +2815,32 @@ def export_embeddings(embeddings: EmbeddingsFile, kind: str, pca_dim: int | None
     return written
 
 
-def _export_npy(embeddings: EmbeddingsFile, folder: Path, stem: str, transform: Callable) -> list[Path]:
-    """<stem>_embeddings.npy (N, D) float32, <stem>_image_ids.npy and <stem>_urls.npy, in file order."""
-    dimension = len(transform(np.zeros((1, embeddings.dimension), np.float32))[0])
+def _export_npy(
+    embeddings: EmbeddingsFile, folder: Path, stem: str, transform: Callable, dimension: int
+) -> list[Path]:
+    """<stem>_embeddings.npy (N, dimension) float32, then _image_ids.npy and _urls.npy, in file order."""
     paths = [folder / f"{stem}_{name}.npy" for name in ("embeddings", "image_ids", "urls")]
-    with _atomic_file(paths[0]) as temporary:
-        vectors = np.lib.format.open_memmap(temporary, "w+", np.float32, (embeddings.count, dimension))
-        for start, block in embeddings.blocks():
-            vectors[start : start + len(block)] = transform(block)
-        vectors.flush()
-        del vectors
+    vectors = ((start, transform(block)) for start, block in embeddings.blocks())
+    _write_npy(paths[0], np.float32, (embeddings.count, dimension), vectors)
     with open_hdf5(embeddings.path) as file:
         for path, name in zip(paths[1:], ("image_ids", "urls"), strict=True):
-            with _atomic_file(path) as temporary, open(temporary, "wb") as out:
-                np.save(out, file[name].asstr()[:].astype(str))
+            strings = file[name].asstr()
+            width = max(
+                (max(map(len, ids), default=1) for _, ids in array_blocks(strings, embeddings.block_rows)),
+                default=1,
+            )
+            _write_npy(path, f"<U{width}", (len(strings),), array_blocks(strings, embeddings.block_rows))
     return paths
+
+
+def _write_npy(path: Path, dtype: Any, shape: tuple, blocks: Iterable[tuple[int, np.ndarray]]) -> None:
+    """A .npy file filled block by block through a memory map, renamed into place when complete."""
+    with _atomic_file(path) as temporary:
+        array = np.lib.format.open_memmap(temporary, "w+", dtype, shape)
+        for start, block in blocks:
+            array[start : start + len(block)] = block
+        array.flush()
+        del array  # unmapped before the rename
 
 
 def _export_parquet(embeddings: EmbeddingsFile, path: Path, transform: Callable) -> list[Path]:
