@@ -354,6 +354,9 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return path if path.is_absolute() else WORKSPACE.root / path
 
 
+LOCATION_SCHEMES = ("http", "https", "s3", "file")  # what 02 fetches as it is; anything else is a path
+
+
 def _is_url(text: str) -> bool:
     return urlparse(text).scheme in ("http", "https")
 
@@ -624,7 +627,7 @@ def _resolve_locations(urls: pd.Series, base: str) -> pd.Series:
     """Relative paths in a listing point next to the listing itself (a folder or a URL)."""
 
     def resolve(url: str) -> str:
-        if urlparse(url).scheme in ("http", "https", "s3", "file") or os.path.isabs(url):
+        if urlparse(url).scheme in LOCATION_SCHEMES or os.path.isabs(url):
             return url
         return urljoin(base, url) if _is_url(base) else str(Path(base) / url)
 
@@ -1670,30 +1673,33 @@ class FileLock:
         self.release()
 
 
-def lock_holder(path: Path) -> str | None:
-    """Who holds the lock file `path` ("pid 12 on host, since ..."), or None when nobody does."""
+@contextlib.contextmanager
+def _existing_lock_file(path: Path) -> Iterator[int | None]:
+    """A descriptor of the lock file `path`, or None when there is no such file."""
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
-        return None
+        yield None
+        return
     try:
-        if _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, path):
-            return None
-        return os.pread(fd, 200, 0).decode(errors="replace") or "another process"
+        yield fd
     finally:
         os.close(fd)
+
+
+def lock_holder(path: Path) -> str | None:
+    """Who holds the lock file `path` ("pid 12 on host, since ..."), or None when nobody does."""
+    with _existing_lock_file(path) as fd:
+        if fd is None or _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, path):
+            return None
+        return os.pread(fd, 200, 0).decode(errors="replace") or "another process"
 
 
 def wait_for_lock(path: Path) -> None:
     """Return once nobody holds the lock file `path`."""
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
-        return
-    try:
-        _flock(fd, fcntl.LOCK_SH, path)
-    finally:
-        os.close(fd)
+    with _existing_lock_file(path) as fd:
+        if fd is not None:
+            _flock(fd, fcntl.LOCK_SH, path)
 
 
 def lock_path(path: Path) -> Path:
@@ -1706,12 +1712,12 @@ def _chunks_lock() -> FileLock:
     return FileLock(WORKSPACE.chunks / ".lock")
 
 
-def _ranges(pattern: str) -> dict[tuple[int, int], Path]:
-    """Row ranges of the files in OUTPUT/chunks/ named like chunk_<start>_<end>.h5 plus a suffix."""
+def _ranges(suffix: str = "") -> dict[tuple[int, int], Path]:
+    """Row ranges of the files in OUTPUT/chunks/ named chunk_<start>_<end>.h5 followed by `suffix`."""
     found = {}
-    for path in WORKSPACE.chunks.glob(pattern):
-        match = _CHUNK_NAME.match(path.name)
-        if match and path.name == match.group(0) + pattern.removeprefix("chunk_*.h5"):
+    for path in WORKSPACE.chunks.glob(f"chunk_*.h5{suffix}"):
+        match = _CHUNK_NAME.fullmatch(path.name.removesuffix(suffix))
+        if match:
             found[(int(match.group(1)), int(match.group(2)))] = path
     return found
 
@@ -1727,10 +1733,10 @@ def claim_chunk(start: int, end: int, rewrite: bool = False) -> FileLock | str |
     A string: who holds an overlapping claim, another run at work on these rows.
     """
     with _chunks_lock():
-        finished = set(_ranges("chunk_*.h5")) - ({(start, end)} if rewrite else set())
+        finished = set(_ranges()) - ({(start, end)} if rewrite else set())
         if _overlapping(finished, start, end):
             return None
-        claims = _ranges("chunk_*.h5.lock")
+        claims = _ranges(".lock")
         for low, high in _overlapping(claims, start, end):
             holder = lock_holder(claims[(low, high)])
             if holder:
@@ -1744,7 +1750,7 @@ def claim_chunk(start: int, end: int, rewrite: bool = False) -> FileLock | str |
 
 def wait_for_claims(start: int, end: int) -> None:
     """Return once no other run holds a claim on any of rows [start, end)."""
-    claims = _ranges("chunk_*.h5.lock")
+    claims = _ranges(".lock")
     for found in _overlapping(claims, start, end):
         wait_for_lock(claims[found])
 
@@ -1753,11 +1759,11 @@ def remove_stale_files() -> list[str]:
     """Delete what interrupted runs left in OUTPUT/chunks/: lock and temporary files nobody holds."""
     removed = []
     with _chunks_lock():
-        for claim in _ranges("chunk_*.h5.lock").values():
+        for claim in _ranges(".lock").values():
             if lock_holder(claim) is None:
                 claim.unlink()
                 removed.append(claim.name)
-        for temporary in _ranges("chunk_*.h5.tmp").values():
+        for temporary in _ranges(".tmp").values():
             if not lock_path(temporary.with_suffix("")).exists():
                 temporary.unlink()
                 removed.append(temporary.name)
@@ -2701,9 +2707,7 @@ def image_query_vector(
     position = embeddings.position_of(query)
     if position is not None:
         return embeddings.vector(position)
-    location = (
-        query if urlparse(query).scheme in ("s3", "http", "https", "file") else str(resolve_path(query))
-    )
+    location = query if urlparse(query).scheme in LOCATION_SCHEMES else str(resolve_path(query))
     recipe = ImageRecipe(encoder.preprocessing, exif_transpose=bool(embeddings.attrs.get("exif_transpose")))
     try:
         pixels = recipe(fetcher.fetch(location))
@@ -2727,7 +2731,6 @@ def thumbnail(location: str, fetcher: Fetcher) -> bytes | None:
     image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
     buffer = io.BytesIO()
     image.save(buffer, "JPEG", quality=85)
-    path.parent.mkdir(parents=True, exist_ok=True)
     with _atomic_file(path) as temporary:
         temporary.write_bytes(buffer.getvalue())
     return buffer.getvalue()
