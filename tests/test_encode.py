@@ -1,7 +1,11 @@
 """Encode: checkpoints by name, hub id or directory; embeddings equal a direct CLIPModel forward."""
 
 import json
+import resource
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import lib
 import numpy as np
@@ -229,3 +233,33 @@ def test_out_of_memory_on_one_image_is_a_clear_error(tiny_checkpoint, monkeypatc
     pixels = np.stack([encoder.preprocessing(image) for image in sample_images(2)])
     with pytest.warns(UserWarning), pytest.raises(lib.PipelineError, match="out of memory on a single image"):
         encoder.encode(pixels)
+
+
+PAGE_FAULTS_OF_BIG_TENSORS = """
+import resource, sys
+import torch
+sys.path.insert(0, sys.argv[1])
+import lib
+if sys.argv[2] != "-":
+    lib.load_encoder(sys.argv[2], "cpu", "fp32")
+for _ in range(3):  # 64 MB tensors, made and freed as the model's activations are
+    torch.ones(16 << 20)
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    torch.ones(16 << 20)
+print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def page_faults_of_big_tensors(checkpoint: str) -> int:
+    """Page faults of five 64 MB tensors made after three others, in a fresh process."""
+    notebooks = str(Path(lib.__file__).parent)
+    command = [sys.executable, "-c", PAGE_FAULTS_OF_BIG_TENSORS, notebooks, checkpoint]
+    return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt, on Linux")
+def test_a_cpu_encoder_keeps_freed_memory_rather_than_fault_it_in_again(tiny_checkpoint):
+    default = page_faults_of_big_tensors("-")
+    assert default > 5 * (64 << 20) // resource.getpagesize() // 2  # glibc maps and unmaps each one
+    assert page_faults_of_big_tensors(str(tiny_checkpoint)) < default / 10
