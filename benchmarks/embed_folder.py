@@ -12,7 +12,8 @@ import argparse
 import json
 from pathlib import Path
 
-from workload import MODEL_HELP, embed_rows, lib, model_path, peak_rss_mb, temporary_workspace
+from rss import peak_rss_mb
+from workload import MODEL_HELP, embed_rows, lib, model_path, temporary_workspace
 
 
 def embed_params(args: argparse.Namespace) -> lib.EmbedParams:

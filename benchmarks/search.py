@@ -21,7 +21,8 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from workload import CACHE, lib, peak_rss_mb
+from rss import peak_rss_mb
+from workload import CACHE, lib
 
 QUERIES = 100
 BLOCK = 50_000

@@ -7,9 +7,10 @@ Prints one JSON object, all on the same synthetic 1024x768 JPEGs with the same m
   model_only_img_s             the model on ready tensors, after a warm-up batch
   preprocess_img_s_per_core    decode and exact preprocessing in one thread
   end_to_end_img_s             02's embed_chunks from local files, loopback S3 and loopback HTTP
-  naive_loop_img_s             the original notebooks' loop (naive_loop.py) in this process
-  whole_process                embed_folder.py and naive_loop.py as processes: wall_seconds (start-up and
-                               model load included), their own figures, and the speed-up
+  naive_loop_img_s             the original notebooks' loop (naive_loop.py), timed by its own process
+  whole_process                embed_folder.py and naive_loop.py as processes, taking turns --repeats
+                               times: each run's wall_seconds (start-up and model load included) and
+                               own figures, and the speed-up of the median wall times
   peak_rss_mb                  of this process, and of each whole process
 """
 
@@ -20,6 +21,7 @@ import dataclasses
 import functools
 import http.server
 import json
+import statistics
 import subprocess
 import sys
 import threading
@@ -29,8 +31,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from embed_folder import add_run_arguments, embed_params
-from naive_loop import naive_embed
-from workload import embed_rows, lib, loopback_s3, model_path, peak_rss_mb, photo_folder, temporary_workspace
+from rss import peak_rss_mb
+from workload import embed_rows, lib, loopback_s3, model_path, photo_folder, temporary_workspace
 
 HERE = Path(__file__).resolve().parent
 
@@ -97,6 +99,17 @@ def whole_process(script: str, folder: Path, extra: list[str]) -> dict:
     }
 
 
+def side_by_side(folder: Path, pipeline_options: list[str], naive_options: list[str], repeats: int) -> dict:
+    """The pipeline's and the naive loop's whole processes, taking turns; the speed-up of the medians."""
+    runs: dict[str, list[dict]] = {"pipeline": [], "naive_loop": []}
+    for _ in range(repeats):
+        runs["pipeline"].append(whole_process("embed_folder.py", folder, pipeline_options))
+        runs["naive_loop"].append(whole_process("naive_loop.py", folder, naive_options))
+    medians = {name: statistics.median(run["wall_seconds"] for run in each) for name, each in runs.items()}
+    speedup = round(medians["naive_loop"] / medians["pipeline"], 2)
+    return {**runs, "median_wall_seconds": medians, "speedup": speedup}
+
+
 def run_options(args: argparse.Namespace) -> list[str]:
     """The command-line options of this run, for embed_folder.py."""
     names = ("model", "device", "precision", "preprocess", "batch_size", "workers", "chunk")
@@ -111,6 +124,7 @@ def main() -> None:
     parser.add_argument(
         "--local-only", action="store_true", help="only the model, preprocessing and local files"
     )
+    parser.add_argument("--repeats", type=int, default=3, help="turns of each whole process")
     add_run_arguments(parser)
     args = parser.parse_args()
     params = embed_params(args)
@@ -144,13 +158,11 @@ def main() -> None:
         "http": end_to_end([f"{http_base}/{name}" for name in names], encoder, params),
     }
     report["end_to_end_img_s"] = {source: round(rate, 1) for source, rate in rates.items()}
-    device = str(encoder.device)
-    naive_seconds = timed(naive_embed, paths, model_path(args.model), device)
-    report["naive_loop_img_s"] = round(len(paths) / naive_seconds, 1)
-    ours = whole_process("embed_folder.py", folder, run_options(args))
-    naive = whole_process("naive_loop.py", folder, [f"--model={args.model}", f"--device={device}"])
-    speedup = round(naive["wall_seconds"] / ours["wall_seconds"], 2)
-    report["whole_process"] = {"pipeline": ours, "naive_loop": naive, "speedup": speedup}
+    naive_options = [f"--model={encoder.checkpoint.path}", f"--device={encoder.device}"]
+    turns = side_by_side(folder, run_options(args), naive_options, args.repeats)
+    naive_rates = [run["images"] / run["seconds"] for run in turns["naive_loop"]]
+    report["naive_loop_img_s"] = round(statistics.median(naive_rates), 1)
+    report["whole_process"] = turns
     report["peak_rss_mb"] = peak_rss_mb()
     print(json.dumps(report, indent=1))
 

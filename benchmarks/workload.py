@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import resource
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -105,14 +104,6 @@ def embed_rows(table: lib.ImageTable, encoder: lib.ClipEncoder, params: lib.Embe
     signature = lib.run_signature(encoder, recipe, table)
     plan = lib.plan_chunks(params.start, params.end, params.chunk, signature, len(table), params.retry_failed)
     return lib.embed_chunks(table, encoder, recipe, plan, params)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident memory in MB: VmHWM, which, unlike ru_maxrss, starts afresh at exec."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return round(int(line.split()[1]) / 1024, 1)
-    return round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
 
 
 def model_path(model: str) -> str:

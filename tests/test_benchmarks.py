@@ -5,7 +5,8 @@ import io
 import numpy as np
 from PIL import Image
 from precision import precision_agreement
-from workload import peak_rss_mb, synthetic_jpeg
+from rss import peak_rss_mb
+from workload import synthetic_jpeg
 
 
 def test_synthetic_photos_are_open_images_sized_jpegs():
