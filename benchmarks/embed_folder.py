@@ -3,16 +3,18 @@
     python benchmarks/embed_folder.py FOLDER [--model random] [--device auto] [--precision auto]
         [--batch-size 64] [--workers 4] [--chunk 10000]
 
-Prints JSON: images, embedded, seconds of 02's embedding (after the model is loaded), peak RSS.
+Prints JSON: images, embedded, seconds of 02's embedding (after the model is loaded), seconds of
+each step before it (01's table, loading the model) and since the process started, peak RSS.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
 
-from rss import peak_rss_mb
+from process_stats import peak_rss_mb, seconds_since_start
 from workload import MODEL_HELP, embed_rows, lib, model_path, temporary_workspace
 
 
@@ -37,13 +39,17 @@ def embed_params(args: argparse.Namespace) -> lib.EmbedParams:
     )
 
 
-def embed_folder(folder: Path, params: lib.EmbedParams) -> lib.RunSummary:
-    """Run 01 and 02 over `folder` in a temporary workspace."""
+def embed_folder(folder: Path, params: lib.EmbedParams, steps: dict[str, float]) -> lib.RunSummary:
+    """Run 01 and 02 over `folder` in a temporary workspace; the seconds of each step go in `steps`."""
     with temporary_workspace():
+        began = time.perf_counter()
         metadata = lib.MetadataParams("folder", "validation", str(folder), "s3")
         lib.save_image_table(lib.build_image_table(metadata), metadata)
         table = lib.load_image_table()
+        steps["table_seconds"] = round(time.perf_counter() - began, 2)
+        began = time.perf_counter()
         encoder = lib.load_encoder(model_path(params.model), params.device, params.precision)
+        steps["model_seconds"] = round(time.perf_counter() - began, 2)
         return embed_rows(table, encoder, params)
 
 
@@ -65,9 +71,10 @@ def main() -> None:
     parser.add_argument("folder", type=Path)
     add_run_arguments(parser)
     args = parser.parse_args()
-    summary = embed_folder(args.folder.resolve(), embed_params(args))
+    steps = {"seconds_before_main": round(seconds_since_start(), 2)}
+    summary = embed_folder(args.folder.resolve(), embed_params(args), steps)
     report = {"images": summary.attempted, "embedded": summary.embedded, "seconds": round(summary.seconds, 2)}
-    print(json.dumps({**report, "peak_rss_mb": peak_rss_mb()}))
+    print(json.dumps({**report, **steps, "peak_rss_mb": peak_rss_mb()}))
 
 
 if __name__ == "__main__":

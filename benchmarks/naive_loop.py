@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
-from rss import peak_rss_mb
+from process_stats import peak_rss_mb
 
 BATCH = 32
 

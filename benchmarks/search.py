@@ -21,7 +21,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-from rss import peak_rss_mb
+from process_stats import peak_rss_mb
 from workload import CACHE, lib
 
 QUERIES = 100

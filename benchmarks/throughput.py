@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 from embed_folder import add_run_arguments, embed_params
-from rss import peak_rss_mb
+from process_stats import peak_rss_mb
 from workload import embed_rows, lib, loopback_s3, model_path, photo_folder, temporary_workspace
 
 HERE = Path(__file__).resolve().parent

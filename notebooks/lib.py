@@ -1378,7 +1378,7 @@ def keep_freed_memory() -> bool:
 
     A forward pass on the CPU allocates and frees activations of tens of MB. By default glibc maps
     each afresh and returns it to the kernel when freed, so every batch page-faults through hundreds
-    of MB: a fifth or more of ViT-B/32's time. Kept, the memory stays near its peak between batches.
+    of MB, about a tenth of ViT-B/32's time. Kept, the memory stays near its peak between batches.
     """
     mallopt = getattr(ctypes.CDLL(None), "mallopt", None)
     if mallopt is None:

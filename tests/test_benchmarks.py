@@ -5,7 +5,7 @@ import io
 import numpy as np
 from PIL import Image
 from precision import precision_agreement
-from rss import peak_rss_mb
+from process_stats import peak_rss_mb
 from workload import synthetic_jpeg
 
 
@@ -45,3 +45,11 @@ def test_fast_preprocessing_agreement_reports_cosines_and_speeds(tiny_checkpoint
     report = fast_agreement(str(tiny_checkpoint), "cpu", 6, batch_size=4)
     assert report["images"] == 6 and 0.9 < report["min_cosine"] <= report["mean_cosine"] <= 1.0
     assert report["fast_img_s_per_core"] > 0 and report["exact_img_s_per_core"] > 0
+
+
+def test_the_allocator_benchmark_runs_the_model_alone_under_each_setting(tiny_checkpoint):
+    from allocator import SETTINGS, model_alone
+
+    for setting in SETTINGS:
+        run = model_alone(setting, str(tiny_checkpoint), batch_size=4, batches=2)
+        assert run["img_s"] > 0 and run["page_faults_per_batch"] >= 0
