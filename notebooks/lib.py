@@ -805,8 +805,7 @@ class Fetcher:
         max_bytes: int | None = None,
     ):
         """None: HTTP_TIMEOUT, FETCH_DEADLINE and MAX_IMAGE_BYTES."""
-        timeout = timeout or HTTP_TIMEOUT
-        self._timeout = timeout
+        self._timeout = timeout or HTTP_TIMEOUT
         self._deadline = deadline or FETCH_DEADLINE
         self._max_bytes = max_bytes or MAX_IMAGE_BYTES
         self._http = http_session(pool_size)
@@ -2697,9 +2696,10 @@ def load_ivf(embeddings: EmbeddingsFile) -> Any:
 
     path, key = _ivf_path(embeddings), _index_key(embeddings)
     record = path.with_name(path.name + ".json")
-    if path.is_file() and record.is_file() and json.loads(record.read_text()).get("key") == key:
+    saved = json.loads(record.read_text()) if path.is_file() and record.is_file() else {}
+    if saved.get("key") == key:
         index = faiss.read_index(str(path))
-        index.nprobe = json.loads(record.read_text())["nprobe"]
+        index.nprobe = saved["nprobe"]
         return index
     index = build_ivf(embeddings)
     with _atomic_file(path) as temporary:
