@@ -114,7 +114,8 @@ def main() -> None:
     args = parser.parse_args()
     report = {"rows": args.rows, "dimension": args.dimension, "device": lib.describe_device("cpu")}
     for kind in ("random", "clustered"):
-        embeddings = lib.open_embeddings(vectors_file(args.rows, args.dimension, kind == "clustered"))
+        path = vectors_file(args.rows, args.dimension, kind == "clustered")
+        embeddings = lib.open_embeddings(lib.Collection(path.parent), path)
         queries = near_queries(embeddings)
         if kind == "random":
             report["exact_seconds_per_query"] = round(seconds_per_query(embeddings, queries[:3], 1), 3)

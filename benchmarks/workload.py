@@ -88,7 +88,7 @@ def random_clip(name: str, cache: Path = CACHE) -> Path:
 
 @contextlib.contextmanager
 def temporary_workspace() -> Iterator[lib.Workspace]:
-    """lib's .cache/ and OUTPUT/ in a temporary folder for the duration, then as they were."""
+    """lib's repository root (its .cache/ and OUTPUT/) in a temporary folder for the duration."""
     previous = lib.WORKSPACE
     with tempfile.TemporaryDirectory() as root:
         lib.WORKSPACE = lib.Workspace(Path(root))
@@ -99,10 +99,13 @@ def temporary_workspace() -> Iterator[lib.Workspace]:
 
 
 def embed_rows(table: lib.ImageTable, encoder: lib.ClipEncoder, params: lib.EmbedParams) -> lib.RunSummary:
-    """Plan and embed rows [START, END) of `table` as 02 does."""
+    """Plan and embed rows [START, END) of `table` as 02 does, in the collection of OUTPUT_DIR."""
     recipe = lib.image_recipe(encoder, params)
     signature = lib.run_signature(encoder, recipe, table)
-    plan = lib.plan_chunks(params.start, params.end, params.chunk, signature, len(table), params.retry_failed)
+    collection = lib.collection(params.output_dir)
+    plan = lib.plan_chunks(
+        collection, params.start, params.end, params.chunk, signature, len(table), params.retry_failed
+    )
     return lib.embed_chunks(table, encoder, recipe, plan, params)
 
 

@@ -59,9 +59,13 @@ from tqdm.auto import tqdm
 FORMAT_VERSION = 2  # 2: orientation options and the pixel limit in every file
 
 
+DEFAULT_OUTPUT_DIR = "OUTPUT"
+MERGED_FILE_NAME = "Images_Embedded.h5"  # the original notebook's name for the merged file
+
+
 @dataclasses.dataclass(frozen=True)
 class Workspace:
-    """Where the stages keep their files: .cache/ and OUTPUT/ under the repository root."""
+    """The repository root, and what every collection shares under .cache/ (downloads, thumbnails)."""
 
     root: Path
 
@@ -74,20 +78,33 @@ class Workspace:
         return self.cache / "downloads"
 
     @property
-    def table(self) -> Path:
+    def thumbnails(self) -> Path:
+        return self.cache / "thumbnails"
+
+    @property
+    def earlier_table(self) -> Path:
+        """Where versions without OUTPUT_DIR kept the checkout's one image table (OUTPUT/'s)."""
         return self.cache / "image_table.parquet"
 
-    @property
-    def table_info(self) -> Path:
-        return self.cache / "image_table.json"
+
+@dataclasses.dataclass(frozen=True)
+class Collection:
+    """One OUTPUT_DIR: all that is made from one dataset (image table, chunks, merged file, runs)."""
+
+    folder: Path
 
     @property
-    def output(self) -> Path:
-        return self.root / "OUTPUT"
+    def table(self) -> Path:
+        return self.folder / "image_table.parquet"
 
     @property
     def chunks(self) -> Path:
-        return self.output / "chunks"
+        return self.folder / "chunks"
+
+    @property
+    def merged_file(self) -> Path:
+        """Where 03 writes and 04 reads when OUTPUT_FILE and EMBEDDINGS are None."""
+        return self.folder / MERGED_FILE_NAME
 
 
 WORKSPACE = Workspace(Path(__file__).resolve().parent.parent)
@@ -160,14 +177,34 @@ def _check_device(name: str, value: Any) -> None:
         raise ParameterError(f"{name}={value!r} is not allowed: use 'auto', 'cpu', 'cuda' or 'cuda:N'.")
 
 
+def _check_output_dir(value: Any) -> None:
+    _check_text("OUTPUT_DIR", value)
+    if urlparse(value).scheme:
+        raise ParameterError(
+            f"OUTPUT_DIR={value!r} is not allowed: use a folder on this machine or on a mounted disk, "
+            f"such as {DEFAULT_OUTPUT_DIR!r} or '/mnt/shared/openimages' (one folder per collection)."
+        )
+
+
+def _check_s3_endpoint_url(value: Any) -> None:
+    _check_text("S3_ENDPOINT_URL", value, optional=True)
+    if value and urlparse(value).scheme not in ("http", "https"):
+        raise ParameterError(
+            f"S3_ENDPOINT_URL={value!r} is not allowed: use an http(s) URL such as "
+            "'http://127.0.0.1:9000', or None for the default endpoint."
+        )
+
+
 @dataclasses.dataclass(frozen=True)
 class SetupParams:
     """Parameters of 00_setup."""
 
     device: str
+    output_dir: str = DEFAULT_OUTPUT_DIR
 
     def __post_init__(self) -> None:
         _check_device("DEVICE", self.device)
+        _check_output_dir(self.output_dir)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -178,11 +215,13 @@ class MetadataParams:
     split: str
     source: str | dict | None
     fetch: str
+    output_dir: str = DEFAULT_OUTPUT_DIR
 
     def __post_init__(self) -> None:
         _check_choice("DATASET", self.dataset, DATASETS)
         _check_choice("SPLIT", self.split, SPLITS)
         _check_choice("FETCH", self.fetch, FETCH_MODES)
+        _check_output_dir(self.output_dir)
         if self.dataset == "table" and isinstance(self.source, dict):
             _check_column_sources(self.source)
         else:
@@ -218,8 +257,10 @@ class EmbedParams:
     max_pixels: int
     s3_endpoint_url: str | None
     retry_failed: bool
+    output_dir: str = DEFAULT_OUTPUT_DIR
 
     def __post_init__(self) -> None:
+        _check_output_dir(self.output_dir)
         _check_int("START", self.start, 0)
         if self.end is not None:
             _check_int("END", self.end, self.start + 1)
@@ -234,24 +275,21 @@ class EmbedParams:
         _check_bool("EXIF_TRANSPOSE", self.exif_transpose)
         _check_bool("APPLY_ROTATION", self.apply_rotation)
         _check_int("MAX_PIXELS", self.max_pixels, 1)
-        _check_text("S3_ENDPOINT_URL", self.s3_endpoint_url, optional=True)
+        _check_s3_endpoint_url(self.s3_endpoint_url)
         _check_bool("RETRY_FAILED", self.retry_failed)
-        if self.s3_endpoint_url and urlparse(self.s3_endpoint_url).scheme not in ("http", "https"):
-            raise ParameterError(
-                f"S3_ENDPOINT_URL={self.s3_endpoint_url!r} is not allowed: use an http(s) URL "
-                "such as 'http://127.0.0.1:9000', or None for the default endpoint."
-            )
 
 
 @dataclasses.dataclass(frozen=True)
 class MergeParams:
     """Parameters of 03_merge."""
 
-    output_file: str
+    output_file: str | None
     cleanup: bool
+    output_dir: str = DEFAULT_OUTPUT_DIR
 
     def __post_init__(self) -> None:
-        _check_text("OUTPUT_FILE", self.output_file)
+        _check_output_dir(self.output_dir)
+        _check_text("OUTPUT_FILE", self.output_file, optional=True)
         _check_bool("CLEANUP", self.cleanup)
 
 
@@ -263,7 +301,7 @@ EXPORTS = ("npy", "parquet")
 class SearchParams:
     """Parameters of 04_search."""
 
-    embeddings: str
+    embeddings: str | None
     queries: list[str]
     image_query: str | None
     top_k: int
@@ -273,10 +311,12 @@ class SearchParams:
     export: str | None
     pca_dim: int | None
     s3_endpoint_url: str | None
+    output_dir: str = DEFAULT_OUTPUT_DIR
 
     def __post_init__(self) -> None:
-        _check_text("EMBEDDINGS", self.embeddings)
-        _check_text("S3_ENDPOINT_URL", self.s3_endpoint_url, optional=True)
+        _check_output_dir(self.output_dir)
+        _check_text("EMBEDDINGS", self.embeddings, optional=True)
+        _check_s3_endpoint_url(self.s3_endpoint_url)
         if not isinstance(self.queries, list) or not all(
             isinstance(q, str) and q.strip() for q in self.queries
         ):
@@ -350,6 +390,11 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return path if path.is_absolute() else WORKSPACE.root / path
 
 
+def collection(output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR) -> Collection:
+    """The collection in OUTPUT_DIR (a relative path starts at the repository root)."""
+    return Collection(resolve_path(output_dir))
+
+
 LOCATION_SCHEMES = ("http", "https", "s3", "file")  # what 02 fetches as it is; anything else is a path
 
 
@@ -409,6 +454,21 @@ def _atomic_file(path: Path) -> Iterator[Path]:
         temporary.unlink(missing_ok=True)
 
 
+def _write_json(path: Path, record: dict) -> None:
+    """Write a JSON record whole or not at all."""
+    with _atomic_file(path) as temporary:
+        temporary.write_text(json.dumps(record, indent=1))
+
+
+def _read_json(path: Path) -> dict:
+    """A JSON record, or {} when the file is missing or not a whole record."""
+    try:
+        record = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
 def check_writable(folder: Path) -> None:
     """Create `folder` if needed and make sure this process can write files in it."""
     try:
@@ -433,9 +493,9 @@ def check_free_space(folder: Path, needed: int, purpose: str) -> None:
 
 
 def _cached_download_is_valid(path: Path, record_path: Path, url: str) -> bool:
-    if not (path.is_file() and record_path.is_file()):
+    if not path.is_file():
         return False
-    record = json.loads(record_path.read_text())
+    record = _read_json(record_path)
     return (
         record.get("url") == url
         and record.get("size") == path.stat().st_size
@@ -520,7 +580,7 @@ def cached_download(url: str, hint: str) -> Path:
         problem = _network_problem(error, url) if isinstance(error, requests.RequestException) else error
         raise PipelineError(f"Could not download {url}: {problem}. {hint}") from None
     record = {"url": url, "size": path.stat().st_size, "sha256": _sha256_of_file(path)}
-    path.with_name(path.name + ".download.json").write_text(json.dumps(record, indent=1))
+    _write_json(path.with_name(path.name + ".download.json"), record)
     return path
 
 
@@ -733,8 +793,14 @@ def table_sha256(table: pd.DataFrame) -> str:
     return digest.hexdigest()
 
 
-def save_image_table(table: pd.DataFrame, params: MetadataParams) -> dict:
-    """Write the table to .cache/ atomically, unless the same table is already there; return its info."""
+TABLE_INFO_KEY = b"clip_image_embeddings.table"  # the table's info, kept in the Parquet file's metadata
+
+
+def save_image_table(table: pd.DataFrame, params: MetadataParams, collection: Collection) -> dict:
+    """Write the table and its info into the collection, as one file, atomically; return the info.
+
+    The same table (same info) is left as it is, so the chunks made from it stay valid.
+    """
     info = {
         "dataset": params.dataset,
         "split": params.split if params.dataset == "openimages-v7" else None,
@@ -743,15 +809,41 @@ def save_image_table(table: pd.DataFrame, params: MetadataParams) -> dict:
         "rows": len(table),
         "sha256": table_sha256(table),
     }
-    path, info_path = WORKSPACE.table, WORKSPACE.table_info
-    if path.is_file() and info_path.is_file() and json.loads(info_path.read_text()) == info:
-        print(f"The image table is already up to date: {len(table):,} rows in {path}")
+    _move_earlier_table(collection)
+    if _table_info(collection.table) == info:
+        print(f"The image table is already up to date: {len(table):,} rows in {collection.table}")
         return info
-    with _atomic_file(path) as temporary:
-        pq.write_table(pa.Table.from_pandas(table, preserve_index=False), temporary)
-    info_path.write_text(json.dumps(info, indent=1))
-    print(f"Wrote the image table: {len(table):,} rows to {path}")
+    _write_table(pa.Table.from_pandas(table, preserve_index=False), info, collection.table)
+    print(f"Wrote the image table: {len(table):,} rows to {collection.table}")
     return info
+
+
+def _write_table(table: pa.Table, info: dict, path: Path) -> None:
+    """The table with its info in the file's metadata, so that no kill can pair one with another's."""
+    metadata = {**(table.schema.metadata or {}), TABLE_INFO_KEY: json.dumps(info).encode()}
+    with _atomic_file(path) as temporary:
+        pq.write_table(table.replace_schema_metadata(metadata), temporary)
+
+
+def _table_info(path: Path) -> dict | None:
+    """The info an image table file records; None when there is no such file, or it records none."""
+    try:
+        metadata = pq.read_schema(path).metadata or {}
+    except (OSError, pa.ArrowException):  # missing, or not a whole Parquet file
+        return None
+    return json.loads(metadata[TABLE_INFO_KEY]) if TABLE_INFO_KEY in metadata else None
+
+
+def _move_earlier_table(collection: Collection) -> None:
+    """Move the table that versions without OUTPUT_DIR kept in .cache/ into OUTPUT/, where its chunks are."""
+    earlier = WORKSPACE.earlier_table
+    record = _read_json(earlier.with_suffix(".json"))
+    if collection.folder != resolve_path(DEFAULT_OUTPUT_DIR) or collection.table.exists() or not record:
+        return
+    _write_table(pq.read_table(earlier), record, collection.table)
+    earlier.with_suffix(".json").unlink()
+    earlier.unlink()
+    print(f"Moved the image table of {collection.folder} from {earlier}, where earlier versions kept it.")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -775,12 +867,28 @@ class ImageTable:
         return self.columns.take(pa.array(row_numbers, pa.int64())).to_pydict()
 
 
-def load_image_table() -> ImageTable:
-    """The table that 01_metadata wrote."""
-    path, info_path = WORKSPACE.table, WORKSPACE.table_info
-    if not (path.is_file() and info_path.is_file()):
-        raise PipelineError(f"There is no image table at {path}: run 01_metadata first.")
-    return ImageTable(pq.read_table(path, columns=list(TABLE_COLUMNS)), json.loads(info_path.read_text()))
+def load_image_table(collection: Collection) -> ImageTable:
+    """The table that 01_metadata wrote into the collection."""
+    _move_earlier_table(collection)
+    info = _table_info(collection.table)
+    if info is None:
+        raise PipelineError(_no_table(collection))
+    return ImageTable(pq.read_table(collection.table, columns=list(TABLE_COLUMNS)), info)
+
+
+def _no_table(collection: Collection) -> str:
+    """Why a collection has no image table, and what to do."""
+    again = f"run 01_metadata with OUTPUT_DIR={str(collection.folder)!r}"
+    if collection.table.exists():
+        return f"{collection.table} is not an image table that 01_metadata wrote (it is damaged): {again}."
+    message = f"There is no image table in {collection.folder}: {again} first."
+    if WORKSPACE.earlier_table.is_file():
+        message += (
+            f" ({WORKSPACE.earlier_table}, made by an earlier version, is the table of the collection in "
+            f"{resolve_path(DEFAULT_OUTPUT_DIR)}: it moves there when a stage runs with "
+            f"OUTPUT_DIR={DEFAULT_OUTPUT_DIR!r}.)"
+        )
+    return message
 
 
 # ---------------------------------------------------------------------------------------------
@@ -1219,10 +1327,6 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return precision
 
 
-def _read_json(path: Path) -> dict:
-    return json.loads(path.read_text()) if path.is_file() else {}
-
-
 def _checkpoint_preprocessing(folder: Path, image_size: int) -> Preprocessing:
     """Mean and std from the checkpoint's preprocessor_config.json (OpenAI's when absent)."""
     config = _read_json(folder / "preprocessor_config.json")
@@ -1433,9 +1537,9 @@ SIGNATURE_KEYS = (  # model_id is recorded but not compared: a local checkpoint 
 _STRINGS = h5py.string_dtype("utf-8")
 
 
-def chunk_path(start: int, end: int) -> Path:
+def chunk_path(folder: Path, start: int, end: int) -> Path:
     """Chunks are named by their global row range, so a sorted listing is in row order."""
-    return WORKSPACE.chunks / f"chunk_{start:09d}_{end:09d}.h5"
+    return folder / f"chunk_{start:09d}_{end:09d}.h5"
 
 
 @dataclasses.dataclass
@@ -1627,9 +1731,9 @@ def read_chunk_info(path: Path) -> ChunkInfo:
     return ChunkInfo(path, int(attrs["start"]), int(attrs["end"]), embedded, failed, attrs)
 
 
-def find_chunks() -> list[ChunkInfo]:
-    """The finished chunk files, in row order."""
-    paths = sorted(p for p in WORKSPACE.chunks.glob("chunk_*.h5") if _CHUNK_NAME.fullmatch(p.name))
+def find_chunks(folder: Path) -> list[ChunkInfo]:
+    """The finished chunk files in `folder`, in row order."""
+    paths = sorted(p for p in folder.glob("chunk_*.h5") if _CHUNK_NAME.fullmatch(p.name))
     return [read_chunk_info(path) for path in paths]
 
 
@@ -1749,15 +1853,15 @@ def lock_path(path: Path) -> Path:
     return path.with_name(path.name + ".lock")
 
 
-def _chunks_lock() -> FileLock:
+def _chunks_lock(folder: Path) -> FileLock:
     """Held for a moment while a run claims a chunk or clears what interrupted runs left."""
-    return FileLock(WORKSPACE.chunks / ".lock")
+    return FileLock(folder / ".lock")
 
 
-def _ranges(suffix: str = "") -> dict[tuple[int, int], Path]:
-    """Row ranges of the files in OUTPUT/chunks/ named chunk_<start>_<end>.h5 followed by `suffix`."""
+def _ranges(folder: Path, suffix: str = "") -> dict[tuple[int, int], Path]:
+    """Row ranges of the files in `folder` named chunk_<start>_<end>.h5 followed by `suffix`."""
     found = {}
-    for path in WORKSPACE.chunks.glob(f"chunk_*.h5{suffix}"):
+    for path in folder.glob(f"chunk_*.h5{suffix}"):
         match = _CHUNK_NAME.fullmatch(path.name.removesuffix(suffix))
         if match:
             found[(int(match.group(1)), int(match.group(2)))] = path
@@ -1768,44 +1872,44 @@ def _overlapping(ranges: Iterable[tuple[int, int]], start: int, end: int) -> lis
     return [(low, high) for low, high in ranges if low < end and high > start]
 
 
-def claim_chunk(start: int, end: int, rewrite: bool = False) -> FileLock | str | None:
-    """The lock on rows [start, end) for this process, or why not.
+def claim_chunk(folder: Path, start: int, end: int, rewrite: bool = False) -> FileLock | str | None:
+    """The lock on rows [start, end) of the chunks in `folder` for this process, or why not.
 
     None: a finished chunk covers some of these rows (unless `rewrite`, for the chunk's own file).
     A string: who holds an overlapping claim, another run at work on these rows.
     """
-    with _chunks_lock():
-        finished = set(_ranges()) - ({(start, end)} if rewrite else set())
+    with _chunks_lock(folder):
+        finished = set(_ranges(folder)) - ({(start, end)} if rewrite else set())
         if _overlapping(finished, start, end):
             return None
-        claims = _ranges(".lock")
+        claims = _ranges(folder, ".lock")
         for low, high in _overlapping(claims, start, end):
             holder = lock_holder(claims[(low, high)])
             if holder:
                 return f"rows [{low}, {high}): {holder}"
-        claim = FileLock(lock_path(chunk_path(start, end)))
+        claim = FileLock(lock_path(chunk_path(folder, start, end)))
         if not claim.acquire(blocking=False):  # a process that locks chunks without claiming them
             return f"rows [{start}, {end}): {lock_holder(claim.path)}"
-        temporary_path(chunk_path(start, end)).unlink(missing_ok=True)
+        temporary_path(chunk_path(folder, start, end)).unlink(missing_ok=True)
         return claim
 
 
-def wait_for_claims(start: int, end: int) -> None:
+def wait_for_claims(folder: Path, start: int, end: int) -> None:
     """Return once no other run holds a claim on any of rows [start, end)."""
-    claims = _ranges(".lock")
+    claims = _ranges(folder, ".lock")
     for found in _overlapping(claims, start, end):
         wait_for_lock(claims[found])
 
 
-def remove_stale_files() -> list[str]:
-    """Delete what interrupted runs left in OUTPUT/chunks/: lock and temporary files nobody holds."""
+def remove_stale_files(folder: Path) -> list[str]:
+    """Delete what interrupted runs left in a chunk folder: lock and temporary files nobody holds."""
     removed = []
-    with _chunks_lock():
-        for claim in _ranges(".lock").values():
+    with _chunks_lock(folder):
+        for claim in _ranges(folder, ".lock").values():
             if lock_holder(claim) is None:
                 claim.unlink()
                 removed.append(claim.name)
-        for temporary in _ranges(".tmp").values():
+        for temporary in _ranges(folder, ".tmp").values():
             if not lock_path(temporary.with_suffix("")).exists():
                 temporary.unlink()
                 removed.append(temporary.name)
@@ -1819,8 +1923,9 @@ def remove_stale_files() -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class ChunkPlan:
-    """Which row ranges a run finds done, and which it still has to embed."""
+    """Which row ranges a run finds done in a collection's chunk folder, and which it still has to embed."""
 
+    folder: Path
     start: int
     end: int
     done: list[ChunkInfo]
@@ -1889,7 +1994,7 @@ def _check_signatures(chunks: list[ChunkInfo], signature: dict) -> None:
             raise PipelineError(
                 f"{info.path} was made differently from this run "
                 f"({_describe_difference(signature, info.signature)}). Run with the same MODEL, "
-                f"PRECISION and image table, or move {WORKSPACE.chunks} aside to start afresh."
+                f"PRECISION and image table, or give this run another OUTPUT_DIR (a collection of its own)."
             )
 
 
@@ -1906,7 +2011,13 @@ def _uncovered(start: int, end: int, chunk: int, done: Iterable[tuple[int, int]]
 
 
 def plan_chunks(
-    start: int, end: int | None, chunk: int, signature: dict, rows: int, retry_failed: bool = False
+    collection: Collection,
+    start: int,
+    end: int | None,
+    chunk: int,
+    signature: dict,
+    rows: int,
+    retry_failed: bool = False,
 ) -> ChunkPlan:
     """Cover rows [start, end) with chunks of at most `chunk` rows, skipping rows already embedded.
 
@@ -1915,12 +2026,37 @@ def plan_chunks(
     recorded failures are planned for a retry of those rows.
     """
     end = _check_row_range(start, end, rows)
-    existing = find_chunks()
+    existing = find_chunks(collection.chunks)
+    if not existing:
+        _check_no_earlier_chunks(collection, signature["table_sha256"])
     _check_signatures(existing, signature)
     done = [info for info in existing if info.start < end and info.end > start]
     todo = _uncovered(start, end, chunk, [(info.start, info.end) for info in done])
     retry = [info for info in done if info.failed] if retry_failed else []
-    return ChunkPlan(start, end, done, todo, retry, signature)
+    return ChunkPlan(collection.chunks, start, end, done, todo, retry, signature)
+
+
+def _check_no_earlier_chunks(collection: Collection, table_sha256: str) -> None:
+    """An error when OUTPUT/chunks holds chunks of this table that an earlier version made there.
+
+    Versions without OUTPUT_DIR kept every collection's chunks in OUTPUT/chunks and its table in
+    .cache/; until that table has moved into OUTPUT/, such chunks may be this collection's own.
+    """
+    shared = Collection(resolve_path(DEFAULT_OUTPUT_DIR))
+    if collection == shared or not WORKSPACE.earlier_table.is_file():
+        return
+    try:
+        theirs = [info for info in find_chunks(shared.chunks) if info.attrs["table_sha256"] == table_sha256]
+    except PipelineError:  # unreadable chunks there: not this run's to judge
+        return
+    if theirs:
+        raise PipelineError(
+            f"{shared.chunks} holds {len(theirs)} chunk file(s) of this image table, made by an earlier "
+            f"version that kept every collection in {shared.folder}. To continue them in this collection, "
+            f"move them here first: mv {shared.chunks} {collection.chunks}. To leave them to the "
+            f"collection in {shared.folder} and start this one afresh, first run any stage with "
+            f"OUTPUT_DIR={DEFAULT_OUTPUT_DIR!r}: that moves their image table there from .cache/."
+        )
 
 
 @dataclasses.dataclass
@@ -2144,15 +2280,15 @@ def embed_chunks(
 ) -> RunSummary:
     """Embed every chunk the plan has to do, writing each chunk file as soon as it is complete.
 
-    Each chunk is claimed first (a lock file beside it), so runs that share OUTPUT/ never write the
-    same rows: a chunk claimed by another run is left to it, and waited for at the end.
+    Each chunk is claimed first (a lock file beside it), so runs that share OUTPUT_DIR never write
+    the same rows: a chunk claimed by another run is left to it, and waited for at the end.
     """
-    check_writable(WORKSPACE.chunks)
+    check_writable(plan.folder)
     needed = estimated_bytes(table, plan.todo, encoder.embedding_size)
-    check_free_space(WORKSPACE.chunks, needed, f"{sum(e - s for s, e in plan.todo):,} rows of chunk files")
-    removed = remove_stale_files()
+    check_free_space(plan.folder, needed, f"{sum(e - s for s, e in plan.todo):,} rows of chunk files")
+    removed = remove_stale_files(plan.folder)
     if removed:
-        print(f"Removed {len(removed)} file(s) that an interrupted run left in {WORKSPACE.chunks}")
+        print(f"Removed {len(removed)} file(s) that an interrupted run left in {plan.folder}")
     attrs = {
         **run_attributes(encoder, recipe, table),
         "format_version": FORMAT_VERSION,
@@ -2164,7 +2300,9 @@ def embed_chunks(
     lookahead = 2 * params.gpu_batch_size + fetch_threads
     began = time.perf_counter()
     with ImageLoader(fetcher, recipe, params.num_workers, lookahead) as loader:
-        run = _ChunkWriter(table, encoder, loader, params.gpu_batch_size, attrs, RunSummary(len(plan.done)))
+        run = _ChunkWriter(
+            plan.folder, table, encoder, loader, params.gpu_batch_size, attrs, RunSummary(len(plan.done))
+        )
         todo = plan.todo
         while todo:
             busy = [chunk for chunk in tqdm(todo, desc="chunks", unit="chunk") if not run.embed(*chunk)]
@@ -2179,6 +2317,7 @@ def embed_chunks(
 class _ChunkWriter:
     """Claims, embeds and writes one run's chunks, and keeps its summary."""
 
+    folder: Path
     table: ImageTable
     encoder: ClipEncoder
     loader: ImageLoader
@@ -2188,7 +2327,7 @@ class _ChunkWriter:
 
     def embed(self, start: int, end: int) -> bool:
         """Embed rows [start, end) into their chunk file; False when another run is at work on them."""
-        claim = claim_chunk(start, end)
+        claim = claim_chunk(self.folder, start, end)
         if isinstance(claim, str):
             print(f"rows [{start}, {end}) overlap a chunk that another run is embedding ({claim})")
             return False
@@ -2197,7 +2336,7 @@ class _ChunkWriter:
             return True
         try:
             result = embed_chunk(self.table, start, end, self.encoder, self.loader, self.batch_size)
-            write_chunk(chunk_path(start, end), result, self.attrs)
+            write_chunk(chunk_path(self.folder, start, end), result, self.attrs)
         finally:
             claim.release()
         self.summary.add(result.stats())
@@ -2205,7 +2344,7 @@ class _ChunkWriter:
 
     def retry(self, info: ChunkInfo) -> None:
         """Attempt a finished chunk's failed rows again and replace the chunk file whole."""
-        claim = claim_chunk(info.start, info.end, rewrite=True)
+        claim = claim_chunk(self.folder, info.start, info.end, rewrite=True)
         if not isinstance(claim, FileLock):
             print(f"{info.path.name} is not retried: another run is at work on its rows ({claim})")
             return
@@ -2224,8 +2363,8 @@ def _after_other_runs(busy: list[tuple[int, int]], plan: ChunkPlan, chunk: int) 
         return []
     print(f"Waiting for the other run(s) to finish {len(busy)} chunk(s)...")
     for start, end in busy:
-        wait_for_claims(start, end)
-    finished = find_chunks()
+        wait_for_claims(plan.folder, start, end)
+    finished = find_chunks(plan.folder)
     _check_signatures(finished, plan.signature)
     done = [(info.start, info.end) for info in finished]
     return [piece for start, end in busy for piece in _uncovered(start, end, chunk, done)]
@@ -2417,7 +2556,7 @@ def _report_of_merged(path: Path) -> MergeReport:
     )
 
 
-def _holds_every_chunk(path: Path, chunks: list[ChunkInfo]) -> bool:
+def _holds_every_chunk(path: Path, folder: Path, chunks: list[ChunkInfo]) -> bool:
     """True when the merged file already holds these chunks (it may hold more: CLEANUP removed them).
 
     A merged file made from chunks that are gone is never replaced by a merge without them: that
@@ -2432,7 +2571,7 @@ def _holds_every_chunk(path: Path, chunks: list[ChunkInfo]) -> bool:
     gone = sorted(set(recorded) - set(present))
     if gone:
         raise PipelineError(
-            f"{path} holds the rows of {len(gone)} chunk file(s) that are no longer in {WORKSPACE.chunks} "
+            f"{path} holds the rows of {len(gone)} chunk file(s) that are no longer in {folder} "
             f"(e.g. {gone[0]}, removed by CLEANUP): merging the chunks there now would lose those rows. "
             f"Set OUTPUT_FILE to a new file, or move {path.name} aside to rebuild it from the chunks present."
         )
@@ -2457,25 +2596,28 @@ def _write_merged(path: Path, chunks: list[ChunkInfo], attrs: dict) -> None:
         _verify_merged(temporary, chunks)
 
 
-def merge_chunks(output_file: str, cleanup: bool = False) -> MergeReport:
-    """Merge every chunk into OUTPUT_FILE, verified before it replaces anything.
+def merge_chunks(
+    collection: Collection, output_file: str | None = None, cleanup: bool = False
+) -> MergeReport:
+    """Merge every chunk of the collection into OUTPUT_FILE, verified before it replaces anything.
 
-    Memory is bounded by one chunk, whatever the number of chunks. Overlapping chunks or chunks
-    of different models are errors; rows that no chunk covers are reported as gaps. With
-    `cleanup`, the chunk files are deleted once the merged file is verified. One merge at a time
-    writes a given OUTPUT_FILE (a lock file beside it); a killed merge leaves the old file whole.
+    OUTPUT_FILE None is the collection's Images_Embedded.h5. Memory is bounded by one chunk,
+    whatever the number of chunks. Overlapping chunks or chunks of different models are errors;
+    rows that no chunk covers are reported as gaps. With `cleanup`, the chunk files are deleted
+    once the merged file is verified. One merge at a time writes a given OUTPUT_FILE (a lock file
+    beside it); a killed merge leaves the old file whole.
     """
-    path = resolve_path(output_file)
+    path = resolve_path(output_file) if output_file else collection.merged_file
     check_writable(path.parent)
     with _merge_lock(path):
         temporary_path(path).unlink(missing_ok=True)  # left by an interrupted merge
-        chunks = find_chunks()
-        if _holds_every_chunk(path, chunks):
+        chunks = find_chunks(collection.chunks)
+        if _holds_every_chunk(path, collection.chunks, chunks):
             report = _report_of_merged(path)
         elif chunks:
             report = _merge(path, chunks)
         else:
-            raise PipelineError(f"There are no chunk files in {WORKSPACE.chunks}: run 02_embed first.")
+            raise PipelineError(f"There are no chunk files in {collection.chunks}: run 02_embed first.")
     if cleanup:
         for info in chunks:
             info.path.unlink()
@@ -2528,6 +2670,11 @@ class EmbeddingsFile:
     count: int
     dimension: int
     attrs: dict
+    folder: Path  # the collection's folder, which keeps the file's index and exports
+
+    def derived(self, suffix: str) -> Path:
+        """A file of the collection made from this one: its index or an export, <stem><suffix>."""
+        return self.folder / (self.path.stem + suffix)
 
     @property
     def block_rows(self) -> int:
@@ -2584,9 +2731,9 @@ def array_blocks(vectors: Any, block_rows: int) -> Iterator[tuple[int, np.ndarra
         yield start, vectors[start : start + block_rows]
 
 
-def open_embeddings(path: str | os.PathLike) -> EmbeddingsFile:
-    """The merged file at `path`; a missing or foreign file is an error that says what to do."""
-    resolved = resolve_path(path)
+def open_embeddings(collection: Collection, path: str | os.PathLike | None = None) -> EmbeddingsFile:
+    """The merged file at `path` (None: the collection's); a missing or foreign file is an error."""
+    resolved = resolve_path(path) if path else collection.merged_file
     if not resolved.is_file():
         raise PipelineError(
             f"EMBEDDINGS file {resolved} does not exist: run 03_merge first, or fix the path."
@@ -2602,7 +2749,7 @@ def open_embeddings(path: str | os.PathLike) -> EmbeddingsFile:
         raise PipelineError(
             f"{resolved} is not a merged embeddings file ({error}): give EMBEDDINGS the file 03_merge wrote."
         ) from None
-    return EmbeddingsFile(resolved, count, dimension, attrs)
+    return EmbeddingsFile(resolved, count, dimension, attrs, collection.folder)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2645,11 +2792,11 @@ def result_table(embeddings: EmbeddingsFile, result: SearchResult, query: int = 
 
 
 # The approximate index: FAISS's inverted file (IVF-Flat), built from the file in blocks and saved
-# beside it. Search scans the `nprobe` lists nearest the query out of `nlist`.
+# in its collection. Search scans the `nprobe` lists nearest the query out of `nlist`.
 
 
 def _ivf_path(embeddings: EmbeddingsFile) -> Path:
-    return embeddings.path.with_name(embeddings.path.stem + ".ivf.faiss")
+    return embeddings.derived(".ivf.faiss")
 
 
 def _index_key(embeddings: EmbeddingsFile) -> str:
@@ -2696,7 +2843,7 @@ def load_ivf(embeddings: EmbeddingsFile) -> Any:
 
     path, key = _ivf_path(embeddings), _index_key(embeddings)
     record = path.with_name(path.name + ".json")
-    saved = json.loads(record.read_text()) if path.is_file() and record.is_file() else {}
+    saved = _read_json(record) if path.is_file() else {}
     if saved.get("key") == key:
         index = faiss.read_index(str(path))
         index.nprobe = saved["nprobe"]
@@ -2704,7 +2851,7 @@ def load_ivf(embeddings: EmbeddingsFile) -> Any:
     index = build_ivf(embeddings)
     with _atomic_file(path) as temporary:
         faiss.write_index(index, str(temporary))
-    record.write_text(json.dumps({"key": key, "nlist": index.nlist, "nprobe": index.nprobe}))
+    _write_json(record, {"key": key, "nlist": index.nlist, "nprobe": index.nprobe})
     return index
 
 
@@ -2764,7 +2911,7 @@ def image_query_vector(
 
 def thumbnail(location: str, fetcher: Fetcher) -> bytes | None:
     """A JPEG thumbnail of the image at `location`, cached under .cache/thumbnails/; None if it fails."""
-    path = WORKSPACE.cache / "thumbnails" / (hashlib.sha256(location.encode()).hexdigest()[:24] + ".jpg")
+    path = WORKSPACE.thumbnails / (hashlib.sha256(location.encode()).hexdigest()[:24] + ".jpg")
     if path.is_file():
         return path.read_bytes()
     try:
@@ -2839,10 +2986,10 @@ def fit_pca(embeddings: EmbeddingsFile, dimensions: int) -> Pca:
 
 
 def export_embeddings(embeddings: EmbeddingsFile, kind: str, pca_dim: int | None = None) -> list[Path]:
-    """Write the file's embeddings and ids as .npy files or Parquet beside it; return the paths."""
+    """Write the file's embeddings and ids as .npy files or Parquet in its collection; return the paths."""
     pca = fit_pca(embeddings, pca_dim) if pca_dim else None
-    stem = embeddings.path.with_suffix("").name + (f"_pca{pca_dim}" if pca else "")
-    folder = embeddings.path.parent
+    stem = embeddings.path.stem + (f"_pca{pca_dim}" if pca else "")
+    folder = embeddings.folder
     transform = pca.transform if pca else (lambda vectors: vectors)
     written = (
         _export_npy(embeddings, folder, stem, transform, pca_dim or embeddings.dimension)
@@ -2851,12 +2998,13 @@ def export_embeddings(embeddings: EmbeddingsFile, kind: str, pca_dim: int | None
     )
     if pca:
         components = folder / f"{stem}_components.npz"
-        np.savez(
-            components,
-            mean=pca.mean,
-            components=pca.components,
-            explained_variance_ratio=pca.explained_variance_ratio,
-        )
+        with _atomic_file(components) as temporary, open(temporary, "wb") as file:
+            np.savez(
+                file,
+                mean=pca.mean,
+                components=pca.components,
+                explained_variance_ratio=pca.explained_variance_ratio,
+            )
         written.append(components)
     return written
 
@@ -2925,19 +3073,19 @@ def describe_device(device: str) -> str:
     return f"cpu: {platform.processor() or platform.machine()}, {os.cpu_count()} cores"
 
 
-def prepare_folders() -> dict[str, str]:
-    """Create OUTPUT/ and .cache/ and report the free space of each."""
+def prepare_folders(collection: Collection) -> dict[str, str]:
+    """Create the collection's folder and .cache/, and report the free space of each."""
     report = {}
-    for folder in (WORKSPACE.output, WORKSPACE.cache):
-        folder.mkdir(parents=True, exist_ok=True)
+    for folder in (collection.folder, WORKSPACE.cache):
+        check_writable(folder)
         report[str(folder)] = f"{shutil.disk_usage(folder).free / 2**30:,.1f} GiB free"
     return report
 
 
-def describe_environment(device: str) -> dict[str, str]:
+def describe_environment(device: str, collection: Collection) -> dict[str, str]:
     """Versions, device and free disk: what 00_setup prints."""
     return {
         **library_versions(),
         "device": describe_device(device),
-        **prepare_folders(),
+        **prepare_folders(collection),
     }

@@ -307,11 +307,17 @@ def read_output(path: Path) -> dict:
 
 @pytest.fixture
 def workspace(tmp_path, monkeypatch) -> lib.Workspace:
-    """lib's .cache/ and OUTPUT/ under a temporary root, so tests never touch the repository's."""
+    """lib's repository root under a temporary folder, so tests never touch the repository's files."""
     space = lib.Workspace(tmp_path / "repo")
     space.root.mkdir()
     monkeypatch.setattr(lib, "WORKSPACE", space)
     return space
+
+
+@pytest.fixture
+def collection(workspace) -> lib.Collection:
+    """The default collection, OUTPUT/, of the test's own repository root."""
+    return lib.collection()
 
 
 @pytest.fixture
@@ -335,12 +341,16 @@ def image_folder(tmp_path, images):
     return folder
 
 
+def save_table(params: lib.MetadataParams, collection: lib.Collection) -> lib.ImageTable:
+    """Build, save and load an image table as 01 and 02 do."""
+    lib.save_image_table(lib.build_image_table(params), params, collection)
+    return lib.load_image_table(collection)
+
+
 @pytest.fixture
-def table(workspace, image_folder) -> lib.ImageTable:
-    """The image table of `image_folder`, saved in the test's workspace as 01 would."""
-    params = lib.MetadataParams("folder", "validation", str(image_folder), "s3")
-    lib.save_image_table(lib.build_image_table(params), params)
-    return lib.load_image_table()
+def table(collection, image_folder) -> lib.ImageTable:
+    """The image table of `image_folder`, saved in the test's collection as 01 would."""
+    return save_table(lib.MetadataParams("folder", "validation", str(image_folder), "s3"), collection)
 
 
 def embed_params(**overrides) -> lib.EmbedParams:
@@ -371,7 +381,7 @@ def run_signature(encoder, table, **overrides) -> dict:
 
 
 def run_embed(table, encoder, **overrides) -> lib.RunSummary:
-    """Plan and embed as 02 does."""
+    """Plan and embed as 02 does, in the collection of OUTPUT_DIR (default OUTPUT/)."""
     return embed_rows(table, encoder, embed_params(**overrides))
 
 

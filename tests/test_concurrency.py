@@ -9,7 +9,7 @@ from pathlib import Path
 
 import lib
 import pytest
-from conftest import REPO, read_output
+from conftest import REPO, read_output, save_table
 
 HOLD_LOCK = """
 import sys, time
@@ -30,7 +30,7 @@ rows = {"start": int(start), "end": int(end), "chunk": int(chunk)}
 print("ready", flush=True)
 while not (lib.WORKSPACE.root / "go").exists():  # both runs start embedding together
     time.sleep(0.01)
-summary = conftest.run_embed(lib.load_image_table(), encoder, **rows)
+summary = conftest.run_embed(lib.load_image_table(lib.collection()), encoder, **rows)
 print(json.dumps({"written": summary.chunks_written, "skipped": summary.chunks_skipped}))
 """
 
@@ -69,20 +69,20 @@ def test_a_lock_is_exclusive_across_processes_and_dies_with_its_holder(lock_hold
     assert not path.exists()
 
 
-def test_stale_lock_and_temporary_files_are_removed_and_live_ones_kept(workspace):
-    workspace.chunks.mkdir(parents=True)
+def test_stale_lock_and_temporary_files_are_removed_and_live_ones_kept(collection):
+    collection.chunks.mkdir(parents=True)
     stale = [
         "chunk_000000000_000000004.h5.lock",
         "chunk_000000000_000000004.h5.tmp",
         "chunk_000000004_000000008.h5.tmp",
     ]
     for name in stale:
-        (workspace.chunks / name).write_text("left by a killed run")
-    live = lib.claim_chunk(8, 12)
-    (workspace.chunks / "chunk_000000008_000000012.h5.tmp").write_text("being written")
+        (collection.chunks / name).write_text("left by a killed run")
+    live = lib.claim_chunk(collection.chunks, 8, 12)
+    (collection.chunks / "chunk_000000008_000000012.h5.tmp").write_text("being written")
     try:
-        assert sorted(lib.remove_stale_files()) == sorted(stale)
-        assert sorted(p.name for p in workspace.chunks.iterdir()) == [
+        assert sorted(lib.remove_stale_files(collection.chunks)) == sorted(stale)
+        assert sorted(p.name for p in collection.chunks.iterdir()) == [
             "chunk_000000008_000000012.h5.lock",
             "chunk_000000008_000000012.h5.tmp",
         ]
@@ -90,18 +90,18 @@ def test_stale_lock_and_temporary_files_are_removed_and_live_ones_kept(workspace
         live.release()
 
 
-def test_a_claim_is_refused_while_another_covers_any_of_its_rows(workspace):
-    first = lib.claim_chunk(0, 10)
+def test_a_claim_is_refused_while_another_covers_any_of_its_rows(collection):
+    first = lib.claim_chunk(collection.chunks, 0, 10)
     try:
-        assert f"rows [0, 10): pid {lib.os.getpid()}" in lib.claim_chunk(5, 15)
-        second = lib.claim_chunk(10, 20)
+        assert f"rows [0, 10): pid {lib.os.getpid()}" in lib.claim_chunk(collection.chunks, 5, 15)
+        second = lib.claim_chunk(collection.chunks, 10, 20)
         assert isinstance(second, lib.FileLock)
         second.release()
     finally:
         first.release()
-    (workspace.chunks / "chunk_000000000_000000010.h5").write_bytes(b"finished")
-    assert lib.claim_chunk(5, 15) is None, "finished rows are not claimed again"
-    assert not list(workspace.chunks.glob("*.lock"))
+    (collection.chunks / "chunk_000000000_000000010.h5").write_bytes(b"finished")
+    assert lib.claim_chunk(collection.chunks, 5, 15) is None, "finished rows are not claimed again"
+    assert not list(collection.chunks.glob("*.lock"))
 
 
 def slow_table(workspace, http_server, images, rows: int) -> None:
@@ -110,8 +110,7 @@ def slow_table(workspace, http_server, images, rows: int) -> None:
     urls = [http_server.url(f"/slow/images/{keys[row % len(keys)]}.jpg?run={row}") for row in range(rows)]
     listing = workspace.root / "slow.csv"
     listing.write_text("image_id,url\n" + "".join(f"{row},{url}\n" for row, url in enumerate(urls)))
-    params = lib.MetadataParams("table", "validation", str(listing), "s3")
-    lib.save_image_table(lib.build_image_table(params), params)
+    save_table(lib.MetadataParams("table", "validation", str(listing), "s3"), lib.collection())
 
 
 @pytest.mark.parametrize(
@@ -120,7 +119,7 @@ def slow_table(workspace, http_server, images, rows: int) -> None:
     ids=["disjoint ranges", "the same chunks", "other chunk boundaries"],
 )
 def test_two_runs_at_once_write_every_row_once(
-    workspace, http_server, images, tiny_checkpoint, monkeypatch, second_run, first_chunk
+    collection, workspace, http_server, images, tiny_checkpoint, monkeypatch, second_run, first_chunk
 ):
     monkeypatch.setattr(http_server, "slow_seconds", 0.7)
     slow_table(workspace, http_server, images, 40)
@@ -134,11 +133,11 @@ def test_two_runs_at_once_write_every_row_once(
     )
 
     summaries = [json.loads(stdout.splitlines()[-1]) for stdout, _ in outputs]
-    chunks = lib.find_chunks()
+    chunks = lib.find_chunks(collection.chunks)
     assert sum(summary["written"] for summary in summaries) == len(chunks), "each chunk written once"
-    report = lib.merge_chunks("OUTPUT/both.h5")  # refuses overlapping chunks
+    report = lib.merge_chunks(collection, "OUTPUT/both.h5")  # refuses overlapping chunks
     assert report.gaps == [] and read_output(report.path)["rows"] == list(range(40))
-    assert sorted(p.name for p in workspace.chunks.iterdir()) == sorted(info.path.name for info in chunks)
+    assert sorted(p.name for p in collection.chunks.iterdir()) == sorted(info.path.name for info in chunks)
     if second_run[0] == 0:
         assert "another run is embedding" in outputs[0][0] + outputs[1][0]
 
@@ -150,7 +149,7 @@ def test_a_second_merge_into_the_same_file_waits_for_the_first(workspace, table,
     merged = workspace.root / "OUTPUT" / "merged.h5"
     holder = child(HOLD_LOCK, lib.lock_path(merged))
     assert holder.stdout.readline() == "held\n"
-    merge = threading.Thread(target=lib.merge_chunks, args=("OUTPUT/merged.h5",))
+    merge = threading.Thread(target=lib.merge_chunks, args=(lib.collection(), "OUTPUT/merged.h5"))
     merge.start()
     time.sleep(1)
     assert merge.is_alive() and not merged.exists()
@@ -161,12 +160,12 @@ def test_a_second_merge_into_the_same_file_waits_for_the_first(workspace, table,
     assert "Waiting for another merge into" in capsys.readouterr().out
 
 
-def test_a_filesystem_without_locks_warns_and_goes_on(workspace, monkeypatch):
+def test_a_filesystem_without_locks_warns_and_goes_on(collection, monkeypatch):
     def no_locks(fd, operation):
         raise OSError(lib.errno.ENOLCK, "No locks available")
 
     monkeypatch.setattr(lib.fcntl, "flock", no_locks)
     with pytest.warns(UserWarning, match="does not support file locks"):
-        claim = lib.claim_chunk(0, 4)
+        claim = lib.claim_chunk(collection.chunks, 0, 4)
     claim.release()
-    assert not any(Path(workspace.chunks).glob("*.lock"))
+    assert not any(Path(collection.chunks).glob("*.lock"))

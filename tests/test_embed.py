@@ -11,29 +11,29 @@ import h5py
 import lib
 import numpy as np
 import pytest
-from conftest import TINY_IMAGE_SIZE, jpeg_bytes, read_output, run_embed, run_signature
+from conftest import TINY_IMAGE_SIZE, jpeg_bytes, read_output, run_embed, run_signature, save_table
 from PIL import Image
 from reference import reference_embeddings
 
 
-def test_every_row_is_embedded_or_failed_with_its_reason(table, tiny_encoder, workspace):
+def test_every_row_is_embedded_or_failed_with_its_reason(table, tiny_encoder, collection):
     summary = run_embed(table, tiny_encoder)
     assert summary.chunks_written == 3 and summary.attempted == len(table) == 20
     assert summary.embedded == 18
     assert dict(summary.failed_by_reason) == {"decode: truncated file": 1, "not an image": 1}
-    chunks = lib.find_chunks()
+    chunks = lib.find_chunks(collection.chunks)
     assert [(c.start, c.end) for c in chunks] == [(0, 8), (8, 16), (16, 20)]
     assert sum(c.embedded + c.failed for c in chunks) == 20
-    assert not list(workspace.chunks.glob("*.tmp")), "no temporary file is left behind"
+    assert not list(collection.chunks.glob("*.tmp")), "no temporary file is left behind"
     last = read_output(chunks[-1].path)  # broken.jpg and page.png sort after the hex ids
     assert last["rows"] == [16, 17]
     assert last["failed_rows"] == [18, 19]
     assert last["reasons"] == ["decode: truncated file", "not an image"]
 
 
-def test_chunk_files_record_how_they_were_made(table, tiny_encoder):
+def test_chunk_files_record_how_they_were_made(collection, table, tiny_encoder):
     run_embed(table, tiny_encoder)
-    attrs = lib.find_chunks()[0].attrs
+    attrs = lib.find_chunks(collection.chunks)[0].attrs
     assert attrs["model_id"] == str(tiny_encoder.checkpoint.path)
     assert attrs["model_revision"].startswith("sha256:") and attrs["embedding_size"] == 16
     assert attrs["image_size"] == TINY_IMAGE_SIZE and attrs["precision"] == "fp32"
@@ -44,9 +44,11 @@ def test_chunk_files_record_how_they_were_made(table, tiny_encoder):
     assert attrs["preprocessing"] == lib.PREPROCESSING_RULE and attrs["max_pixels"] == lib.DEFAULT_MAX_PIXELS
 
 
-def test_embeddings_equal_the_model_on_openai_preprocessed_pixels(table, tiny_encoder, image_folder):
+def test_embeddings_equal_the_model_on_openai_preprocessed_pixels(
+    collection, table, tiny_encoder, image_folder
+):
     run_embed(table, tiny_encoder)
-    for info in lib.find_chunks():
+    for info in lib.find_chunks(collection.chunks):
         chunk = read_output(info.path)
         images = [Image.open(io.BytesIO((image_folder / i).read_bytes())) for i in chunk["image_ids"]]
         expected = reference_embeddings(
@@ -56,7 +58,7 @@ def test_embeddings_equal_the_model_on_openai_preprocessed_pixels(table, tiny_en
 
 
 def test_apply_rotation_turns_each_row_by_the_tables_rotation(
-    workspace, image_folder, tiny_encoder, tmp_path
+    collection, image_folder, tiny_encoder, tmp_path
 ):
     names = sorted(path.name for path in image_folder.glob("*.jpg"))[:5]
     listing = tmp_path / "rotated.csv"
@@ -64,9 +66,9 @@ def test_apply_rotation_turns_each_row_by_the_tables_rotation(
     rows.append(f"{names[4]},{image_folder / names[4]},")  # no rotation known: as is
     listing.write_text("image_id,url,rotation\n" + "\n".join(rows) + "\n")
     params = lib.MetadataParams("table", "validation", str(listing), "s3")
-    lib.save_image_table(lib.build_image_table(params), params)
-    run_embed(lib.load_image_table(), tiny_encoder, apply_rotation=True)
-    (chunk,) = [read_output(info.path) for info in lib.find_chunks()]
+    lib.save_image_table(lib.build_image_table(params), params, collection)
+    run_embed(lib.load_image_table(collection), tiny_encoder, apply_rotation=True)
+    (chunk,) = [read_output(info.path) for info in lib.find_chunks(collection.chunks)]
     images = [Image.open(image_folder / name) for name in names]
     turned = [Image.fromarray(np.rot90(np.asarray(image), turns % 4)) for turns, image in enumerate(images)]
     expected = reference_embeddings(
@@ -85,90 +87,157 @@ def test_apply_rotation_turns_each_row_by_the_tables_rotation(
     ],
 )
 def test_chunks_made_with_other_image_options_are_never_reused(
-    table, tiny_encoder, option, value, difference
+    collection, table, tiny_encoder, option, value, difference
 ):
     run_embed(table, tiny_encoder, end=8)
     with pytest.raises(lib.PipelineError, match=rf"made differently .*{difference}"):
-        lib.plan_chunks(0, None, 8, run_signature(tiny_encoder, table, **{option: value}), len(table))
+        lib.plan_chunks(
+            collection, 0, None, 8, run_signature(tiny_encoder, table, **{option: value}), len(table)
+        )
 
 
-def test_a_rerun_skips_finished_chunks(table, tiny_encoder):
+def test_collections_side_by_side_keep_their_own_table_chunks_and_merged_file(
+    workspace, image_folder, tiny_encoder, tmp_path
+):
+    listing = tmp_path / "catalogue.csv"
+    photos = sorted(image_folder.glob("*.jpg"))[:5]
+    listing.write_text("image_id,url\n" + "".join(f"item-{n},{path}\n" for n, path in enumerate(photos)))
+    sources = {"OUTPUT/photos": ("folder", image_folder), "OUTPUT/catalogue": ("table", listing)}
+    for output_dir, (dataset, source) in sources.items():
+        params = lib.MetadataParams(dataset, "validation", str(source), "s3", output_dir)
+        table = save_table(params, lib.collection(output_dir))
+        run_embed(table, tiny_encoder, output_dir=output_dir)
+    reports = {output_dir: lib.merge_chunks(lib.collection(output_dir)) for output_dir in sources}
+    assert reports["OUTPUT/photos"].path == workspace.root / "OUTPUT/photos/Images_Embedded.h5"
+    assert (reports["OUTPUT/photos"].embedded, reports["OUTPUT/catalogue"].embedded) == (18, 5)
+    assert read_output(reports["OUTPUT/catalogue"].path)["image_ids"] == [f"item-{n}" for n in range(5)]
+    again = run_embed(
+        lib.load_image_table(lib.collection("OUTPUT/photos")), tiny_encoder, output_dir="OUTPUT/photos"
+    )
+    assert again.chunks_written == 0 and again.chunks_skipped == 3
+    assert not (workspace.root / "OUTPUT" / "chunks").exists() and not workspace.cache.exists()
+
+
+def as_an_earlier_version_left_it(workspace, collection) -> None:
+    """The layout of versions without OUTPUT_DIR: table and JSON record in .cache/, chunks in OUTPUT/."""
+    workspace.cache.mkdir(exist_ok=True)
+    table = lib.pq.read_table(collection.table)
+    workspace.earlier_table.with_suffix(".json").write_text(lib.json.dumps(lib._table_info(collection.table)))
+    lib.pq.write_table(table.replace_schema_metadata({}), workspace.earlier_table)
+    collection.table.unlink()
+
+
+def test_a_collection_made_by_an_earlier_version_resumes(workspace, collection, table, tiny_encoder, capsys):
+    run_embed(table, tiny_encoder, end=8)
+    as_an_earlier_version_left_it(workspace, collection)
+    resumed = lib.load_image_table(collection)
+    assert "Moved the image table" in capsys.readouterr().out
+    assert resumed.info == table.info and resumed.columns.equals(table.columns)
+    assert not workspace.earlier_table.exists() and not workspace.earlier_table.with_suffix(".json").exists()
+    summary = run_embed(resumed, tiny_encoder)
+    assert summary.chunks_skipped == 1 and summary.chunks_written == 2
+
+
+def test_an_earlier_versions_chunks_are_moved_by_hand_into_a_new_collection_of_their_table(
+    workspace, collection, table, tiny_encoder, image_folder
+):
+    run_embed(table, tiny_encoder, end=8)
+    as_an_earlier_version_left_it(workspace, collection)
+    params = lib.MetadataParams("folder", "validation", str(image_folder), "s3", "OUTPUT/photos")
+    own = lib.collection("OUTPUT/photos")
+    mine = save_table(params, own)
+    with pytest.raises(lib.PipelineError) as error:
+        run_embed(mine, tiny_encoder, output_dir="OUTPUT/photos")
+    message = str(error.value)
+    assert f"{collection.chunks} holds 1 chunk file(s) of this image table" in message
+    assert f"mv {collection.chunks} {own.chunks}" in message
+    collection.chunks.rename(own.chunks)
+    summary = run_embed(mine, tiny_encoder, output_dir="OUTPUT/photos")
+    assert summary.chunks_skipped == 1 and summary.chunks_written == 2
+
+
+def test_a_rerun_skips_finished_chunks(collection, table, tiny_encoder):
     run_embed(table, tiny_encoder)
-    before = {c.path: c.path.stat().st_mtime_ns for c in lib.find_chunks()}
+    before = {c.path: c.path.stat().st_mtime_ns for c in lib.find_chunks(collection.chunks)}
     summary = run_embed(table, tiny_encoder)
     assert summary.chunks_written == 0 and summary.chunks_skipped == 3
-    assert {c.path: c.path.stat().st_mtime_ns for c in lib.find_chunks()} == before
+    assert {c.path: c.path.stat().st_mtime_ns for c in lib.find_chunks(collection.chunks)} == before
 
 
-def test_a_run_with_another_chunk_size_fills_only_the_gaps(table, tiny_encoder):
+def test_a_run_with_another_chunk_size_fills_only_the_gaps(collection, table, tiny_encoder):
     run_embed(table, tiny_encoder, start=4, end=12)
     signature = run_signature(tiny_encoder, table)
-    plan = lib.plan_chunks(0, None, 5, signature, len(table))
+    plan = lib.plan_chunks(collection, 0, None, 5, signature, len(table))
     assert plan.todo == [(0, 4), (12, 17), (17, 20)]
     assert [(c.start, c.end) for c in plan.done] == [(4, 12)]
 
 
-def test_the_same_image_gives_the_same_vector_in_any_chunk(table, tiny_encoder, workspace, monkeypatch):
+def test_the_same_image_gives_the_same_vector_in_any_chunk(collection, table, tiny_encoder, workspace):
     run_embed(table, tiny_encoder, chunk=7, gpu_batch_size=2)
     by_row = {}
-    for info in lib.find_chunks():
+    for info in lib.find_chunks(collection.chunks):
         chunk = read_output(info.path)
         by_row.update(zip(chunk["rows"], chunk["embeddings"], strict=True))
-    monkeypatch.setattr(lib, "WORKSPACE", lib.Workspace(workspace.root.parent / "other"))
-    lib.WORKSPACE.cache.mkdir(parents=True)
-    for name in (workspace.table, workspace.table_info):
-        (lib.WORKSPACE.cache / name.name).write_bytes(name.read_bytes())
-    run_embed(lib.load_image_table(), tiny_encoder, chunk=20, gpu_batch_size=5)
-    (whole,) = lib.find_chunks()
+    other = lib.Collection(workspace.root.parent / "other")  # a collection of the same table
+    other.folder.mkdir()
+    shutil.copy(collection.table, other.table)
+    run_embed(
+        lib.load_image_table(other), tiny_encoder, chunk=20, gpu_batch_size=5, output_dir=str(other.folder)
+    )
+    (whole,) = lib.find_chunks(other.chunks)
     chunk = read_output(whole.path)
     for row, vector in zip(chunk["rows"], chunk["embeddings"], strict=True):
         np.testing.assert_allclose(vector, by_row[row], atol=1e-6)
 
 
-def test_chunks_of_another_model_or_precision_are_never_reused(table, tiny_encoder, tiny_checkpoint):
+def test_chunks_of_another_model_or_precision_are_never_reused(
+    collection, table, tiny_encoder, tiny_checkpoint
+):
     run_embed(table, tiny_encoder, end=8)
     bf16 = lib.load_encoder(str(tiny_checkpoint), "cpu", "bf16")
     with pytest.raises(lib.PipelineError, match=r"made differently .*precision: 'fp32' there, 'bf16' here"):
-        lib.plan_chunks(0, None, 8, run_signature(bf16, table), len(table))
+        lib.plan_chunks(collection, 0, None, 8, run_signature(bf16, table), len(table))
 
 
-def test_chunks_survive_moving_the_model_directory(table, tiny_encoder, tiny_checkpoint, tmp_path):
+def test_chunks_survive_moving_the_model_directory(
+    collection, table, tiny_encoder, tiny_checkpoint, tmp_path
+):
     run_embed(table, tiny_encoder)
     moved = lib.load_encoder(str(shutil.copytree(tiny_checkpoint, tmp_path / "moved")), "cpu", "fp32")
-    plan = lib.plan_chunks(0, None, 8, run_signature(moved, table), len(table))
+    plan = lib.plan_chunks(collection, 0, None, 8, run_signature(moved, table), len(table))
     assert plan.todo == [] and len(plan.done) == 3
 
 
-def test_chunks_of_another_image_table_are_never_reused(table, tiny_encoder):
+def test_chunks_of_another_image_table_are_never_reused(collection, table, tiny_encoder):
     run_embed(table, tiny_encoder, end=8)
     signature = {**run_signature(tiny_encoder, table), "table_sha256": "0" * 64}
     with pytest.raises(lib.PipelineError, match="table_sha256"):
-        lib.plan_chunks(0, None, 8, signature, len(table))
+        lib.plan_chunks(collection, 0, None, 8, signature, len(table))
 
 
-def test_a_row_range_past_the_table_is_a_parameter_error(table, tiny_encoder):
+def test_a_row_range_past_the_table_is_a_parameter_error(collection, table, tiny_encoder):
     signature = run_signature(tiny_encoder, table)
     with pytest.raises(
         lib.ParameterError, match=r"START=0, END=25 is outside the image table, which has 20 rows"
     ):
-        lib.plan_chunks(0, 25, 8, signature, len(table))
+        lib.plan_chunks(collection, 0, 25, 8, signature, len(table))
     with pytest.raises(lib.ParameterError, match="START=20"):
-        lib.plan_chunks(20, None, 8, signature, len(table))
+        lib.plan_chunks(collection, 20, None, 8, signature, len(table))
 
 
-def test_a_chunk_is_written_whole_or_not_at_all(table, tiny_encoder, workspace, monkeypatch):
+def test_a_chunk_is_written_whole_or_not_at_all(table, tiny_encoder, collection, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
     monkeypatch.setattr(lib, "_fsync_and_replace", fail)
     with pytest.raises(OSError, match="disk full"):
         run_embed(table, tiny_encoder, end=8)
-    assert lib.find_chunks() == [] and not list(workspace.chunks.glob("*"))
+    assert lib.find_chunks(collection.chunks) == [] and not list(collection.chunks.glob("*"))
 
 
-def test_a_chunk_in_an_older_format_is_named_and_never_reused(table, tiny_encoder):
+def test_a_chunk_in_an_older_format_is_named_and_never_reused(collection, table, tiny_encoder):
     run_embed(table, tiny_encoder, end=8)
-    (info,) = lib.find_chunks()
+    (info,) = lib.find_chunks(collection.chunks)
     with h5py.File(info.path, "r+") as file:
         file.attrs["format_version"] = 1
     with pytest.raises(lib.PipelineError, match=r"chunk_000000000_000000008.h5 is in format 1, .* format 2"):
@@ -216,19 +285,18 @@ def test_fetches_outnumber_decoding_threads_and_images_come_in_order():
         np.testing.assert_array_equal(item.pixels, exact(data))
 
 
-def test_too_little_disk_space_is_an_error_before_any_chunk(table, tiny_encoder, workspace, monkeypatch):
+def test_too_little_disk_space_is_an_error_before_any_chunk(table, tiny_encoder, collection, monkeypatch):
     needed = lib.estimated_bytes(table, [(0, len(table))], tiny_encoder.embedding_size)
     assert 20 * (16 * 4 + 8) < needed < 20 * 2000
     full = shutil._ntuple_diskusage(total=10**9, used=10**9 - needed // 2, free=needed // 2)
     monkeypatch.setattr(lib.shutil, "disk_usage", lambda path: full)
     with pytest.raises(lib.PipelineError, match=r"Not enough disk space for 20 rows of chunk files"):
         run_embed(table, tiny_encoder)
-    assert lib.find_chunks() == []
+    assert lib.find_chunks(collection.chunks) == []
 
 
-def test_an_output_folder_without_write_permission_is_named(table, tiny_encoder, workspace, monkeypatch):
-    workspace.output.mkdir()
-    workspace.output.chmod(0o555)
+def test_an_output_folder_without_write_permission_is_named(table, tiny_encoder, collection, monkeypatch):
+    collection.folder.chmod(0o555)  # it holds the image table
     if os.geteuid() == 0:  # root may write anywhere: deny it as the kernel denies other users
 
         def denied(dir: str) -> None:
@@ -237,8 +305,8 @@ def test_an_output_folder_without_write_permission_is_named(table, tiny_encoder,
         monkeypatch.setattr(lib.tempfile, "TemporaryFile", denied)
     try:
         with pytest.raises(
-            lib.PipelineError, match=rf"Cannot write in {workspace.chunks} \(Permission denied\)"
+            lib.PipelineError, match=rf"Cannot write in {collection.chunks} \(Permission denied\)"
         ):
             run_embed(table, tiny_encoder)
     finally:
-        workspace.output.chmod(0o755)
+        collection.folder.chmod(0o755)

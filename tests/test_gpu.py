@@ -57,8 +57,8 @@ def test_a_vector_on_cuda_does_not_depend_on_its_batch(vit_b_32):
     assert cosines.min() >= 0.9999
 
 
-def test_02_on_cuda_records_its_device_and_precision(table, tiny_checkpoint):
+def test_02_on_cuda_records_its_device_and_precision(collection, table, tiny_checkpoint):
     encoder = lib.load_encoder(str(tiny_checkpoint), "cuda", "auto")
     run_embed(table, encoder, device="cuda", precision="auto")
-    attrs = read_output(lib.find_chunks()[0].path)["attrs"]
+    attrs = read_output(lib.find_chunks(collection.chunks)[0].path)["attrs"]
     assert attrs["device"] == "cuda" and attrs["precision"] == "fp16"

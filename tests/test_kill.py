@@ -107,8 +107,9 @@ def test_sigkill_at_any_point_of_02_and_03_then_a_rerun_gives_the_uninterrupted_
     papermill(clean, "02_embed", PARAMETERS, kernel_env)
     papermill(clean, "03_merge", MERGE, kernel_env)
     killed = tmp_path / "killed"
-    for name in ("notebooks", ".cache"):
-        shutil.copytree(clean / name, killed / name)
+    shutil.copytree(clean / "notebooks", killed / "notebooks")
+    (killed / "OUTPUT").mkdir()
+    shutil.copy(clean / "OUTPUT" / "image_table.parquet", killed / "OUTPUT")
     began = time.monotonic()
 
     moments_of_02 = [

@@ -10,7 +10,7 @@ import json
 import lib
 import numpy as np
 import pytest
-from conftest import read_output, run_embed
+from conftest import read_output, run_embed, save_table
 
 FAULTS = {  # row kind -> (URL path or S3 key pattern, expected reason; None: embedded)
     "good": ("/images/{key}.jpg?row={row}-{run}", None),
@@ -49,14 +49,14 @@ def faulty_table(workspace, http_server, images, kinds) -> tuple[lib.ImageTable,
         row_kinds.append(kind)
     listing = workspace.root / "listing.csv"
     listing.write_text("image_id,url\n" + "".join(f"{i},{u}\n" for i, u in rows))
-    params = lib.MetadataParams("table", "validation", str(listing), "s3")
-    lib.save_image_table(lib.build_image_table(params), params)
-    return lib.load_image_table(), row_kinds
+    return save_table(
+        lib.MetadataParams("table", "validation", str(listing), "s3"), lib.collection()
+    ), row_kinds
 
 
 def merged_ledger() -> dict:
     """Merge the chunks; the merged file as plain Python, with the merge report."""
-    report = lib.merge_chunks("OUTPUT/merged.h5")
+    report = lib.merge_chunks(lib.collection(), "OUTPUT/merged.h5")
     return read_output(report.path) | {"report": report}
 
 
@@ -84,11 +84,11 @@ def test_every_row_is_embedded_or_failed_with_the_reason_of_its_fault(
 
 
 def test_each_chunk_records_its_statistics(
-    workspace, http_server, s3_endpoint, images, tiny_encoder, quick_faults
+    collection, workspace, http_server, s3_endpoint, images, tiny_encoder, quick_faults
 ):
     table, _ = faulty_table(workspace, http_server, images, ["good", "missing", "truncated"])
     run_embed(table, tiny_encoder, chunk=25, s3_endpoint_url=s3_endpoint)
-    for info in lib.find_chunks():
+    for info in lib.find_chunks(collection.chunks):
         stats = json.loads(info.attrs["stats"])
         assert stats["attempted"] == info.end - info.start == stats["embedded"] + stats["failed"]
         assert sum(stats["failed_by_reason"].values()) == stats["failed"] == info.failed
@@ -96,11 +96,11 @@ def test_each_chunk_records_its_statistics(
 
 
 def test_retry_failed_attempts_only_the_failed_rows_and_keeps_every_stored_vector(
-    workspace, http_server, images, tiny_encoder, quick_faults, monkeypatch
+    collection, workspace, http_server, images, tiny_encoder, quick_faults, monkeypatch
 ):
     table, kinds = faulty_table(workspace, http_server, images, ["good", "outage", "missing"])
     run_embed(table, tiny_encoder, chunk=16)
-    before = {info.path.name: lib.read_chunk_result(info.path) for info in lib.find_chunks()}
+    before = {info.path.name: lib.read_chunk_result(info.path) for info in lib.find_chunks(collection.chunks)}
     failed_rows = {row for result in before.values() for row in result.failed.rows}
     assert failed_rows == {row for row, kind in enumerate(kinds) if kind != "good"}
     hits_before = dict(http_server.hits)
@@ -113,15 +113,15 @@ def test_retry_failed_attempts_only_the_failed_rows_and_keeps_every_stored_vecto
     assert len(fetched) == len(failed_rows), "only the failed rows are fetched again"
 
     for name, old in before.items():
-        new = lib.read_chunk_result(workspace.chunks / name)
+        new = lib.read_chunk_result(collection.chunks / name)
         kept = np.isin(new.embedded.rows, old.embedded.rows)
         np.testing.assert_array_equal(new.embeddings()[kept], old.embeddings())
         assert sorted(new.embedded.rows + new.failed.rows) == list(range(new.start, new.end))
         assert set(new.reasons) == {"http 404"} and new.retried == len(old.failed.rows)
-    assert not [path for path in workspace.chunks.iterdir() if not lib._CHUNK_NAME.fullmatch(path.name)]
+    assert not [path for path in collection.chunks.iterdir() if not lib._CHUNK_NAME.fullmatch(path.name)]
 
     retried = merged_ledger()
-    workspace.chunks.rename(workspace.root / "retried-chunks")
+    collection.chunks.rename(workspace.root / "retried-chunks")
     run_embed(table, tiny_encoder, chunk=16)  # a run with no outage at all
     clean = merged_ledger()
     assert (retried["rows"], retried["failed_rows"]) == (clean["rows"], clean["failed_rows"])

@@ -48,13 +48,13 @@ OUTPUT_FILE = "OUTPUT/Images_Embedded.h5"
 
 
 @pytest.fixture
-def chunks(table, tiny_encoder):
+def chunks(collection, table, tiny_encoder):
     run_embed(table, tiny_encoder)
-    return lib.find_chunks()
+    return lib.find_chunks(collection.chunks)
 
 
-def test_merged_file_holds_every_row_in_order(chunks, workspace, table):
-    report = lib.merge_chunks(OUTPUT_FILE)
+def test_merged_file_holds_every_row_in_order(collection, chunks, workspace, table):
+    report = lib.merge_chunks(collection, OUTPUT_FILE)
     merged = read_output(workspace.root / OUTPUT_FILE)
     assert report.embedded == 18 and report.failed == 2 and report.chunks == 3 and report.gaps == []
     assert merged["rows"] == list(range(18))
@@ -67,8 +67,8 @@ def test_merged_file_holds_every_row_in_order(chunks, workspace, table):
     assert not list((workspace.root / "OUTPUT").glob("*.tmp"))
 
 
-def test_merged_file_records_how_it_was_made(chunks, workspace, tiny_encoder):
-    lib.merge_chunks(OUTPUT_FILE)
+def test_merged_file_records_how_it_was_made(collection, chunks, workspace, tiny_encoder):
+    lib.merge_chunks(collection, OUTPUT_FILE)
     attrs = read_output(workspace.root / OUTPUT_FILE)["attrs"]
     for key, value in tiny_encoder.signature().items():
         assert attrs[key] == (pytest.approx(value) if isinstance(value, list) else value)
@@ -85,8 +85,8 @@ def test_merged_file_records_how_it_was_made(chunks, workspace, tiny_encoder):
     assert attrs["max_pixels"] == lib.DEFAULT_MAX_PIXELS
 
 
-def test_the_original_readers_snippet_runs_unchanged(chunks, workspace, capsys):
-    lib.merge_chunks(OUTPUT_FILE)
+def test_the_original_readers_snippet_runs_unchanged(collection, chunks, workspace, capsys):
+    lib.merge_chunks(collection, OUTPUT_FILE)
     cwd = os.getcwd()
     os.chdir(workspace.root)
     try:
@@ -98,109 +98,112 @@ def test_the_original_readers_snippet_runs_unchanged(chunks, workspace, capsys):
     assert "URL dtype: object" in out and "Similarity: 1.0000" in out
 
 
-def test_a_merge_of_the_same_chunks_does_nothing(chunks, workspace):
-    lib.merge_chunks(OUTPUT_FILE)
+def test_a_merge_of_the_same_chunks_does_nothing(collection, chunks, workspace):
+    lib.merge_chunks(collection, OUTPUT_FILE)
     written = (workspace.root / OUTPUT_FILE).stat().st_mtime_ns
-    report = lib.merge_chunks(OUTPUT_FILE)
+    report = lib.merge_chunks(collection, OUTPUT_FILE)
     assert not report.written and "already up to date" in str(report)
     assert (workspace.root / OUTPUT_FILE).stat().st_mtime_ns == written
 
 
-def test_cleanup_deletes_chunks_after_the_merged_file_is_verified(chunks, workspace):
-    report = lib.merge_chunks(OUTPUT_FILE, cleanup=True)
-    assert report.embedded == 18 and lib.find_chunks() == []
+def test_cleanup_deletes_chunks_after_the_merged_file_is_verified(collection, chunks, workspace):
+    report = lib.merge_chunks(collection, OUTPUT_FILE, cleanup=True)
+    assert report.embedded == 18 and lib.find_chunks(collection.chunks) == []
     assert len(read_output(workspace.root / OUTPUT_FILE)["rows"]) == 18
 
 
-def test_gaps_are_reported(table, tiny_encoder, workspace):
+def test_gaps_are_reported(collection, table, tiny_encoder, workspace):
     run_embed(table, tiny_encoder, start=0, end=5)
     run_embed(table, tiny_encoder, start=9, end=14)
-    report = lib.merge_chunks(OUTPUT_FILE)
+    report = lib.merge_chunks(collection, OUTPUT_FILE)
     assert report.gaps == [(5, 9), (14, 20)]
     assert "rows never processed: 10, in [5, 9), [14, 20)" in str(report)
     assert json.loads(read_output(workspace.root / OUTPUT_FILE)["attrs"]["gaps"]) == [[5, 9], [14, 20]]
 
 
-def test_overlapping_chunks_are_refused(chunks, workspace):
+def test_overlapping_chunks_are_refused(collection, chunks, workspace):
     first = chunks[0]
-    with h5py.File(first.path, "r") as source, h5py.File(lib.chunk_path(4, 12), "w") as target:
+    with (
+        h5py.File(first.path, "r") as source,
+        h5py.File(lib.chunk_path(collection.chunks, 4, 12), "w") as target,
+    ):
         for name in source:
             source.copy(name, target)
         target.attrs.update({**source.attrs, "start": 4, "end": 12})
     with pytest.raises(
         lib.PipelineError, match=r"chunk_000000000_000000008.h5 and chunk_000000004_000000012.h5 overlap"
     ):
-        lib.merge_chunks(OUTPUT_FILE)
+        lib.merge_chunks(collection, OUTPUT_FILE)
     assert not (workspace.root / OUTPUT_FILE).exists()
 
 
-def test_chunks_of_different_models_are_refused(chunks):
+def test_chunks_of_different_models_are_refused(collection, chunks):
     with h5py.File(chunks[1].path, "r+") as file:
         file.attrs["model_revision"] = "another"
     with pytest.raises(lib.PipelineError, match=r"were made differently \(model_revision: 'another' there"):
-        lib.merge_chunks(OUTPUT_FILE)
+        lib.merge_chunks(collection, OUTPUT_FILE)
 
 
-def test_a_damaged_chunk_never_replaces_the_merged_file(table, tiny_encoder, workspace):
+def test_a_damaged_chunk_never_replaces_the_merged_file(collection, table, tiny_encoder, workspace):
     run_embed(table, tiny_encoder, end=16)
-    lib.merge_chunks(OUTPUT_FILE)
+    lib.merge_chunks(collection, OUTPUT_FILE)
     good = (workspace.root / OUTPUT_FILE).read_bytes()
     run_embed(table, tiny_encoder, start=16)  # a new chunk: the next merge rewrites the file
-    with h5py.File(lib.find_chunks()[0].path, "r+") as file:
+    with h5py.File(lib.find_chunks(collection.chunks)[0].path, "r+") as file:
         file["embeddings"][0] = -file["embeddings"][0]  # still unit length: only the digest can tell
     with pytest.raises(lib.PipelineError, match="does not reproduce .*chunk_000000000_000000008.h5"):
-        lib.merge_chunks(OUTPUT_FILE, cleanup=True)
+        lib.merge_chunks(collection, OUTPUT_FILE, cleanup=True)
     assert (workspace.root / OUTPUT_FILE).read_bytes() == good
-    assert len(lib.find_chunks()) == 3, "chunks are kept when verification fails"
+    assert len(lib.find_chunks(collection.chunks)) == 3, "chunks are kept when verification fails"
     assert not list((workspace.root / "OUTPUT").glob("*.tmp"))
 
 
-def test_embeddings_that_are_not_unit_length_are_refused(chunks):
+def test_embeddings_that_are_not_unit_length_are_refused(collection, chunks):
     with h5py.File(chunks[0].path, "r+") as file:
         file["embeddings"][3] = file["embeddings"][3] * 2
     with pytest.raises(lib.PipelineError, match=r"1 embedding\(s\) are not of unit length \(e.g. row 3"):
-        lib.merge_chunks(OUTPUT_FILE)
+        lib.merge_chunks(collection, OUTPUT_FILE)
 
 
-def test_datasets_that_do_not_fit_together_are_refused(chunks):
+def test_datasets_that_do_not_fit_together_are_refused(collection, chunks):
     with h5py.File(chunks[1].path, "r+") as file:
         del file["image_ids"]
         file.create_dataset("image_ids", data=["only one"], dtype=h5py.string_dtype())
     with pytest.raises(
         lib.PipelineError, match=r"chunk_000000008_000000016.h5: its datasets do not fit together"
     ):
-        lib.merge_chunks(OUTPUT_FILE)
+        lib.merge_chunks(collection, OUTPUT_FILE)
 
 
-def test_a_chunk_in_which_every_image_failed(workspace, tmp_path, tiny_encoder):
+def test_a_chunk_in_which_every_image_failed(collection, workspace, tmp_path, tiny_encoder):
     folder = tmp_path / "broken"
     folder.mkdir()
     for name in ("a.jpg", "b.png"):
         (folder / name).write_bytes(b"<html></html>")
     params = lib.MetadataParams("folder", "validation", str(folder), "s3")
-    lib.save_image_table(lib.build_image_table(params), params)
-    run_embed(lib.load_image_table(), tiny_encoder)
-    report = lib.merge_chunks(OUTPUT_FILE)
+    lib.save_image_table(lib.build_image_table(params), params, collection)
+    run_embed(lib.load_image_table(collection), tiny_encoder)
+    report = lib.merge_chunks(collection, OUTPUT_FILE)
     merged = read_output(workspace.root / OUTPUT_FILE)
     assert report.embedded == 0 and merged["embeddings"].shape == (0, 16)
     assert merged["failed_ids"] == ["a.jpg", "b.png"] and merged["reasons"] == ["not an image"] * 2
 
 
-def test_no_chunks(workspace):
+def test_no_chunks(collection):
     with pytest.raises(lib.PipelineError, match="no chunk files in .*: run 02_embed first"):
-        lib.merge_chunks(OUTPUT_FILE)
+        lib.merge_chunks(collection, OUTPUT_FILE)
 
 
-def test_an_unreadable_chunk_is_named(chunks):
+def test_an_unreadable_chunk_is_named(collection, chunks):
     shutil.copy(chunks[0].path, chunks[0].path.with_name("chunk_000000020_000000021.h5"))
     chunks[0].path.write_bytes(b"not hdf5")
     with pytest.raises(lib.PipelineError, match="chunk_000000000_000000008.h5 cannot be read"):
-        lib.merge_chunks(OUTPUT_FILE)
+        lib.merge_chunks(collection, OUTPUT_FILE)
 
 
-def test_a_file_held_open_for_writing_elsewhere_is_named(chunks, workspace):
-    lib.merge_chunks(OUTPUT_FILE)
-    run_embed(lib.load_image_table(), lib.load_encoder(chunks[0].attrs["model_id"], "cpu"), chunk=4)
+def test_a_file_held_open_for_writing_elsewhere_is_named(collection, chunks, workspace):
+    lib.merge_chunks(collection, OUTPUT_FILE)
+    run_embed(lib.load_image_table(collection), lib.load_encoder(chunks[0].attrs["model_id"], "cpu"), chunk=4)
     merged = workspace.root / OUTPUT_FILE
     holder = subprocess.Popen(
         [
@@ -215,35 +218,37 @@ def test_a_file_held_open_for_writing_elsewhere_is_named(chunks, workspace):
         with pytest.raises(
             lib.PipelineError, match=r"Images_Embedded.h5 is locked: another process .*f.close\(\)"
         ):
-            lib.merge_chunks(OUTPUT_FILE)
+            lib.merge_chunks(collection, OUTPUT_FILE)
     finally:
         holder.kill()
         holder.wait()
 
 
-def test_a_merge_interrupted_while_cleaning_up_finishes_the_cleanup_and_loses_nothing(chunks, workspace):
-    lib.merge_chunks(OUTPUT_FILE)
+def test_a_merge_interrupted_while_cleaning_up_finishes_the_cleanup_and_loses_nothing(
+    collection, chunks, workspace
+):
+    lib.merge_chunks(collection, OUTPUT_FILE)
     before = (workspace.root / OUTPUT_FILE).read_bytes()
     chunks[0].path.unlink()  # as CLEANUP does, one chunk after another, until the kill
-    report = lib.merge_chunks(OUTPUT_FILE, cleanup=True)
+    report = lib.merge_chunks(collection, OUTPUT_FILE, cleanup=True)
     assert report.written is False and report.embedded == 18 and report.chunks == 3
-    assert (workspace.root / OUTPUT_FILE).read_bytes() == before and lib.find_chunks() == []
-    assert lib.merge_chunks(OUTPUT_FILE).embedded == 18, "a later merge reports the file as it is"
+    assert (workspace.root / OUTPUT_FILE).read_bytes() == before and lib.find_chunks(collection.chunks) == []
+    assert lib.merge_chunks(collection, OUTPUT_FILE).embedded == 18, "a later merge reports the file as it is"
 
 
 def test_a_merge_that_would_drop_the_rows_of_cleaned_up_chunks_is_refused(
-    chunks, workspace, table, tiny_encoder
+    chunks, collection, table, tiny_encoder
 ):
-    lib.merge_chunks(OUTPUT_FILE, cleanup=True)
+    lib.merge_chunks(collection, OUTPUT_FILE, cleanup=True)
     run_embed(table, tiny_encoder, start=0, end=4, chunk=4)  # new chunks after the cleanup
     with pytest.raises(lib.PipelineError, match=r"holds the rows of 3 chunk file\(s\) that are no longer"):
-        lib.merge_chunks(OUTPUT_FILE)
-    assert lib.merge_chunks("OUTPUT/new.h5").embedded == 4
+        lib.merge_chunks(collection, OUTPUT_FILE)
+    assert lib.merge_chunks(collection, "OUTPUT/new.h5").embedded == 4
 
 
-def test_too_little_disk_space_is_an_error_before_the_merge(chunks, workspace, monkeypatch):
+def test_too_little_disk_space_is_an_error_before_the_merge(collection, chunks, workspace, monkeypatch):
     full = shutil._ntuple_diskusage(total=10**9, used=10**9 - 1000, free=1000)
     monkeypatch.setattr(lib.shutil, "disk_usage", lambda path: full)
     with pytest.raises(lib.PipelineError, match=r"Not enough disk space for merging into .*0.00 GiB is free"):
-        lib.merge_chunks(OUTPUT_FILE)
+        lib.merge_chunks(collection, OUTPUT_FILE)
     assert not (workspace.root / OUTPUT_FILE).exists()

@@ -4,6 +4,7 @@ import lib
 import pytest
 
 EMBED_DEFAULTS = {
+    "OUTPUT_DIR": "OUTPUT",
     "START": 0,
     "END": None,
     "CHUNK": 10000,
@@ -20,15 +21,24 @@ EMBED_DEFAULTS = {
     "S3_ENDPOINT_URL": None,
     "RETRY_FAILED": False,
 }
-METADATA_DEFAULTS = {"DATASET": "openimages-v7", "SPLIT": "validation", "SOURCE": None, "FETCH": "s3"}
+METADATA_DEFAULTS = {
+    "OUTPUT_DIR": "OUTPUT",
+    "DATASET": "openimages-v7",
+    "SPLIT": "validation",
+    "SOURCE": None,
+    "FETCH": "s3",
+}
+MERGE_DEFAULTS = {"OUTPUT_DIR": "OUTPUT", "OUTPUT_FILE": None, "CLEANUP": False}
 
 
 def test_defaults_are_valid():
     params = lib.read_parameters(lib.EmbedParams, dict(EMBED_DEFAULTS))
     assert params.chunk == 10000 and params.end is None
     assert lib.read_parameters(lib.MetadataParams, dict(METADATA_DEFAULTS)).dataset == "openimages-v7"
-    assert lib.read_parameters(lib.MergeParams, {"OUTPUT_FILE": "x.h5", "CLEANUP": True}).cleanup
-    assert lib.read_parameters(lib.SetupParams, {"DEVICE": "cuda:1"}).device == "cuda:1"
+    assert lib.read_parameters(lib.MergeParams, {**MERGE_DEFAULTS, "CLEANUP": True}).cleanup
+    assert (
+        lib.read_parameters(lib.SetupParams, {"OUTPUT_DIR": "OUTPUT", "DEVICE": "cuda:1"}).device == "cuda:1"
+    )
 
 
 @pytest.mark.parametrize(
@@ -104,7 +114,7 @@ def test_table_source_may_map_columns_to_json_lists():
 
 def test_merge_values():
     with pytest.raises(lib.ParameterError, match="CLEANUP='yes' is not allowed: use True or False"):
-        lib.read_parameters(lib.MergeParams, {"OUTPUT_FILE": "out.h5", "CLEANUP": "yes"})
+        lib.read_parameters(lib.MergeParams, {**MERGE_DEFAULTS, "CLEANUP": "yes"})
 
 
 def test_unknown_parameter_names_suggest_the_closest():
@@ -115,7 +125,7 @@ def test_unknown_parameter_names_suggest_the_closest():
 
 def test_parameters_of_other_stages_are_accepted():
     """One params/*.yaml feeds every stage, so 02 must accept DATASET and OUTPUT_FILE."""
-    namespace = {**EMBED_DEFAULTS, **METADATA_DEFAULTS, "OUTPUT_FILE": "x.h5", "CLEANUP": False}
+    namespace = {**EMBED_DEFAULTS, **METADATA_DEFAULTS, **MERGE_DEFAULTS}
     assert lib.read_parameters(lib.EmbedParams, namespace).model == "ViT-B/32"
 
 

@@ -25,13 +25,13 @@ def embeddings_file(path, vectors: np.ndarray) -> lib.EmbeddingsFile:
         )
         file["rows"] = np.arange(count, dtype=np.int64)
         file.attrs["chunks"] = "[]"
-    return lib.open_embeddings(path)
+    return lib.open_embeddings(lib.Collection(path.parent), path)
 
 
 @pytest.fixture
-def merged(table, tiny_encoder, workspace) -> lib.EmbeddingsFile:
+def merged(table, tiny_encoder, collection) -> lib.EmbeddingsFile:
     run_embed(table, tiny_encoder)
-    return lib.open_embeddings(lib.merge_chunks("OUTPUT/Images_Embedded.h5").path)
+    return lib.open_embeddings(collection, lib.merge_chunks(collection, "OUTPUT/Images_Embedded.h5").path)
 
 
 def test_an_image_used_as_its_own_query_ranks_first_with_score_1(merged, tiny_encoder, image_folder):
@@ -107,9 +107,9 @@ def test_a_model_of_another_embedding_size_is_an_error(merged, tmp_path):
         lib.query_encoder(merged, str(other), "cpu")
 
 
-def test_a_missing_file_and_bad_parameters_are_named(workspace):
+def test_a_missing_file_and_bad_parameters_are_named(collection):
     with pytest.raises(lib.PipelineError, match="EMBEDDINGS file .*missing.h5 does not exist: run 03_merge"):
-        lib.open_embeddings("OUTPUT/missing.h5")
+        lib.open_embeddings(collection, "OUTPUT/missing.h5")
     values = dict(
         embeddings="x.h5",
         queries=[],

@@ -1,6 +1,9 @@
 """Sources: Open Images metadata, user tables and folders -> the normalised image table."""
 
+import itertools
 import json
+import pathlib
+from collections.abc import Callable
 
 import lib
 import numpy as np
@@ -228,32 +231,87 @@ def test_missing_and_empty_folders(workspace, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
-def test_saving_an_unchanged_table_does_nothing(workspace, tmp_path, capsys):
+def test_saving_an_unchanged_table_does_nothing(collection, tmp_path, capsys):
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(b"x")
     params = metadata("folder", str(folder))
-    info = lib.save_image_table(lib.build_image_table(params), params)
-    written = workspace.table.stat().st_mtime_ns
-    assert lib.save_image_table(lib.build_image_table(params), params) == info
-    assert workspace.table.stat().st_mtime_ns == written
+    info = lib.save_image_table(lib.build_image_table(params), params, collection)
+    written = collection.table.stat().st_mtime_ns
+    assert lib.save_image_table(lib.build_image_table(params), params, collection) == info
+    assert collection.table.stat().st_mtime_ns == written
     assert "already up to date" in capsys.readouterr().out
-    loaded = lib.load_image_table()
+    loaded = lib.load_image_table(collection)
     assert len(loaded) == 1 and loaded.info == info
     assert loaded.rows(0, 1)["image_id"] == ["a.jpg"]
 
 
-def test_a_changed_table_changes_its_digest(workspace, tmp_path):
+def test_a_changed_table_changes_its_digest(collection, tmp_path):
     folder = tmp_path / "photos"
     folder.mkdir()
     (folder / "a.jpg").write_bytes(b"x")
     params = metadata("folder", str(folder))
-    first = lib.save_image_table(lib.build_image_table(params), params)
+    first = lib.save_image_table(lib.build_image_table(params), params, collection)
     (folder / "b.jpg").write_bytes(b"x")
-    second = lib.save_image_table(lib.build_image_table(params), params)
+    second = lib.save_image_table(lib.build_image_table(params), params, collection)
     assert first["sha256"] != second["sha256"] and second["rows"] == 2
 
 
-def test_02_without_a_table_says_to_run_01(workspace):
-    with pytest.raises(lib.PipelineError, match="run 01_metadata first"):
-        lib.load_image_table()
+def test_02_without_a_table_says_to_run_01(collection):
+    with pytest.raises(
+        lib.PipelineError,
+        match=r"no image table in .*OUTPUT: run 01_metadata with OUTPUT_DIR='.*OUTPUT' first",
+    ):
+        lib.load_image_table(collection)
+
+
+def test_wherever_a_save_is_interrupted_the_table_and_its_digest_agree(collection, tmp_path, monkeypatch):
+    """A kill between writing a table and its record must never pair a new table with an old digest."""
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    (folder / "a.jpg").write_bytes(b"x")
+    params = metadata("folder", str(folder))
+    lib.save_image_table(lib.build_image_table(params), params, collection)
+    (folder / "b.jpg").write_bytes(b"x")
+    for interrupted_step in itertools.count(1):
+        steps = interrupt_at(interrupted_step, monkeypatch)
+        try:
+            lib.save_image_table(lib.build_image_table(params), params, collection)
+        except KeyboardInterrupt:
+            pass
+        monkeypatch.undo()
+        loaded = lib.load_image_table(collection)
+        assert loaded.info["sha256"] == lib.table_sha256(loaded.columns.to_pandas())
+        if steps() < interrupted_step:  # the save ran to its end
+            break
+    assert len(lib.load_image_table(collection)) == 2
+
+
+def interrupt_at(step: int, monkeypatch) -> Callable[[], int]:
+    """Raise KeyboardInterrupt at the `step`-th file write or rename; return a count of those made."""
+    made = 0
+
+    def wrap(write):
+        def interrupted(*args, **kwargs):
+            nonlocal made
+            made += 1
+            if made == step:
+                raise KeyboardInterrupt
+            return write(*args, **kwargs)
+
+        return interrupted
+
+    monkeypatch.setattr(lib.pq, "write_table", wrap(lib.pq.write_table))
+    monkeypatch.setattr(lib.os, "replace", wrap(lib.os.replace))
+    monkeypatch.setattr(pathlib.Path, "write_text", wrap(pathlib.Path.write_text))
+    return lambda: made
+
+
+def test_a_damaged_download_record_means_downloading_again(workspace, http_server):
+    path = "/metadata/validation-images-with-rotation.csv"
+    first = lib.cached_download(http_server.url(path), hint="")
+    before = http_server.hits[path]
+    record = first.with_name(first.name + ".download.json")
+    record.write_text(record.read_text()[:10])  # cut short by a kill, as a non-atomic write could be
+    again = lib.cached_download(http_server.url(path), hint="")
+    assert again.read_bytes() == http_server.files[path][0] and http_server.hits[path] == before + 1
