@@ -1,11 +1,10 @@
 # make run    installs requirements.txt into .venv and runs 00 -> 01 -> 02 -> 03 -> 04 with PARAMS
+#             (notebooks/run_stages.py: executed notebooks in OUTPUT_DIR/runs/, output streamed)
 # make test   installs requirements-test.txt into .venv, then lints and runs every test
 # make benchmark  runs benchmarks/throughput.py (pipeline vs model alone vs the original loop)
 PARAMS ?= params/demo.yaml
 VENV ?= .venv
 PYTHON := $(VENV)/bin/python
-RUNS := OUTPUT/runs/$(basename $(notdir $(PARAMS)))
-STAGES := 00_setup 01_metadata 02_embed 03_merge 04_search
 
 .PHONY: run test lint benchmark
 
@@ -21,16 +20,11 @@ $(VENV)/.installed-test: requirements-test.txt $(VENV)/.installed-run
 	touch $@
 
 run: $(VENV)/.installed-run
-	@mkdir -p $(RUNS)
-	@for stage in $(STAGES); do \
-		echo "== $$stage with $(PARAMS); executed notebook: $(RUNS)/$$stage.ipynb"; \
-		$(PYTHON) -m papermill --log-level ERROR --stdout-file /dev/stdout \
-			notebooks/$$stage.ipynb $(RUNS)/$$stage.ipynb -f $(PARAMS) || exit 1; \
-	done
+	@$(PYTHON) notebooks/run_stages.py $(PARAMS)
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check notebooks tests benchmarks
-	$(VENV)/bin/ruff format --check notebooks/lib.py tests benchmarks
+	$(VENV)/bin/ruff format --check notebooks/*.py tests benchmarks
 
 test: lint
 	$(PYTHON) -m pytest

@@ -34,6 +34,7 @@ import re
 import shutil
 import socket
 import struct
+import sys
 import tempfile
 import threading
 import time
@@ -133,6 +134,29 @@ class ImageFailure(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress: tqdm bars where someone watches them, printed lines where nobody can
+# ---------------------------------------------------------------------------------------------
+
+
+def watched() -> bool:
+    """True where someone watches progress bars: a notebook front end, or a terminal.
+
+    The front ends that render tqdm's widgets (JupyterLab, Notebook, VS Code, Colab) can answer
+    input(); papermill, nbval and nbconvert cannot, and tell the kernel so with every cell.
+    """
+    shell = sys.modules["IPython"].get_ipython() if "IPython" in sys.modules else None
+    kernel = getattr(shell, "kernel", None)
+    if kernel is not None:
+        return bool(getattr(kernel, "_allow_stdin", False))
+    return sys.stderr.isatty()
+
+
+def progress_bar(iterable: Iterable | None = None, **options: Any) -> tqdm:
+    """A tqdm bar where someone watches (see `watched`), a silent one elsewhere."""
+    return tqdm(iterable, disable=not watched(), **options)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -530,7 +554,7 @@ def _download_http(url: str, destination: Path) -> None:
         expected = int(reply.headers.get("Content-Length", 0)) or None
         with (
             open(destination, "wb") as file,
-            tqdm(
+            progress_bar(
                 total=expected, unit="B", unit_scale=True, desc=f"download {Path(urlparse(url).path).name}"
             ) as progress,
         ):
@@ -1933,11 +1957,15 @@ class ChunkPlan:
     retry: list[ChunkInfo] = dataclasses.field(default_factory=list)  # done, with failed rows to retry
     signature: dict = dataclasses.field(default_factory=dict)  # what every chunk of the output shares
 
+    @property
+    def rows_to_do(self) -> int:
+        """Rows to embed, and failed rows to attempt again."""
+        return _row_count(self.todo) + sum(info.failed for info in self.retry)
+
     def __str__(self) -> str:
-        todo_rows = sum(end - start for start, end in self.todo)
         text = (
             f"rows [{self.start}, {self.end}): {len(self.done)} chunk(s) already done, "
-            f"{len(self.todo)} to embed ({todo_rows:,} rows)"
+            f"{len(self.todo)} to embed ({_row_count(self.todo):,} rows)"
         )
         if self.retry:
             failed = sum(info.failed for info in self.retry)
@@ -1976,6 +2004,10 @@ def run_signature(encoder: ClipEncoder, recipe: ImageRecipe, table: ImageTable) 
 
 def _split_range(start: int, end: int, size: int) -> list[tuple[int, int]]:
     return [(low, min(low + size, end)) for low in range(start, end, size)]
+
+
+def _row_count(ranges: Iterable[tuple[int, int]]) -> int:
+    return sum(end - start for start, end in ranges)
 
 
 def _check_row_range(start: int, end: int | None, rows: int) -> int:
@@ -2137,11 +2169,17 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
 
 
 def embed_chunk(
-    table: ImageTable, start: int, end: int, encoder: ClipEncoder, loader: ImageLoader, batch_size: int
+    table: ImageTable,
+    start: int,
+    end: int,
+    encoder: ClipEncoder,
+    loader: ImageLoader,
+    batch_size: int,
+    progress: RunProgress | None = None,
 ) -> ChunkResult:
     """Embed rows [start, end): the loader prepares images while each batch is encoded."""
     result = ChunkResult(start, end, encoder.embedding_size)
-    _embed_rows(result, table, range(start, end), encoder, loader, batch_size)
+    _embed_rows(result, table, range(start, end), encoder, loader, batch_size, progress)
     return result
 
 
@@ -2162,28 +2200,27 @@ def _embed_rows(
     encoder: ClipEncoder,
     loader: ImageLoader,
     batch_size: int,
+    progress: RunProgress | None = None,
 ) -> None:
     """Embed the given rows into `result`, in order, one batch queued on the device ahead."""
     began = time.perf_counter()
     columns = table.take(row_numbers)
-    description = f"rows {result.start}-{result.end}"
-    with tqdm(total=len(row_numbers), desc=description, unit="img", leave=False) as progress:
 
-        def finish(batch: list, embeddings: PendingEmbeddings | None) -> None:
-            _record_batch(result, row_numbers, columns, batch, embeddings)
-            progress.update(len(batch))
-            progress.set_postfix(failed=len(result.reasons))
+    def finish(batch: list, embeddings: PendingEmbeddings | None) -> None:
+        _record_batch(result, row_numbers, columns, batch, embeddings)
+        if progress:
+            progress.add([item.reason for _, item in batch])
 
-        on_device = None  # the batch the device works on while the next one is stacked and queued
-        loaded = loader.load(columns["location"], columns["rotation"])
-        for batch in _batches(enumerate(loaded), batch_size):
-            pixels = [item.pixels for _, item in batch if item.pixels is not None]
-            queued = (batch, encoder.start_encoding(np.stack(pixels)) if pixels else None)
-            if on_device:
-                finish(*on_device)
-            on_device = queued
+    on_device = None  # the batch the device works on while the next one is stacked and queued
+    loaded = loader.load(columns["location"], columns["rotation"])
+    for batch in _batches(enumerate(loaded), batch_size):
+        pixels = [item.pixels for _, item in batch if item.pixels is not None]
+        queued = (batch, encoder.start_encoding(np.stack(pixels)) if pixels else None)
         if on_device:
             finish(*on_device)
+        on_device = queued
+    if on_device:
+        finish(*on_device)
     result.seconds += time.perf_counter() - began
 
 
@@ -2208,12 +2245,17 @@ def _record_batch(
 
 
 def retry_chunk(
-    info: ChunkInfo, table: ImageTable, encoder: ClipEncoder, loader: ImageLoader, batch_size: int
+    info: ChunkInfo,
+    table: ImageTable,
+    encoder: ClipEncoder,
+    loader: ImageLoader,
+    batch_size: int,
+    progress: RunProgress | None = None,
 ) -> ChunkResult:
     """A finished chunk with its failed rows attempted again; the vectors it holds are kept as stored."""
     stored = read_chunk_result(info.path)
     retried = ChunkResult(info.start, info.end, stored.embedding_size, retried=len(stored.failed.rows))
-    _embed_rows(retried, table, stored.failed.rows, encoder, loader, batch_size)
+    _embed_rows(retried, table, stored.failed.rows, encoder, loader, batch_size, progress)
     stored.failed, stored.reasons = Records(), []
     return combine_results(stored, retried)
 
@@ -2275,6 +2317,93 @@ def library_versions() -> dict:
     }
 
 
+PROGRESS_INTERVAL = (
+    30.0  # seconds between a headless run's lines (at least one a minute, at most one per 10 s)
+)
+
+
+class RunProgress:
+    """How far one 02 run is: a tqdm bar where someone watches it, else a printed line now and then.
+
+    A line gives the rows done of the run's total, img/s, the failures so far with the commonest
+    reason, and the time left. One is printed per chunk written and one every `interval` seconds
+    in between, also while no image arrives: a stalled source shows as a count that stops moving.
+    """
+
+    def __init__(self, total: int, lines: bool | None = None, interval: float = PROGRESS_INTERVAL):
+        self.total = total
+        self.done = 0  # rows this run embedded or recorded as failed
+        self.elsewhere = 0  # rows of the plan that another run did
+        self.failed: collections.Counter = collections.Counter()
+        self._lines = not watched() if lines is None else lines
+        self._interval = interval
+        self._began = self._last_line = time.monotonic()
+        self._lock = threading.Lock()
+        self._stopped = threading.Event()
+        self._ticker = threading.Thread(target=self._print_every_interval, name="progress", daemon=True)
+        self._bar = tqdm(total=total, desc="embed", unit="img", disable=self._lines or not total)
+
+    def __enter__(self) -> RunProgress:
+        if self._lines and self.total:
+            self._ticker.start()
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        self._stopped.set()
+        if self._ticker.is_alive():
+            self._ticker.join()
+        self._bar.close()
+
+    def add(self, reasons: Sequence[str | None]) -> None:
+        """Count a batch of rows: None for each embedded one, else the reason it failed."""
+        with self._lock:
+            self.done += len(reasons)
+            self.failed.update(reason for reason in reasons if reason is not None)
+            failed = self.failed.total()
+        self._bar.set_postfix(failed=failed, refresh=False)
+        self._bar.update(len(reasons))
+
+    def add_elsewhere(self, rows: int) -> None:
+        """Count rows of the plan that another run embedded."""
+        with self._lock:
+            self.elsewhere += rows
+        self._bar.update(rows)
+
+    def chunk_written(self, name: str) -> None:
+        if self._lines:
+            self._print(f"{name} written; ")
+
+    def line(self) -> str:
+        """Rows done of the total, img/s, failures with the commonest reason, and the time left."""
+        with self._lock:
+            done, settled, failed = self.done, self.done + self.elsewhere, self.failed.most_common(1)
+            failures = self.failed.total()
+        rate = done / max(time.monotonic() - self._began, 1e-9)
+        share = f" ({settled / self.total:.1%})" if self.total else ""
+        text = f"{settled:,} of {self.total:,} rows{share}, {rate:,.1f} img/s, {failures:,} failed"
+        if failed:
+            text += f" (most: {failed[0][0]}, {failed[0][1]:,})"
+        left = self.total - settled
+        return text + (f", about {_duration(left / rate)} left" if rate and left else "")
+
+    def _print(self, prefix: str = "") -> None:
+        with self._lock:
+            self._last_line = time.monotonic()
+        print(f"[02] {prefix}{self.line()}", flush=True)
+
+    def _print_every_interval(self) -> None:
+        while not self._stopped.wait(max(0.0, self._last_line + self._interval - time.monotonic())):
+            if time.monotonic() - self._last_line >= self._interval:
+                self._print()
+
+
+def _duration(seconds: float) -> str:
+    """12s, 5m 41s, 3h 07m."""
+    minutes, seconds = divmod(int(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h {minutes:02d}m" if hours else f"{minutes}m {seconds:02d}s" if minutes else f"{seconds}s"
+
+
 def embed_chunks(
     table: ImageTable, encoder: ClipEncoder, recipe: ImageRecipe, plan: ChunkPlan, params: EmbedParams
 ) -> RunSummary:
@@ -2285,7 +2414,7 @@ def embed_chunks(
     """
     check_writable(plan.folder)
     needed = estimated_bytes(table, plan.todo, encoder.embedding_size)
-    check_free_space(plan.folder, needed, f"{sum(e - s for s, e in plan.todo):,} rows of chunk files")
+    check_free_space(plan.folder, needed, f"{_row_count(plan.todo):,} rows of chunk files")
     removed = remove_stale_files(plan.folder)
     if removed:
         print(f"Removed {len(removed)} file(s) that an interrupted run left in {plan.folder}")
@@ -2299,15 +2428,25 @@ def embed_chunks(
     fetcher = Fetcher(params.s3_endpoint_url, pool_size=fetch_threads)
     lookahead = 2 * params.gpu_batch_size + fetch_threads
     began = time.perf_counter()
-    with ImageLoader(fetcher, recipe, params.num_workers, lookahead) as loader:
+    with (
+        ImageLoader(fetcher, recipe, params.num_workers, lookahead) as loader,
+        RunProgress(plan.rows_to_do) as progress,
+    ):
         run = _ChunkWriter(
-            plan.folder, table, encoder, loader, params.gpu_batch_size, attrs, RunSummary(len(plan.done))
+            plan.folder,
+            table,
+            encoder,
+            loader,
+            params.gpu_batch_size,
+            attrs,
+            RunSummary(len(plan.done)),
+            progress,
         )
         todo = plan.todo
         while todo:
-            busy = [chunk for chunk in tqdm(todo, desc="chunks", unit="chunk") if not run.embed(*chunk)]
-            todo = _after_other_runs(busy, plan, params.chunk)
-        for info in tqdm(plan.retry, desc="retry failed", unit="chunk", disable=not plan.retry):
+            busy = [chunk for chunk in todo if not run.embed(*chunk)]
+            todo = _after_other_runs(busy, plan, params.chunk, progress)
+        for info in plan.retry:
             run.retry(info)
     run.summary.seconds = time.perf_counter() - began
     return run.summary
@@ -2324,6 +2463,7 @@ class _ChunkWriter:
     batch_size: int
     attrs: dict
     summary: RunSummary
+    progress: RunProgress
 
     def embed(self, start: int, end: int) -> bool:
         """Embed rows [start, end) into their chunk file; False when another run is at work on them."""
@@ -2333,13 +2473,18 @@ class _ChunkWriter:
             return False
         if claim is None:  # another run finished them meanwhile
             self.summary.chunks_skipped += 1
+            self.progress.add_elsewhere(end - start)
             return True
+        path = chunk_path(self.folder, start, end)
         try:
-            result = embed_chunk(self.table, start, end, self.encoder, self.loader, self.batch_size)
-            write_chunk(chunk_path(self.folder, start, end), result, self.attrs)
+            result = embed_chunk(
+                self.table, start, end, self.encoder, self.loader, self.batch_size, self.progress
+            )
+            write_chunk(path, result, self.attrs)
         finally:
             claim.release()
         self.summary.add(result.stats())
+        self.progress.chunk_written(path.name)
         return True
 
     def retry(self, info: ChunkInfo) -> None:
@@ -2350,14 +2495,19 @@ class _ChunkWriter:
             return
         try:
             current = read_chunk_info(info.path)  # as it is now, under the claim
-            result = retry_chunk(current, self.table, self.encoder, self.loader, self.batch_size)
+            result = retry_chunk(
+                current, self.table, self.encoder, self.loader, self.batch_size, self.progress
+            )
             write_chunk(info.path, result, current.attrs)
         finally:
             claim.release()
         self.summary.add_retry(current, result)
+        self.progress.chunk_written(info.path.name)
 
 
-def _after_other_runs(busy: list[tuple[int, int]], plan: ChunkPlan, chunk: int) -> list[tuple[int, int]]:
+def _after_other_runs(
+    busy: list[tuple[int, int]], plan: ChunkPlan, chunk: int, progress: RunProgress
+) -> list[tuple[int, int]]:
     """Wait for the runs at work on the `busy` ranges; what they left undone is this run's to do."""
     if not busy:
         return []
@@ -2367,7 +2517,9 @@ def _after_other_runs(busy: list[tuple[int, int]], plan: ChunkPlan, chunk: int) 
     finished = find_chunks(plan.folder)
     _check_signatures(finished, plan.signature)
     done = [(info.start, info.end) for info in finished]
-    return [piece for start, end in busy for piece in _uncovered(start, end, chunk, done)]
+    left = [piece for start, end in busy for piece in _uncovered(start, end, chunk, done)]
+    progress.add_elsewhere(_row_count(busy) - _row_count(left))
+    return left
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2584,7 +2736,7 @@ def _write_merged(path: Path, chunks: list[ChunkInfo], attrs: dict) -> None:
         with h5py.File(temporary, "w") as target:
             _create_merged_datasets(target, attrs["embedded"], attrs["failed"], int(attrs["embedding_size"]))
             offset = failed_offset = 0
-            for info in tqdm(chunks, desc="merge", unit="chunk"):
+            for info in progress_bar(chunks, desc="merge", unit="chunk"):
                 with open_hdf5(info.path) as source:
                     _check_chunk_records(source, info, int(attrs["embedding_size"]))
                     _copy_records(source, target, ("rows", "image_ids", "urls", "embeddings"), offset)
@@ -2829,7 +2981,7 @@ def build_ivf(embeddings: EmbeddingsFile, seed: int = 0) -> Any:
     training = min(embeddings.count, IVF_TRAINING_PER_LIST * lists)
     sample = np.sort(np.random.default_rng(seed).choice(embeddings.count, training, replace=False))
     index.train(np.concatenate([_rows_in(block, start, sample) for start, block in embeddings.blocks()]))
-    for _, block in tqdm(
+    for _, block in progress_bar(
         embeddings.blocks(), desc="index", unit="block", total=-(-embeddings.count // embeddings.block_rows)
     ):
         index.add(np.ascontiguousarray(block))

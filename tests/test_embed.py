@@ -3,9 +3,11 @@
 import contextlib
 import io
 import os
+import re
 import shutil
 import threading
 import time
+import types
 
 import h5py
 import lib
@@ -310,3 +312,43 @@ def test_an_output_folder_without_write_permission_is_named(table, tiny_encoder,
             run_embed(table, tiny_encoder)
     finally:
         collection.folder.chmod(0o755)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress
+# ---------------------------------------------------------------------------------------------
+
+
+def test_headless_progress_prints_a_line_every_interval_even_while_nothing_arrives(capsys):
+    with lib.RunProgress(100, lines=True, interval=0.25) as progress:
+        progress.add([None] * 10 + ["http 404"] * 3 + ["timeout"])
+        time.sleep(1.1)  # a stalled source: no row arrives
+        progress.chunk_written("chunk_000000000_000000014.h5")
+    lines = capsys.readouterr().out.splitlines()
+    timed = [line for line in lines if "written" not in line]
+    assert 3 <= len(timed) <= 5, "one line per interval, and no more"
+    rate, rest = (
+        r"\[02\] 14 of 100 rows \(14\.0%\), [\d.]+ img/s",
+        r", 4 failed \(most: http 404, 3\), about .+ left",
+    )
+    pattern = rate + rest
+    assert all(re.fullmatch(pattern, line) for line in timed), timed
+    assert lines[-1].startswith("[02] chunk_000000000_000000014.h5 written; 14 of 100 rows")
+
+
+def test_progress_where_someone_watches_is_a_bar_not_lines(capsys):
+    with lib.RunProgress(100, lines=False, interval=0.05) as progress:
+        progress.add([None] * 100)
+        time.sleep(0.3)
+        progress.chunk_written("chunk_000000000_000000100.h5")
+    assert "[02]" not in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(("allow_stdin", "watched"), [(True, True), (False, False)])
+def test_a_kernel_whose_front_end_can_answer_input_is_watched(monkeypatch, allow_stdin, watched):
+    """JupyterLab, VS Code and Colab answer input() and render widgets; papermill and nbval do neither."""
+    import IPython
+
+    shell = types.SimpleNamespace(kernel=types.SimpleNamespace(_allow_stdin=allow_stdin))
+    monkeypatch.setattr(IPython, "get_ipython", lambda: shell)
+    assert lib.watched() is watched

@@ -7,6 +7,7 @@ model is the tiny checkpoint, found as "ViT-B/32" in an offline Hugging Face cac
 import io
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -210,6 +211,84 @@ def test_folder_chain_from_the_notebooks_folder(repo, kernel_env, images, tmp_pa
     merged = read_output(repo / "OUTPUT" / "photos.h5")
     assert len(merged["image_ids"]) == 10 and merged["image_ids"][0] == f"{sorted(images)[0]}.jpg"
     assert merged["image_ids"][-1].startswith("nested/")
+
+
+# ---------------------------------------------------------------------------------------------
+# make run, and what a headless run shows while it works
+# ---------------------------------------------------------------------------------------------
+
+
+def make_run(repo: Path, params: str, env: dict, log: Path) -> None:
+    """`make run PARAMS=... > log 2>&1` in `repo`, with this Python and its installed requirements."""
+    command = ["make", "run", f"PARAMS={params}", f"PYTHON={sys.executable}", "-o", ".venv/.installed-run"]
+    with open(log, "w") as output:
+        result = subprocess.run(
+            command, cwd=repo, env=env, stdout=output, stderr=subprocess.STDOUT, timeout=600
+        )
+    assert result.returncode == 0, log.read_text()[-3000:]
+
+
+def test_make_run_keeps_collections_side_by_side_and_every_stage_in_its_log(repo, kernel_env, images):
+    """The folder and the table example, one after the other in one checkout, each searching its own file."""
+    for name in ("Makefile", "requirements.txt", "params"):
+        (shutil.copytree if (REPO / name).is_dir() else shutil.copy)(REPO / name, repo / name)
+    photos = repo / "data" / "images"
+    photos.mkdir(parents=True)
+    for key, data in list(images.items())[:12]:
+        (photos / f"{key}.jpg").write_bytes(data)
+    listing = "image_id,url\n" + "".join(
+        f"item-{n},images/{key}.jpg\n" for n, key in enumerate(sorted(images)[:6])
+    )
+    (repo / "data" / "catalogue.csv").write_text(listing)
+    logs = {}
+    for name, folder, count in (("folder_example", "folder", 12), ("table_example", "catalogue", 6)):
+        logs[name] = repo.parent / f"{name}.log"
+        make_run(repo, f"params/{name}.yaml", kernel_env, logs[name])
+        printed = logs[name].read_text()
+        for stage in STAGES:
+            executed = repo / "OUTPUT" / folder / "runs" / name / f"{stage}.ipynb"
+            assert f"== {stage} with params/{name}.yaml; executed notebook: {executed}" in printed
+            assert executed.is_file()
+        assert (
+            f"Wrote the image table: {count} rows to {repo / 'OUTPUT' / folder / 'image_table.parquet'}"
+            in printed
+        )
+        assert f"images attempted: {count}, embedded: {count}, failed: 0" in printed
+        assert (
+            f"{repo / 'OUTPUT' / folder / 'Images_Embedded.h5'}: {count} embeddings, 0 failed images"
+            in printed
+        )
+        assert f"{count} embeddings of 16 dimensions from openai/clip-vit-base-patch32" in printed
+        assert "device: cpu" in printed and "rank    score" in printed
+        assert "without encryption" not in printed
+    assert read_output(repo / "OUTPUT" / "catalogue" / "Images_Embedded.h5")["image_ids"] == [
+        f"item-{n}" for n in range(6)
+    ]
+    assert not (repo / "OUTPUT" / "chunks").exists() and not (repo / "OUTPUT" / "Images_Embedded.h5").exists()
+
+
+def test_a_headless_02_prints_progress_lines_before_its_summary(repo, kernel_env, images, tmp_path):
+    keys = sorted(images)
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    for key in keys:
+        (folder / f"{key}.jpg").write_bytes(images[key])
+    rows = "".join(f"row-{row},{folder / keys[row % len(keys)]}.jpg\n" for row in range(500))
+    (tmp_path / "listing.csv").write_text("image_id,url\n" + rows)
+    papermill(repo, "01_metadata", {"DATASET": "table", "SOURCE": str(tmp_path / "listing.csv")}, kernel_env)
+    params_file = tmp_path / "02.yaml"
+    params_file.write_text(yaml.safe_dump({**EMBED, "CHUNK": 250}))
+    result = run_papermill(
+        "notebooks/02_embed.ipynb",
+        [str(tmp_path / "02.ipynb"), "-f", str(params_file), "--log-output"],
+        repo,
+        kernel_env,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    logged = result.stderr.splitlines()
+    summary = next(n for n, line in enumerate(logged) if line.startswith("chunks written: 2"))
+    progress = [line for line in logged[:summary] if line.startswith("[02] ")]
+    assert len(progress) >= 2 and "500 of 500 rows (100.0%)" in progress[-1], logged[:summary]
 
 
 # ---------------------------------------------------------------------------------------------
