@@ -1830,10 +1830,12 @@ class FileLock:
             os.close(fd)
 
     def release(self) -> None:
-        """Remove the lock file, then let go of the lock."""
-        self.path.unlink(missing_ok=True)
-        os.close(self._fd)
-        self._fd = None
+        """Remove the lock file, then let go of the lock (even if the removal is interrupted)."""
+        try:
+            self.path.unlink(missing_ok=True)
+        finally:
+            os.close(self._fd)
+            self._fd = None
 
     def __enter__(self) -> FileLock:
         self.acquire()
@@ -1863,6 +1865,15 @@ def lock_holder(path: Path) -> str | None:
         if fd is None or _flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB, path):
             return None
         return os.pread(fd, 200, 0).decode(errors="replace") or "another process"
+
+
+def _check_not_held_here(claim: str) -> None:
+    """An error, not a wait that never ends, for a claim this very process holds: an interrupted cell's."""
+    if f"pid {os.getpid()} on {socket.gethostname()} since" in claim:
+        raise PipelineError(
+            f"This kernel itself holds a claim on {claim.split(':')[0]}, left by a run that was "
+            "interrupted: restart the kernel (which lets go of it), then run 02_embed again."
+        )
 
 
 def wait_for_lock(path: Path) -> None:
@@ -1914,8 +1925,28 @@ def claim_chunk(folder: Path, start: int, end: int, rewrite: bool = False) -> Fi
         claim = FileLock(lock_path(chunk_path(folder, start, end)))
         if not claim.acquire(blocking=False):  # a process that locks chunks without claiming them
             return f"rows [{start}, {end}): {lock_holder(claim.path)}"
-        temporary_path(chunk_path(folder, start, end)).unlink(missing_ok=True)
+        try:
+            temporary_path(chunk_path(folder, start, end)).unlink(missing_ok=True)
+        except BaseException:
+            claim.release()
+            raise
         return claim
+
+
+@contextlib.contextmanager
+def claimed(folder: Path, start: int, end: int, rewrite: bool = False) -> Iterator[FileLock | str | None]:
+    """claim_chunk for the duration of a block: the lock it takes is released however the block ends.
+
+    An interrupt (a notebook's stop button) anywhere in between leaves no claim behind, so a later
+    run in the same kernel does not wait on a claim of its own.
+    """
+    claim = None
+    try:
+        claim = claim_chunk(folder, start, end, rewrite)
+        yield claim
+    finally:
+        if isinstance(claim, FileLock):
+            claim.release()
 
 
 def wait_for_claims(folder: Path, start: int, end: int) -> None:
@@ -2444,7 +2475,7 @@ def embed_chunks(
         )
         todo = plan.todo
         while todo:
-            busy = [chunk for chunk in todo if not run.embed(*chunk)]
+            busy = [piece for start, end in todo for piece in run.embed(start, end)]
             todo = _after_other_runs(busy, plan, params.chunk, progress)
         for info in plan.retry:
             run.retry(info)
@@ -2465,42 +2496,47 @@ class _ChunkWriter:
     summary: RunSummary
     progress: RunProgress
 
-    def embed(self, start: int, end: int) -> bool:
-        """Embed rows [start, end) into their chunk file; False when another run is at work on them."""
-        claim = claim_chunk(self.folder, start, end)
-        if isinstance(claim, str):
-            print(f"rows [{start}, {end}) overlap a chunk that another run is embedding ({claim})")
-            return False
-        if claim is None:  # another run finished them meanwhile
-            self.summary.chunks_skipped += 1
-            self.progress.add_elsewhere(end - start)
-            return True
-        path = chunk_path(self.folder, start, end)
-        try:
+    def embed(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Embed rows [start, end) into chunk files; return the ranges another run is at work on.
+
+        Rows that another run finished meanwhile are skipped, and the rest of the range is embedded.
+        """
+        with claimed(self.folder, start, end) as claim:
+            if isinstance(claim, str):
+                _check_not_held_here(claim)
+                print(f"rows [{start}, {end}) overlap a chunk that another run is embedding ({claim})")
+                return [(start, end)]
+            if claim is None:
+                return self._embed_rest(start, end)
+            path = chunk_path(self.folder, start, end)
             result = embed_chunk(
                 self.table, start, end, self.encoder, self.loader, self.batch_size, self.progress
             )
             write_chunk(path, result, self.attrs)
-        finally:
-            claim.release()
         self.summary.add(result.stats())
         self.progress.chunk_written(path.name)
-        return True
+        return []
+
+    def _embed_rest(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Embed the rows of [start, end) that no finished chunk covers; return the busy ranges."""
+        finished = _overlapping(_ranges(self.folder), start, end)
+        rest = _uncovered(start, end, end - start, finished)
+        self.progress.add_elsewhere(end - start - _row_count(rest))
+        if not rest:
+            self.summary.chunks_skipped += 1
+        return [busy for low, high in rest for busy in self.embed(low, high)]
 
     def retry(self, info: ChunkInfo) -> None:
         """Attempt a finished chunk's failed rows again and replace the chunk file whole."""
-        claim = claim_chunk(self.folder, info.start, info.end, rewrite=True)
-        if not isinstance(claim, FileLock):
-            print(f"{info.path.name} is not retried: another run is at work on its rows ({claim})")
-            return
-        try:
+        with claimed(self.folder, info.start, info.end, rewrite=True) as claim:
+            if not isinstance(claim, FileLock):
+                print(f"{info.path.name} is not retried: another run is at work on its rows ({claim})")
+                return
             current = read_chunk_info(info.path)  # as it is now, under the claim
             result = retry_chunk(
                 current, self.table, self.encoder, self.loader, self.batch_size, self.progress
             )
             write_chunk(info.path, result, current.attrs)
-        finally:
-            claim.release()
         self.summary.add_retry(current, result)
         self.progress.chunk_written(info.path.name)
 

@@ -1,15 +1,17 @@
 """Runs that share OUTPUT/: lock files, claims per chunk, and what interrupted runs leave behind."""
 
+import itertools
 import json
 import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import lib
 import pytest
-from conftest import REPO, read_output, save_table
+from conftest import REPO, embed_params, read_output, run_embed, save_table
 
 HOLD_LOCK = """
 import sys, time
@@ -143,7 +145,6 @@ def test_two_runs_at_once_write_every_row_once(
 
 
 def test_a_second_merge_into_the_same_file_waits_for_the_first(workspace, table, tiny_encoder, capsys):
-    from conftest import run_embed
 
     run_embed(table, tiny_encoder)
     merged = workspace.root / "OUTPUT" / "merged.h5"
@@ -169,3 +170,93 @@ def test_a_filesystem_without_locks_warns_and_goes_on(collection, monkeypatch):
         claim = lib.claim_chunk(collection.chunks, 0, 4)
     claim.release()
     assert not any(Path(collection.chunks).glob("*.lock"))
+
+
+def test_a_run_that_meets_a_finished_chunk_covering_part_of_its_range_embeds_the_rest(
+    collection, table, tiny_encoder
+):
+    """Runs over [0, 15) and [0, 20), CHUNK=6: the second planned [12, 18) before the first wrote [12, 15)."""
+    params = embed_params(chunk=6)
+    recipe = lib.image_recipe(tiny_encoder, params)
+    signature = lib.run_signature(tiny_encoder, recipe, table)
+    second = lib.plan_chunks(collection, 0, None, 6, signature, len(table))
+    assert second.todo == [(0, 6), (6, 12), (12, 18), (18, 20)]
+    run_embed(table, tiny_encoder, end=15, chunk=6)  # the first run, done before the second reaches 12
+    summary = lib.embed_chunks(table, tiny_encoder, recipe, second, params)
+    chunks = lib.find_chunks(collection.chunks)
+    assert [(info.start, info.end) for info in chunks] == [(0, 6), (6, 12), (12, 15), (15, 18), (18, 20)]
+    assert (summary.chunks_written, summary.attempted) == (2, 5)
+    report = lib.merge_chunks(collection)
+    merged = read_output(report.path)
+    assert report.gaps == [] and sorted(merged["rows"] + merged["failed_rows"]) == list(range(20))
+
+
+def interrupt_at_call(step: int, callers: list, cleanup: list) -> Callable[[], int]:
+    """Raise KeyboardInterrupt at the `step`-th call made from `callers`, as a signal would arrive there.
+
+    Python takes signals as calls begin and end, so each call from those functions, Python or C, is
+    a moment an interrupt may come. Calls that begin a cleanup (`cleanup`, and every `__exit__`) are
+    left alone: no Python code can finish a cleanup whose very first step is interrupted.
+    """
+    codes = {function.__code__ for function in callers}
+    made = 0
+
+    def profile(frame, event, arg):
+        nonlocal made
+        caller = frame if event == "c_call" else frame.f_back
+        if event not in ("call", "c_call") or caller is None or caller.f_code not in codes:
+            return
+        callee = arg if event == "c_call" else frame.f_code
+        if callee in cleanup or getattr(callee, "co_name", "") == "__exit__":
+            return
+        if getattr(callee, "co_filename", "").endswith("weakref.py"):  # a callback, not a call made here
+            return
+        made += 1
+        if made == step:
+            raise KeyboardInterrupt
+
+    sys.setprofile(profile)
+    return lambda: made
+
+
+def test_an_interrupt_anywhere_in_a_claim_leaves_no_claim_behind(collection, table, tiny_encoder):
+    """The stop button of a notebook, at any moment between claiming a chunk and releasing it."""
+    claiming = [lib._ChunkWriter.embed, lib._ChunkWriter.retry, lib.claim_chunk, lib.FileLock.acquire]
+    cleanup = [lib.FileLock.release.__code__, lib.os.close]
+    for step in itertools.count(1):
+        calls_made = interrupt_at_call(step, claiming, cleanup)
+        try:
+            run_embed(table, tiny_encoder, end=8)
+        except KeyboardInterrupt:
+            pass
+        finally:
+            sys.setprofile(None)
+        assert not [path for path in collection.chunks.glob("*.lock") if lib.lock_holder(path)], step
+        if calls_made() < step:  # the run went to its end without an interrupt
+            break
+    summary = run_embed(table, tiny_encoder)
+    assert sum(info.embedded + info.failed for info in lib.find_chunks(collection.chunks)) == len(table)
+    assert summary.chunks_skipped + summary.chunks_written == 3
+
+
+def test_a_run_never_waits_for_a_claim_of_its_own_process(collection, table, tiny_encoder):
+    """A claim that an interrupted cell left in this kernel is named, not waited for forever."""
+    left_behind = lib.claim_chunk(collection.chunks, 0, 8)
+    outcome = []
+    run = threading.Thread(
+        target=lambda: outcome.append(_error_of(run_embed, table, tiny_encoder)), daemon=True
+    )
+    run.start()
+    run.join(timeout=60)
+    left_behind.release()
+    assert not run.is_alive(), "the run waits for its own process"
+    assert "This kernel itself holds a claim on rows [0, 8)" in str(outcome[0])
+    assert "restart the kernel" in str(outcome[0])
+
+
+def _error_of(function, *args) -> Exception | None:
+    try:
+        function(*args)
+    except lib.PipelineError as error:
+        return error
+    return None
