@@ -393,12 +393,47 @@ def read_parameters(params_class: type, namespace: dict[str, Any]) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 HTTP_TIMEOUT = (10, 60)  # seconds to connect, seconds between bytes
-FETCH_DEADLINE = 300  # seconds for one image's whole body: a server that trickles bytes cannot stall a run
+FETCH_DEADLINE = 300  # seconds for one image's fetch, retries and waits included: nothing stalls a run
 MAX_IMAGE_BYTES = 512 << 20  # a larger body is not an image to embed ("too large"), and is not read
 # urllib3 logs a warning for each retried request: thousands of lines in a notebook on a bad day.
 # The ledger records what still failed after the retries.
 logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
-HTTP_RETRY = urllib3.Retry(
+
+
+class _PastDeadline(Exception):
+    """A retry would wait past the fetch's deadline; `status` is the answer it would have retried."""
+
+    def __init__(self, status: int | None):
+        super().__init__(status)
+        self.status = status
+
+
+class DeadlineRetry(urllib3.Retry):
+    """urllib3's Retry that never waits past the deadline of the fetch under way in this thread.
+
+    A server's Retry-After (which urllib3 honours, for up to 6 hours) or a backoff that would end
+    after the deadline ends the fetch at once, as the failure of the answer it would have retried.
+    """
+
+    deadlines = threading.local()  # a class attribute: shared by the copies urllib3 makes of a Retry
+
+    def sleep(self, response: Any = None) -> None:
+        retry_after = self.get_retry_after(response) if response and self.respect_retry_after_header else None
+        self._check_deadline(retry_after or self.get_backoff_time(), response)
+        super().sleep(response)
+
+    def sleep_for_retry(self, response: Any) -> bool:
+        self._check_deadline(self.get_retry_after(response) or 0, response)
+        return super().sleep_for_retry(response)
+
+    @staticmethod
+    def _check_deadline(wait: float, response: Any) -> None:
+        deadline = getattr(DeadlineRetry.deadlines, "at", None)
+        if deadline is not None and time.monotonic() + wait > deadline:
+            raise _PastDeadline(response.status if response is not None else None)
+
+
+HTTP_RETRY = DeadlineRetry(
     total=4,
     read=2,
     backoff_factor=0.5,
@@ -1013,6 +1048,7 @@ class Fetcher:
 
     def _fetch_http(self, url: str) -> bytes:
         began = time.monotonic()
+        DeadlineRetry.deadlines.at = began + self._deadline  # retries and their waits count too
         try:
             with self._http.get(url, timeout=self._timeout, stream=True) as reply:
                 if reply.status_code != 200:
@@ -1032,6 +1068,10 @@ class Fetcher:
             raise ImageFailure("timeout" if timed_out else "connection error") from None
         except requests.RequestException as error:
             raise ImageFailure(f"http error: {type(error).__name__}") from None
+        except _PastDeadline as past:
+            raise ImageFailure(f"http {past.status}" if past.status else "timeout") from None
+        finally:
+            DeadlineRetry.deadlines.at = None
 
     def _fetch_file(self, path: str) -> bytes:
         try:

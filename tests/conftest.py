@@ -74,6 +74,7 @@ class LoopbackServer(http.server.ThreadingHTTPServer):
 
     /status/<code>/...   always answers <code>
     /flaky/...           answers 500 on the first request for a path (query included), then the file
+    /busy/<code>/<s>/... answers <code> with "Retry-After: <s>" on the first request, then the file
     /outage/...          answers 503 while `outage` is True, then the file
     /slow/...            waits `slow_seconds` before answering
     /trickle/...         sends the file a few bytes at a time, each within any read timeout
@@ -104,6 +105,7 @@ class LoopbackServer(http.server.ThreadingHTTPServer):
 
 
 MISBEHAVIOURS = ("flaky", "outage", "slow", "trickle", "truncated", "huge")
+NAMED_MISBEHAVIOURS = {"busy": 4}  # prefixes with arguments: the index of the path part where the file begins
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -119,12 +121,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._send(int(parts[2]), b"error", "text/plain")
         if parts[1] == "html":
             return self._send(200, b"<html><body>Not found</body></html>", "text/html")
-        inner = "/" + "/".join(parts[2 if parts[1] in MISBEHAVIOURS else 1 :])
+        inner = "/" + "/".join(
+            parts[NAMED_MISBEHAVIOURS.get(parts[1], 2 if parts[1] in MISBEHAVIOURS else 1) :]
+        )
         if inner not in self.server.files:
             return self._send(404, b"not found", "text/plain")
         body, content_type = self.server.files[inner]
         if parts[1] == "flaky" and attempt == 1:
             return self._send(500, b"try again", "text/plain")
+        if parts[1] == "busy" and attempt == 1:
+            return self._send(int(parts[2]), b"busy", "text/plain", headers={"Retry-After": parts[3]})
         if parts[1] == "outage" and self.server.outage:
             return self._send(503, b"down for maintenance", "text/plain")
         if parts[1] == "slow":
@@ -147,11 +153,20 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             pass
 
-    def _send(self, status: int, body: bytes, content_type: str, length: int | None = None) -> None:
+    def _send(
+        self,
+        status: int,
+        body: bytes,
+        content_type: str,
+        length: int | None = None,
+        headers: dict | None = None,
+    ) -> None:
         try:
             self.send_response(status)
             self.send_header("Content-Type", content_type)
             self.send_header("Content-Length", str(length if length is not None else len(body)))
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             self.end_headers()
             self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):

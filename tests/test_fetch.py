@@ -1,5 +1,7 @@
 """Fetch: bytes from loopback S3, HTTP and disk; every failure becomes a short, stable reason."""
 
+import time
+
 import lib
 import pytest
 from conftest import closed_port_url
@@ -89,3 +91,21 @@ def test_bodies_over_the_size_limit_are_never_read(http_server, s3_endpoint, ima
     assert reason_of(small, f"{BUCKET}/validation/{key}.jpg") == "too large"
     (tmp_path / "big.jpg").write_bytes(images[key])
     assert reason_of(small, str(tmp_path / "big.jpg")) == "too large"
+
+
+@pytest.mark.parametrize("status", [429, 503])
+def test_a_retry_after_past_the_deadline_fails_at_once_with_the_status(http_server, images, status):
+    """urllib3 would wait for a server's Retry-After, up to 6 hours, before the body deadline applied."""
+    path = f"/busy/{status}/8/images/{sorted(images)[8]}.jpg?now"
+    began = time.monotonic()
+    assert reason_of(lib.Fetcher(deadline=2), http_server.url(path)) == f"http {status}"
+    assert time.monotonic() - began < 2, "the fetch ends when it knows it cannot finish in time"
+    assert http_server.hits[path] == 1, "no retry is made"
+
+
+def test_a_retry_after_within_the_deadline_is_honoured(http_server, images):
+    key = sorted(images)[9]
+    path = f"/busy/503/1/images/{key}.jpg?later"
+    began = time.monotonic()
+    assert lib.Fetcher(deadline=10).fetch(http_server.url(path)) == images[key]
+    assert time.monotonic() - began >= 1 and http_server.hits[path] == 2
