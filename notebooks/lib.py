@@ -336,11 +336,13 @@ class SearchParams:
     pca_dim: int | None
     s3_endpoint_url: str | None
     output_dir: str = DEFAULT_OUTPUT_DIR
+    allow_other_model: bool = False
 
     def __post_init__(self) -> None:
         _check_output_dir(self.output_dir)
         _check_text("EMBEDDINGS", self.embeddings, optional=True)
         _check_s3_endpoint_url(self.s3_endpoint_url)
+        _check_bool("ALLOW_OTHER_MODEL", self.allow_other_model)
         if not isinstance(self.queries, list) or not all(
             isinstance(q, str) and q.strip() for q in self.queries
         ):
@@ -3104,8 +3106,14 @@ def search(embeddings: EmbeddingsFile, queries: np.ndarray, top_k: int, index: s
     return exact_search(embeddings.blocks(), queries, top_k)
 
 
-def query_encoder(embeddings: EmbeddingsFile, model: str | None, device: str) -> ClipEncoder:
-    """The model that embeds queries: MODEL, or the one the file records, of the file's embedding size."""
+def query_encoder(
+    embeddings: EmbeddingsFile, model: str | None, device: str, allow_other_model: bool = False
+) -> ClipEncoder:
+    """The model that embeds queries: the one that made the file (MODEL=None), or MODEL.
+
+    A checkpoint of another revision (hub commit or weights digest) than the file records would
+    compare vectors of two models: it is refused, unless `allow_other_model`.
+    """
     revision = embeddings.attrs.get("model_revision")
     chosen = model or embeddings.attrs["model"]
     hub_revision = revision if model is None and re.fullmatch(r"[0-9a-f]{40}", str(revision)) else None
@@ -3115,7 +3123,42 @@ def query_encoder(embeddings: EmbeddingsFile, model: str | None, device: str) ->
             f"MODEL={chosen!r} makes {encoder.embedding_size}-d embeddings, and {embeddings.path} holds "
             f"{embeddings.dimension}-d ones (from {embeddings.attrs.get('model_id')}): leave MODEL=None."
         )
+    if not (same_model(embeddings, encoder) or allow_other_model):
+        raise PipelineError(
+            f"MODEL={chosen!r} is {encoder.checkpoint.model_id} at revision {encoder.checkpoint.revision}, "
+            f"but {embeddings.path} was made by {embeddings.attrs.get('model_id')} at revision {revision}: "
+            "its scores would compare the vectors of two models. Use the model that made the file "
+            "(MODEL=None, or that checkpoint), or set ALLOW_OTHER_MODEL=True to search with this one anyway."
+        )
     return encoder
+
+
+def same_model(embeddings: EmbeddingsFile, encoder: ClipEncoder) -> bool:
+    """Whether `encoder` has the weights that made the file (the revision it records)."""
+    return encoder.checkpoint.revision == embeddings.attrs.get("model_revision")
+
+
+def describe_query_model(embeddings: EmbeddingsFile, encoder: ClipEncoder) -> str:
+    """Which model embeds the queries, and whether it is the one that made the file."""
+    checkpoint = encoder.checkpoint
+    text = f"queries embedded by {checkpoint.model_id} (revision {checkpoint.revision}) on {encoder.device}"
+    if same_model(embeddings, encoder):
+        return text + ", the model that made the file"
+    return (
+        f"{text}: NOT the model that made the file ({embeddings.attrs.get('model_id')} at revision "
+        f"{embeddings.attrs.get('model_revision')}), searched anyway as ALLOW_OTHER_MODEL=True asks"
+    )
+
+
+def query_label(embeddings: EmbeddingsFile, encoder: ClipEncoder, query: str, image: bool = False) -> str:
+    """A query as its results name it, with a warning when another model than the file's embedded it.
+
+    An image query that is an image_id of the file searches with its stored vector.
+    """
+    embedded_here = not (image and embeddings.position_of(query) is not None)
+    if same_model(embeddings, encoder) or not embedded_here:
+        return repr(query)
+    return f"{query!r} (embedded by another model than the file's: {encoder.checkpoint.model_id})"
 
 
 def image_query_vector(

@@ -1,12 +1,14 @@
 """04_search: exact search streamed in blocks, the approximate index, queries, gallery and exports."""
 
+import shutil
+
 import h5py
 import lib
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import run_embed
+from conftest import run_embed, save_table
 
 
 def unit_vectors(count: int, dimension: int, seed: int) -> np.ndarray:
@@ -93,6 +95,17 @@ def test_the_approximate_index_agrees_with_exact_search_at_recall_10(tmp_path):
     np.testing.assert_array_equal(again.positions, approximate.positions)
 
 
+def test_a_damaged_index_record_means_building_the_index_again(tmp_path):
+    embeddings = embeddings_file(tmp_path / "small.h5", unit_vectors(2_000, 16, seed=5))
+    queries = unit_vectors(5, 16, seed=6)
+    first = lib.search(embeddings, queries, 5, index="ivf")
+    record = tmp_path / "small.ivf.faiss.json"
+    record.write_text(record.read_text()[:7])  # cut short by a kill, as a non-atomic write could be
+    again = lib.search(embeddings, queries, 5, index="ivf")
+    np.testing.assert_array_equal(again.positions, first.positions)
+    assert lib.json.loads(record.read_text())["nlist"] == lib.ivf_lists(2_000)
+
+
 def test_a_model_of_another_embedding_size_is_an_error(merged, tmp_path):
     from transformers import CLIPConfig, CLIPModel
 
@@ -105,6 +118,51 @@ def test_a_model_of_another_embedding_size_is_an_error(merged, tmp_path):
     ).save_pretrained(other)
     with pytest.raises(lib.PipelineError, match=r"makes 8-d embeddings, and .* holds 16-d ones"):
         lib.query_encoder(merged, str(other), "cpu")
+
+
+def retrained(checkpoint, folder, seed: int):
+    """`checkpoint`'s files with other weights of the same shape: another revision of the model."""
+    from transformers import CLIPModel
+
+    shutil.copytree(checkpoint, folder)
+    torch.manual_seed(seed)
+    CLIPModel(CLIPModel.from_pretrained(checkpoint).config).save_pretrained(folder)
+    return folder
+
+
+def test_queries_from_a_model_of_another_revision_are_refused_unless_allowed(
+    merged, tiny_checkpoint, tmp_path
+):
+    other = retrained(tiny_checkpoint, tmp_path / "other", seed=1)
+    with pytest.raises(lib.PipelineError) as error:
+        lib.query_encoder(merged, str(other), "cpu")
+    message = str(error.value)
+    assert f"is {other} at revision {lib._weights_digest(other)}" in message
+    assert f"was made by {tiny_checkpoint} at revision {merged.attrs['model_revision']}" in message
+    assert "ALLOW_OTHER_MODEL=True" in message
+    encoder = lib.query_encoder(merged, str(other), "cpu", allow_other_model=True)
+    assert "NOT the model that made the file" in lib.describe_query_model(merged, encoder)
+    assert "embedded by another model" in lib.query_label(merged, encoder, "a dog")
+    stored = merged.records(np.array([0]))["image_id"][0]
+    assert lib.query_label(merged, encoder, stored, image=True) == repr(stored), (
+        "a stored vector is the file's"
+    )
+
+
+def test_the_files_own_model_whose_weights_changed_since_is_refused(
+    collection, image_folder, tiny_checkpoint, tmp_path
+):
+    model = shutil.copytree(tiny_checkpoint, tmp_path / "model")
+    table = save_table(lib.MetadataParams("folder", "validation", str(image_folder), "s3"), collection)
+    run_embed(table, lib.load_encoder(str(model), "cpu"), model=str(model))
+    embeddings = lib.open_embeddings(collection, lib.merge_chunks(collection).path)
+    assert "the model that made the file" in lib.describe_query_model(
+        embeddings, lib.query_encoder(embeddings, None, "cpu")
+    )
+    shutil.rmtree(model)
+    retrained(tiny_checkpoint, model, seed=2)  # the same folder, now with other weights
+    with pytest.raises(lib.PipelineError, match=r"but .* was made by .* at revision sha256:"):
+        lib.query_encoder(embeddings, None, "cpu")
 
 
 def test_a_missing_file_and_bad_parameters_are_named(collection):
