@@ -2954,6 +2954,28 @@ class EmbeddingsFile:
         with open_hdf5(self.path) as file:
             return file["embeddings"][position]
 
+    def locations(self, rows: Sequence[int], urls: Sequence[str]) -> list[str]:
+        """Where 02 fetched the images of these rows, for thumbnails.
+
+        That is the image table's `location` (an S3 key for Open Images with FETCH='s3', a relative
+        path resolved as 01 resolved it) when the collection holds the table the file was made
+        from; without it, the urls, relative paths taken from the repository root.
+        """
+        table = self._image_table
+        if table is None:
+            return [
+                url if urlparse(url).scheme in LOCATION_SCHEMES else str(resolve_path(url)) for url in urls
+            ]
+        return table.take(list(rows))["location"]
+
+    @functools.cached_property
+    def _image_table(self) -> ImageTable | None:
+        """The image table the file was made from, when its collection still holds it (same digest)."""
+        collection = Collection(self.folder)
+        made_from = json.loads(self.attrs.get("source", "{}")).get("sha256")
+        info = _table_info(collection.table)
+        return load_image_table(collection) if info and info["sha256"] == made_from else None
+
 
 def array_blocks(vectors: Any, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:
     """(first row, rows) of consecutive blocks of an array or HDF5 dataset, read one at a time."""
@@ -3209,10 +3231,14 @@ def _gallery_cell(record: Any, data: bytes | None) -> str:
     return f'<figure style="margin:4px">{picture}{caption}</figure>'
 
 
-def gallery_html(results: pd.DataFrame, title: str, fetcher: Fetcher) -> str:
-    """A grid of the results' thumbnails with rank, score and image_id, as HTML for the notebook."""
+def gallery_html(embeddings: EmbeddingsFile, results: pd.DataFrame, title: str, fetcher: Fetcher) -> str:
+    """A grid of the results' thumbnails with rank, score and image_id, as HTML for the notebook.
+
+    Each image is fetched from where 02 fetched it (see EmbeddingsFile.locations).
+    """
+    locations = embeddings.locations(results["row"].tolist(), results["url"].tolist())
     with ThreadPoolExecutor(8) as pool:
-        thumbnails = list(pool.map(lambda url: thumbnail(url, fetcher), results["url"]))
+        thumbnails = list(pool.map(lambda location: thumbnail(location, fetcher), locations))
     cells = [
         _gallery_cell(record, data) for record, data in zip(results.itertuples(), thumbnails, strict=True)
     ]

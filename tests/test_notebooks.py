@@ -155,6 +155,7 @@ def test_openimages_chain_over_s3(repo, kernel_env, http_server, s3_endpoint, im
     np.testing.assert_allclose(merged["embeddings"], expected, atol=1e-5)
 
     search = {"QUERIES": ["a dog"], "TOP_K": 5, "S3_ENDPOINT_URL": s3_endpoint, "EXPORT": "npy"}
+    image_hits = sum(hits for path, hits in http_server.hits.items() if path.startswith("/images/"))
     printed = papermill(repo, "04_search", search, kernel_env)
     first = merged["image_ids"][0]
     assert "40 embeddings of 16 dimensions from openai/clip-vit-base-patch32" in printed
@@ -162,6 +163,9 @@ def test_openimages_chain_over_s3(repo, kernel_env, http_server, s3_endpoint, im
     assert printed.count("\n    5 ") == 2, "five results for the text query and for the image query"
     assert np.load(repo / "OUTPUT" / "Images_Embedded_embeddings.npy").shape == (40, 16)
     assert len(list((repo / ".cache" / "thumbnails").glob("*.jpg"))) >= 5, "thumbnails over S3"
+    assert image_hits == sum(
+        hits for path, hits in http_server.hits.items() if path.startswith("/images/")
+    ), "no thumbnail came from OriginalURL: each came from where 02 fetched its image"
 
     before = chunk_files(repo)
     printed = papermill(repo, "02_embed", embed, kernel_env, cwd=repo / "notebooks")
