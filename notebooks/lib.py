@@ -2618,6 +2618,7 @@ class MergeReport:
     chunks: int
     gaps: list[tuple[int, int]]
     written: bool
+    kept: list[str] = dataclasses.field(default_factory=list)  # chunk files CLEANUP had to leave
 
     def __str__(self) -> str:
         lines = [
@@ -2632,6 +2633,12 @@ class MergeReport:
             lines.append(
                 f"  rows never processed: {missing:,}, in {ranges}{more}; "
                 "run 02_embed with START and END covering them"
+            )
+        if self.kept:
+            lines.append(
+                f"  kept {len(self.kept)} chunk file(s) that another run was rewriting or rewrote after "
+                f"they were merged (e.g. {self.kept[0]}, by RETRY_FAILED): the file holds their earlier "
+                "version, the chunk files the newer one"
             )
         return "\n".join(lines)
 
@@ -2848,10 +2855,30 @@ def merge_chunks(
             report = _merge(path, chunks)
         else:
             raise PipelineError(f"There are no chunk files in {collection.chunks}: run 02_embed first.")
-    if cleanup:
-        for info in chunks:
-            info.path.unlink()
+        if cleanup:
+            report = dataclasses.replace(report, kept=_delete_merged_chunks(path, collection.chunks, chunks))
     return report
+
+
+def _delete_merged_chunks(path: Path, folder: Path, chunks: list[ChunkInfo]) -> list[str]:
+    """Delete the chunk files whose records `path` holds, each under its claim; return those kept.
+
+    A chunk that another run is rewriting, or rewrote since the merge read it (RETRY_FAILED), is
+    kept: its file holds rows that the merged file does not.
+    """
+    merged = _recorded_chunks(path) or {}
+    kept = []
+    for info in chunks:
+        with claimed(folder, info.start, info.end, rewrite=True) as claim:
+            if not info.path.exists():  # an interrupted cleanup deleted it already
+                continue
+            if isinstance(claim, FileLock) and read_chunk_info(info.path).attrs["digest"] == merged.get(
+                info.path.name
+            ):
+                info.path.unlink()
+            else:
+                kept.append(info.path.name)
+    return kept
 
 
 def _merge(path: Path, chunks: list[ChunkInfo]) -> MergeReport:

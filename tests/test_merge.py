@@ -252,3 +252,49 @@ def test_too_little_disk_space_is_an_error_before_the_merge(collection, chunks, 
     with pytest.raises(lib.PipelineError, match=r"Not enough disk space for merging into .*0.00 GiB is free"):
         lib.merge_chunks(collection, OUTPUT_FILE)
     assert not (workspace.root / OUTPUT_FILE).exists()
+
+
+def rewrite_after_the_merge(chunk: lib.ChunkInfo, monkeypatch) -> None:
+    """Another run (RETRY_FAILED) rewrites `chunk` once the merged file is written, before the cleanup."""
+    write_merged = lib._write_merged
+
+    def then_rewrite(*args):
+        write_merged(*args)
+        result = lib.read_chunk_result(chunk.path)
+        result.vectors = [-result.embeddings()]  # other vectors, still of unit length
+        lib.write_chunk(chunk.path, result, chunk.attrs)
+
+    monkeypatch.setattr(lib, "_write_merged", then_rewrite)
+
+
+def test_cleanup_keeps_a_chunk_rewritten_after_it_was_merged(collection, chunks, monkeypatch):
+    rewrite_after_the_merge(chunks[1], monkeypatch)
+    report = lib.merge_chunks(collection, OUTPUT_FILE, cleanup=True)
+    assert report.kept == [chunks[1].path.name] and "kept 1 chunk file(s)" in str(report)
+    (left,) = lib.find_chunks(collection.chunks)
+    assert left.path == chunks[1].path and left.attrs["digest"] != chunks[1].attrs["digest"]
+
+
+def test_cleanup_keeps_a_chunk_that_another_run_holds(collection, chunks):
+    claim = lib.claim_chunk(collection.chunks, chunks[0].start, chunks[0].end, rewrite=True)
+    try:
+        report = lib.merge_chunks(collection, OUTPUT_FILE, cleanup=True)
+    finally:
+        claim.release()
+    assert report.kept == [chunks[0].path.name]
+    assert [info.path for info in lib.find_chunks(collection.chunks)] == [chunks[0].path]
+
+
+def test_cleanup_deletes_chunks_under_the_merge_lock(collection, chunks, workspace, monkeypatch):
+    merge_lock = lib.lock_path(workspace.root / OUTPUT_FILE)
+    held_while_deleting = []
+    unlink = lib.Path.unlink
+
+    def watched_unlink(path, *args, **kwargs):
+        if path.suffix == ".h5" and path.parent == collection.chunks:
+            held_while_deleting.append(lib.lock_holder(merge_lock) is not None)
+        return unlink(path, *args, **kwargs)
+
+    monkeypatch.setattr(lib.Path, "unlink", watched_unlink)
+    lib.merge_chunks(collection, OUTPUT_FILE, cleanup=True)
+    assert held_while_deleting == [True, True, True]
