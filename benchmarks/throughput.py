@@ -62,7 +62,13 @@ def end_to_end(locations: list[str], encoder: lib.ClipEncoder, params: lib.Embed
     """Images per second of 02's embed_chunks over `locations`, written to a temporary workspace."""
     ids = [str(index) for index in range(len(locations))]
     columns = pa.table(
-        {"image_id": ids, "url": locations, "location": locations, "rotation": [None] * len(ids)}
+        {
+            "image_id": ids,
+            "url": locations,
+            "location": locations,
+            "rotation": [None] * len(ids),
+            "md5": [""] * len(ids),
+        }
     )
     table = lib.ImageTable(columns, {"sha256": "benchmark"})
     with temporary_workspace():

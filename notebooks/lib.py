@@ -665,7 +665,7 @@ OPENIMAGES_METADATA = {
     "test": "https://storage.googleapis.com/openimages/2018_04/test/test-images-with-rotation.csv",
 }
 OPENIMAGES_BUCKET = "open-images-dataset"
-TABLE_COLUMNS = ("image_id", "url", "location", "rotation")
+TABLE_COLUMNS = ("image_id", "url", "location", "rotation", "md5")
 _LISTING_READERS: dict[str, Callable[[Path], pd.DataFrame]] = {
     ".csv": lambda path: pd.read_csv(path, dtype=str, keep_default_na=False),
     ".tsv": lambda path: pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False),
@@ -680,7 +680,7 @@ def _openimages_table(params: MetadataParams) -> pd.DataFrame:
     source = params.source or OPENIMAGES_METADATA[params.split]
     hint = "Check the network, or download the metadata CSV elsewhere and set SOURCE to its path or URL."
     path = _local_copy(source, hint)
-    usecols = ("ImageID", "OriginalURL", "Rotation")
+    usecols = ("ImageID", "OriginalURL", "OriginalMD5", "Rotation")
     frame = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=lambda c: c in usecols)
     missing = {"ImageID", "OriginalURL"} - set(frame.columns)
     if missing:
@@ -694,8 +694,11 @@ def _openimages_table(params: MetadataParams) -> pd.DataFrame:
     else:
         location = frame["OriginalURL"]
     rotation = pd.to_numeric(frame["Rotation"], errors="coerce") if "Rotation" in frame.columns else np.nan
+    # OriginalMD5 is the digest of the Flickr original: it checks OriginalURL's bytes, not the S3 copy's
+    checked = params.fetch == "url" and "OriginalMD5" in frame.columns
+    md5 = _md5_column(frame["OriginalMD5"], source) if checked else ""
     return pd.DataFrame(
-        {"image_id": ids, "url": frame["OriginalURL"], "location": location, "rotation": rotation}
+        {"image_id": ids, "url": frame["OriginalURL"], "location": location, "rotation": rotation, "md5": md5}
     )
 
 
@@ -773,8 +776,35 @@ def _listing_table(params: MetadataParams) -> pd.DataFrame:
             "url": urls,
             "location": _resolve_locations(urls, base),
             "rotation": _rotation_column(frame),
+            "md5": _md5_column(frame["md5"], params.source) if "md5" in frame.columns else "",
         }
     )
+
+
+_MD5_HEX = re.compile(r"[0-9a-fA-F]{32}")
+
+
+def _md5_column(values: pd.Series, source: Any) -> pd.Series:
+    """MD5 digests as lowercase hex ('' where unknown), from hex or from base64 (Open Images' OriginalMD5)."""
+
+    def hexadecimal(value: str) -> str | None:
+        value = value.strip()
+        if not value or _MD5_HEX.fullmatch(value):
+            return value.lower()
+        try:
+            digest = base64.b64decode(value, validate=True)
+        except ValueError:
+            return None
+        return digest.hex() if len(digest) == 16 else None
+
+    digests = values.fillna("").astype(str).map(hexadecimal)
+    bad = digests.index[digests.isna()]
+    if len(bad):
+        raise PipelineError(
+            f"The listing {source} has {len(bad)} md5 value(s) that are neither 32 hex digits nor the "
+            f"base64 of 16 bytes, e.g. {values[bad[0]]!r} in row {bad[0]}. Fix them, or leave them empty."
+        )
+    return digests
 
 
 def _rotation_column(frame: pd.DataFrame) -> pd.Series | float:
@@ -803,7 +833,9 @@ def _folder_table(params: MetadataParams) -> pd.DataFrame:
         and not any(part.startswith(".") for part in path.relative_to(folder).parts)
     )
     paths = [str(folder / name) for name in relative]
-    return pd.DataFrame({"image_id": relative, "url": paths, "location": paths, "rotation": np.nan})
+    return pd.DataFrame(
+        {"image_id": relative, "url": paths, "location": paths, "rotation": np.nan, "md5": ""}
+    )
 
 
 def _check_no_missing_values(frame: pd.DataFrame, columns: Iterable[str], source: Any) -> None:
@@ -836,15 +868,18 @@ def _check_table(table: pd.DataFrame, source: Any) -> None:
 
 
 def build_image_table(params: MetadataParams) -> pd.DataFrame:
-    """The normalised image table of a dataset: image_id, url, location (what to fetch), rotation."""
+    """The normalised image table of a dataset: image_id, url, location (what to fetch), rotation, md5."""
     builders = {"openimages-v7": _openimages_table, "table": _listing_table, "folder": _folder_table}
     table = builders[params.dataset](params).reset_index(drop=True)
     _check_table(table, params.source or OPENIMAGES_METADATA.get(params.split))
-    return table.astype({"image_id": str, "url": str, "location": str, "rotation": "float64"})
+    return table.astype({"image_id": str, "url": str, "location": str, "rotation": "float64", "md5": str})
 
 
 def table_sha256(table: pd.DataFrame) -> str:
-    """A digest of the table's content (not its file), so an unchanged table keeps its chunks."""
+    """A digest of the table's content (not its file), so an unchanged table keeps its chunks.
+
+    It covers which image each row is (id, url, location, rotation); the md5 checks its bytes.
+    """
     digest = hashlib.sha256()
     for start in range(0, len(table), 100_000):
         block = table.iloc[start : start + 100_000]
@@ -901,7 +936,10 @@ def _move_earlier_table(collection: Collection) -> None:
     record = _read_json(earlier.with_suffix(".json"))
     if collection.folder != resolve_path(DEFAULT_OUTPUT_DIR) or collection.table.exists() or not record:
         return
-    _write_table(pq.read_table(earlier), record, collection.table)
+    table = pq.read_table(earlier)
+    if "md5" not in table.column_names:  # no checksums then
+        table = table.append_column("md5", pa.array([""] * table.num_rows, pa.string()))
+    _write_table(table, record, collection.table)
     earlier.with_suffix(".json").unlink()
     earlier.unlink()
     print(f"Moved the image table of {collection.folder} from {earlier}, where earlier versions kept it.")
@@ -2182,15 +2220,20 @@ def load_image(
     fetcher: Fetcher,
     recipe: ImageRecipe,
     decode_slots: threading.Semaphore | None = None,
+    md5: str = "",
 ) -> Loaded:
-    """Fetch, decode and preprocess one image; a failure is returned, never raised.
+    """Fetch, check, decode and preprocess one image; a failure is returned, never raised.
 
-    Decoding waits for one of `decode_slots`, so fetches can outnumber the threads that decode.
+    With an `md5` (hex), bytes of another digest fail as "checksum mismatch": a placeholder that a
+    photo site serves for a removed image, with status 200, is not embedded. Decoding waits for one
+    of `decode_slots`, so fetches can outnumber the threads that decode.
     """
     size = 0
     try:
         data = fetcher.fetch(location)
         size = len(data)
+        if md5 and hashlib.md5(data).hexdigest() != md5:
+            raise ImageFailure("checksum mismatch")
         with decode_slots or contextlib.nullcontext():
             return Loaded(recipe(data, rotation), None, size)
     except ImageFailure as failure:
@@ -2219,11 +2262,17 @@ class ImageLoader:
     def __exit__(self, *exc_info: Any) -> None:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
-    def load(self, locations: Iterable[str], rotations: Iterable[float | None]) -> Iterator[Loaded]:
-        """Each location's image, loaded with its rotation, in input order."""
+    def load(
+        self, locations: Sequence[str], rotations: Sequence[float | None], md5s: Sequence[str] | None = None
+    ) -> Iterator[Loaded]:
+        """Each location's image, checked against its md5 ('' or None: unknown), loaded with its rotation.
+
+        The images come in input order.
+        """
         pending: collections.deque = collections.deque()
-        for location, rotation in zip(locations, rotations, strict=True):
-            pending.append(self._pool.submit(self._load, location, rotation))
+        md5s = [""] * len(locations) if md5s is None else md5s
+        for location, rotation, md5 in zip(locations, rotations, md5s, strict=True):
+            pending.append(self._pool.submit(self._load, location, rotation, md5=md5))
             if len(pending) >= self._lookahead:
                 yield pending.popleft().result()
         while pending:
@@ -2285,7 +2334,7 @@ def _embed_rows(
             progress.add([item.reason for _, item in batch])
 
     on_device = None  # the batch the device works on while the next one is stacked and queued
-    loaded = loader.load(columns["location"], columns["rotation"])
+    loaded = loader.load(columns["location"], columns["rotation"], columns["md5"])
     for batch in _batches(enumerate(loaded), batch_size):
         pixels = [item.pixels for _, item in batch if item.pixels is not None]
         queued = (batch, encoder.start_encoding(np.stack(pixels)) if pixels else None)

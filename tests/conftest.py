@@ -5,6 +5,8 @@ Nothing here touches the internet: servers listen on 127.0.0.1 and the model is 
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import http.server
 import io
 import json
@@ -181,17 +183,22 @@ def closed_port_url(path: str) -> str:
     return f"http://127.0.0.1:{port}{path}"
 
 
-def official_metadata_csv(ids: list[str], url_of) -> bytes:
-    """A metadata CSV in the official Open Images format (all columns, quoted titles)."""
+def md5_base64(data: bytes) -> str:
+    """An MD5 digest as Open Images' OriginalMD5 column writes it."""
+    return base64.b64encode(hashlib.md5(data).digest()).decode()
+
+
+def official_metadata_csv(images: dict[str, bytes], url_of, subset: str = "validation") -> bytes:
+    """A metadata CSV in the official Open Images format (all columns, quoted titles, base64 MD5s)."""
     header = (
         "ImageID,Subset,OriginalURL,OriginalLandingURL,License,AuthorProfileURL,Author,Title,"
         "OriginalSize,OriginalMD5,Thumbnail300KURL,Rotation\n"
     )
     lines = [
-        f"{i},validation,{url_of(i)},https://www.flickr.com/photos/x/{n}/,"
+        f"{i},{subset},{url_of(i)},https://www.flickr.com/photos/x/{n}/,"
         f"https://creativecommons.org/licenses/by/2.0/,https://www.flickr.com/people/x/,Author {n},"
-        f'"Title, with a comma {n}",{1000 + n},md5{n}==,,{[0, 90, "", 180][n % 4]}\n'
-        for n, i in enumerate(ids)
+        f'"Title, with a comma {n}",{len(images[i])},{md5_base64(images[i])},,{[0, 90, "", 180][n % 4]}\n'
+        for n, i in enumerate(sorted(images))
     ]
     return (header + "".join(lines)).encode()
 
@@ -204,7 +211,7 @@ def http_server(images):
         server.files[f"/images/{key}.jpg"] = (data, "image/jpeg")
     ids = sorted(images)
     server.files["/metadata/validation-images-with-rotation.csv"] = (
-        official_metadata_csv(ids, lambda i: server.url(f"/images/{i}.jpg")),
+        official_metadata_csv(images, lambda i: server.url(f"/images/{i}.jpg")),
         "text/csv",
     )
     server.files["/metadata/image_ids.json"] = (json.dumps(ids).encode(), "application/json")

@@ -10,7 +10,7 @@ import json
 import lib
 import numpy as np
 import pytest
-from conftest import read_output, run_embed, save_table
+from conftest import official_metadata_csv, read_output, run_embed, save_table
 
 FAULTS = {  # row kind -> (URL path or S3 key pattern, expected reason; None: embedded)
     "good": ("/images/{key}.jpg?row={row}-{run}", None),
@@ -126,3 +126,20 @@ def test_retry_failed_attempts_only_the_failed_rows_and_keeps_every_stored_vecto
     clean = merged_ledger()
     assert (retried["rows"], retried["failed_rows"]) == (clean["rows"], clean["failed_rows"])
     np.testing.assert_allclose(retried["embeddings"], clean["embeddings"], atol=1e-6)
+
+
+def test_a_placeholder_served_for_a_removed_photo_is_a_checksum_mismatch(
+    collection, http_server, images, tiny_encoder, tmp_path
+):
+    """Flickr answers a removed photo with a placeholder image and status 200; OriginalMD5 tells."""
+    keys = sorted(images)[:4]
+    removed, placeholder = keys[3], keys[0]
+    url_of = {key: http_server.url(f"/images/{key}.jpg") for key in keys}
+    url_of[removed] = http_server.url(f"/images/{placeholder}.jpg")  # another picture, whole
+    csv = tmp_path / "validation-images-with-rotation.csv"
+    csv.write_bytes(official_metadata_csv({key: images[key] for key in keys}, url_of.get))
+    table = save_table(lib.MetadataParams("openimages-v7", "validation", str(csv), "url"), collection)
+    summary = run_embed(table, tiny_encoder)
+    merged = merged_ledger()
+    assert merged["image_ids"] == keys[:3] and merged["failed_ids"] == [removed]
+    assert merged["reasons"] == ["checksum mismatch"] and summary.failed_by_reason == {"checksum mismatch": 1}

@@ -1,5 +1,6 @@
 """Sources: Open Images metadata, user tables and folders -> the normalised image table."""
 
+import hashlib
 import itertools
 import json
 import pathlib
@@ -9,7 +10,7 @@ import lib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import closed_port_url
+from conftest import closed_port_url, md5_base64
 
 
 def metadata(dataset, source=None, split="validation", fetch="s3"):
@@ -37,6 +38,29 @@ def test_openimages_url_fetch_uses_original_url(workspace, http_server):
     source = http_server.url("/metadata/validation-images-with-rotation.csv")
     table = lib.build_image_table(metadata("openimages-v7", source, fetch="url"))
     assert (table["location"] == table["url"]).all()
+
+
+def test_openimages_url_fetch_checks_the_original_md5(workspace, http_server, images):
+    """OriginalMD5 is the Flickr original's digest: it checks OriginalURL's bytes, not the S3 copies'."""
+    source = http_server.url("/metadata/validation-images-with-rotation.csv")
+    by_url = lib.build_image_table(metadata("openimages-v7", source, fetch="url"))
+    assert by_url["md5"].tolist() == [hashlib.md5(images[key]).hexdigest() for key in by_url["image_id"]]
+    assert (lib.build_image_table(metadata("openimages-v7", source))["md5"] == "").all()
+
+
+def test_a_listing_may_give_md5s_in_hex_or_base64(workspace, tmp_path, images):
+    keys = sorted(images)[:3]
+    digests = [hashlib.md5(images[keys[0]]).hexdigest().upper(), md5_base64(images[keys[1]]), ""]
+    rows = "".join(f"{key},/x/{key}.jpg,{digest}\n" for key, digest in zip(keys, digests, strict=True))
+    listing = tmp_path / "list.csv"
+    listing.write_text("image_id,url,md5\n" + rows)
+    table = lib.build_image_table(metadata("table", str(listing)))
+    assert table["md5"].tolist() == [hashlib.md5(images[key]).hexdigest() for key in keys[:2]] + [""]
+    listing.write_text("image_id,url,md5\na,/x/a.jpg,not-a-digest\n")
+    with pytest.raises(
+        lib.PipelineError, match=r"1 md5 value\(s\) that are neither 32 hex digits .*'not-a-digest'"
+    ):
+        lib.build_image_table(metadata("table", str(listing)))
 
 
 def test_openimages_test_split_keys(workspace, http_server):
