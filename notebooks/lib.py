@@ -1593,6 +1593,9 @@ def keep_freed_memory() -> bool:
     return bool(mallopt(_M_MMAP_THRESHOLD, 1 << 30) and mallopt(_M_TRIM_THRESHOLD, 1 << 30))
 
 
+_HUB_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
 def load_encoder(
     model: str, device: str = "auto", precision: str = "auto", revision: str | None = None
 ) -> ClipEncoder:
@@ -1714,7 +1717,7 @@ class ChunkInfo:
 
     @property
     def signature(self) -> dict:
-        return {key: self.attrs.get(key) for key in SIGNATURE_KEYS}
+        return _signature(self.attrs)
 
 
 def _attribute(value: Any) -> Any:
@@ -1837,13 +1840,54 @@ def read_chunk_info(path: Path) -> ChunkInfo:
 
 def find_chunks(folder: Path) -> list[ChunkInfo]:
     """The finished chunk files in `folder`, in row order."""
-    paths = sorted(p for p in folder.glob("chunk_*.h5") if _CHUNK_NAME.fullmatch(p.name))
-    return [read_chunk_info(path) for path in paths]
+    return [read_chunk_info(path) for path in _chunk_paths(folder)]
 
 
-def _describe_difference(expected: dict, found: dict) -> str:
-    keys = [key for key in SIGNATURE_KEYS if expected.get(key) != found.get(key)]
-    return "; ".join(f"{key}: {found.get(key)!r} there, {expected.get(key)!r} here" for key in keys)
+def _chunk_paths(folder: Path) -> list[Path]:
+    return sorted(path for path in folder.glob("chunk_*.h5") if _CHUNK_NAME.fullmatch(path.name))
+
+
+def _signature(attrs: dict) -> dict:
+    """What chunks must share to be merged into one file, from their attributes."""
+    return {key: attrs.get(key) for key in SIGNATURE_KEYS}
+
+
+_SIGNATURE_PARAMETERS = {  # what sets each part of the signature
+    "model_revision": "MODEL, MODEL_REVISION",
+    "embedding_size": "MODEL",
+    "image_size": "MODEL",
+    "image_mean": "MODEL",
+    "image_std": "MODEL",
+    "preprocessing": "the preprocessing rule (of another version of this pipeline)",
+    "preprocess": "PREPROCESS",
+    "exif_transpose": "EXIF_TRANSPOSE",
+    "apply_rotation": "APPLY_ROTATION",
+    "precision": "PRECISION",
+    "table_sha256": "the image table (01_metadata's DATASET, SPLIT, SOURCE, FETCH)",
+}
+
+
+def _describe_difference(first: dict, second: dict, labels: tuple[str, str]) -> str:
+    """Each parameter that differs between two chunk attribute sets, with its value in each."""
+    differing: dict[str, str] = {}
+    for key in SIGNATURE_KEYS:
+        if first.get(key) != second.get(key):
+            differing.setdefault(_SIGNATURE_PARAMETERS[key], key)
+    return "; ".join(
+        f"{name}: {_shown(key, first)} {labels[0]}, {_shown(key, second)} {labels[1]}"
+        for name, key in differing.items()
+    )
+
+
+def _shown(key: str, attrs: dict) -> str:
+    """A signature value as a person recognises it: the model by its id, the table by its source."""
+    value = attrs.get(key)
+    if key == "table_sha256":
+        source = json.loads(attrs.get("source") or "{}")
+        return f"{source.get('dataset')} {source.get('source')!r} (sha256 {str(value)[:12]})"
+    if _SIGNATURE_PARAMETERS[key].startswith("MODEL"):
+        return f"{attrs.get('model_id')} ({key} {value!r})"
+    return repr(value) if len(repr(value)) <= 80 else repr(value)[:77] + "..."
 
 
 # ---------------------------------------------------------------------------------------------
@@ -2084,6 +2128,39 @@ class ChunkPlan:
         return text
 
 
+def run_encoder(params: EmbedParams, collection: Collection) -> ClipEncoder:
+    """02's encoder: MODEL on DEVICE in PRECISION, at the revision the collection's chunks record.
+
+    With MODEL_REVISION=None, a collection whose chunks record a hub commit continues with that
+    commit, even after the hub's main has moved on. PRECISION='auto' that resolves to another
+    precision than the chunks record (another device) is an error naming the value that continues.
+    """
+    first = _chunk_paths(collection.chunks)[:1]
+    recorded = read_chunk_info(first[0]).attrs if first else {}
+    revision = params.model_revision or _recorded_commit(recorded, params.model)
+    if revision and params.model_revision is None:
+        print(f"MODEL_REVISION=None: continuing with revision {revision}, which {collection.chunks} records")
+    device = resolve_device(params.device)
+    precision = resolve_precision(params.precision, device)
+    if recorded and params.precision == "auto" and precision != recorded.get("precision"):
+        raise PipelineError(
+            f"PRECISION='auto' is {precision!r} on {device}, but the chunks in {collection.chunks} were "
+            f"made in {recorded.get('precision')!r} (on {recorded.get('device')}): set "
+            f"PRECISION={recorded.get('precision')!r} to continue this collection here, or give this run "
+            "another OUTPUT_DIR."
+        )
+    return load_encoder(params.model, params.device, params.precision, revision)
+
+
+def _recorded_commit(recorded: dict, model: str) -> str | None:
+    """The hub commit that chunks of MODEL record, if they record one."""
+    same_model = OPENAI_MODELS.get(recorded.get("model"), recorded.get("model")) == OPENAI_MODELS.get(
+        model, model
+    )
+    revision = str(recorded.get("model_revision"))
+    return revision if same_model and _HUB_COMMIT.fullmatch(revision) else None
+
+
 def image_recipe(encoder: ClipEncoder, params: EmbedParams) -> ImageRecipe:
     """The encoder's preprocessing with the run's orientation options and pixel limit."""
     return ImageRecipe(
@@ -2108,9 +2185,12 @@ def run_attributes(encoder: ClipEncoder, recipe: ImageRecipe, table: ImageTable)
 
 
 def run_signature(encoder: ClipEncoder, recipe: ImageRecipe, table: ImageTable) -> dict:
-    """What every chunk of one output must share: model, preprocessing, orientation, precision, table."""
+    """What every chunk of one output shares, with the model's id and the table's source to name them.
+
+    Shared: the model, preprocessing, orientation options, precision and image table.
+    """
     attributes = run_attributes(encoder, recipe, table)
-    return {key: attributes[key] for key in SIGNATURE_KEYS}
+    return {**_signature(attributes), "model_id": attributes["model_id"], "source": json.dumps(table.info)}
 
 
 def _split_range(start: int, end: int, size: int) -> list[tuple[int, int]]:
@@ -2133,11 +2213,12 @@ def _check_row_range(start: int, end: int | None, rows: int) -> int:
 
 def _check_signatures(chunks: list[ChunkInfo], signature: dict) -> None:
     for info in chunks:
-        if info.signature != signature:
+        if info.signature != _signature(signature):
             raise PipelineError(
                 f"{info.path} was made differently from this run "
-                f"({_describe_difference(signature, info.signature)}). Run with the same MODEL, "
-                f"PRECISION and image table, or give this run another OUTPUT_DIR (a collection of its own)."
+                f"({_describe_difference(info.attrs, signature, ('recorded', 'requested'))}). Run with the "
+                "recorded values to continue this collection, or give this run another OUTPUT_DIR (a "
+                "collection of its own)."
             )
 
 
@@ -2699,7 +2780,8 @@ def _check_chunks_agree(chunks: list[ChunkInfo]) -> None:
         if info.signature != first.signature:
             raise PipelineError(
                 f"{info.path.name} and {first.path.name} were made differently "
-                f"({_describe_difference(first.signature, info.signature)}): they cannot be merged "
+                f"({_describe_difference(first.attrs, info.attrs, (first.path.name, info.path.name))}): "
+                "they cannot be merged "
                 f"into one file. Remove the chunks of one of the runs from {info.path.parent}."
             )
     for before, after in itertools.pairwise(chunks):
@@ -3214,7 +3296,7 @@ def query_encoder(
     """
     revision = embeddings.attrs.get("model_revision")
     chosen = model or embeddings.attrs["model"]
-    hub_revision = revision if model is None and re.fullmatch(r"[0-9a-f]{40}", str(revision)) else None
+    hub_revision = revision if model is None and _HUB_COMMIT.fullmatch(str(revision)) else None
     encoder = load_encoder(chosen, device, "fp32", hub_revision)
     if encoder.embedding_size != embeddings.dimension:
         raise PipelineError(

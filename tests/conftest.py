@@ -281,6 +281,17 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return folder
 
 
+def retrained(checkpoint: Path, folder: Path, seed: int) -> Path:
+    """`checkpoint`'s files with other weights of the same shape in `folder`: another revision of it."""
+    import torch
+    from transformers import CLIPModel
+
+    shutil.copytree(checkpoint, folder)
+    torch.manual_seed(seed)
+    CLIPModel(CLIPModel.from_pretrained(checkpoint).config).save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def hub_cache(tiny_checkpoint, tmp_path_factory) -> Path:
     """A Hugging Face hub cache in which openai/clip-vit-base-patch32 is the tiny checkpoint."""

@@ -13,7 +13,17 @@ import h5py
 import lib
 import numpy as np
 import pytest
-from conftest import TINY_IMAGE_SIZE, jpeg_bytes, read_output, run_embed, run_signature, save_table
+from conftest import (
+    FAKE_COMMIT,
+    TINY_IMAGE_SIZE,
+    embed_params,
+    jpeg_bytes,
+    read_output,
+    retrained,
+    run_embed,
+    run_signature,
+    save_table,
+)
 from PIL import Image
 from reference import reference_embeddings
 
@@ -83,9 +93,9 @@ def test_apply_rotation_turns_each_row_by_the_tables_rotation(
 @pytest.mark.parametrize(
     ("option", "value", "difference"),
     [
-        ("exif_transpose", True, "exif_transpose: False there, True here"),
-        ("apply_rotation", True, "apply_rotation: False there, True here"),
-        ("preprocess", "fast", "preprocess: 'exact' there, 'fast' here"),
+        ("exif_transpose", True, "EXIF_TRANSPOSE: False recorded, True requested"),
+        ("apply_rotation", True, "APPLY_ROTATION: False recorded, True requested"),
+        ("preprocess", "fast", "PREPROCESS: 'exact' recorded, 'fast' requested"),
     ],
 )
 def test_chunks_made_with_other_image_options_are_never_reused(
@@ -197,7 +207,9 @@ def test_chunks_of_another_model_or_precision_are_never_reused(
 ):
     run_embed(table, tiny_encoder, end=8)
     bf16 = lib.load_encoder(str(tiny_checkpoint), "cpu", "bf16")
-    with pytest.raises(lib.PipelineError, match=r"made differently .*precision: 'fp32' there, 'bf16' here"):
+    with pytest.raises(
+        lib.PipelineError, match=r"made differently .*PRECISION: 'fp32' recorded, 'bf16' requested"
+    ):
         lib.plan_chunks(collection, 0, None, 8, run_signature(bf16, table), len(table))
 
 
@@ -213,8 +225,48 @@ def test_chunks_survive_moving_the_model_directory(
 def test_chunks_of_another_image_table_are_never_reused(collection, table, tiny_encoder):
     run_embed(table, tiny_encoder, end=8)
     signature = {**run_signature(tiny_encoder, table), "table_sha256": "0" * 64}
-    with pytest.raises(lib.PipelineError, match="table_sha256"):
+    table = r"the image table \(01_metadata's DATASET, SPLIT, SOURCE, FETCH\)"
+    values = r": folder '.*' \(sha256 [0-9a-f]{12}\) recorded, folder '.*' \(sha256 000000000000\) requested"
+    with pytest.raises(lib.PipelineError, match=table + values):
         lib.plan_chunks(collection, 0, None, 8, signature, len(table))
+
+
+def test_a_resumed_run_keeps_the_revision_its_chunks_record_after_the_hub_moved(
+    collection, table, hub_cache, tiny_checkpoint, tmp_path, monkeypatch, capsys
+):
+    import huggingface_hub
+
+    cache = shutil.copytree(hub_cache, tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    run_embed(table, lib.run_encoder(embed_params(model="ViT-B/32"), collection), model="ViT-B/32", end=8)
+    repo = cache / "models--openai--clip-vit-base-patch32"
+    moved = "f" * 40
+    retrained(tiny_checkpoint, repo / "snapshots" / moved, seed=3)
+    (repo / "refs" / "main").write_text(moved)
+    assert lib.resolve_checkpoint("ViT-B/32").revision == moved, "main has moved on"
+    capsys.readouterr()
+    encoder = lib.run_encoder(embed_params(model="ViT-B/32"), collection)
+    assert encoder.checkpoint.revision == FAKE_COMMIT
+    assert f"MODEL_REVISION=None: continuing with revision {FAKE_COMMIT}" in capsys.readouterr().out
+    summary = run_embed(table, encoder, model="ViT-B/32")
+    assert (summary.chunks_skipped, summary.chunks_written) == (1, 2)
+
+
+def test_precision_auto_that_resolves_otherwise_here_names_the_value_that_continues(
+    collection, table, tiny_encoder
+):
+    run_embed(table, tiny_encoder, end=8)
+    (info,) = lib.find_chunks(collection.chunks)
+    with h5py.File(info.path, "r+") as file:
+        file.attrs.update({"precision": "fp16", "device": "cuda"})  # as a GPU machine would have made it
+    params = embed_params(model=str(tiny_encoder.checkpoint.path), device="cpu", precision="auto")
+    with pytest.raises(
+        lib.PipelineError,
+        match=r"PRECISION='auto' is 'fp32' on cpu, but the chunks in .* were made in 'fp16' \(on cuda\): "
+        r"set PRECISION='fp16' to continue this collection here",
+    ):
+        lib.run_encoder(params, collection)
 
 
 def test_a_row_range_past_the_table_is_a_parameter_error(collection, table, tiny_encoder):

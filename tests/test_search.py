@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import run_embed, save_table
+from conftest import retrained, run_embed, save_table
 
 
 def unit_vectors(count: int, dimension: int, seed: int) -> np.ndarray:
@@ -118,16 +118,6 @@ def test_a_model_of_another_embedding_size_is_an_error(merged, tmp_path):
     ).save_pretrained(other)
     with pytest.raises(lib.PipelineError, match=r"makes 8-d embeddings, and .* holds 16-d ones"):
         lib.query_encoder(merged, str(other), "cpu")
-
-
-def retrained(checkpoint, folder, seed: int):
-    """`checkpoint`'s files with other weights of the same shape: another revision of the model."""
-    from transformers import CLIPModel
-
-    shutil.copytree(checkpoint, folder)
-    torch.manual_seed(seed)
-    CLIPModel(CLIPModel.from_pretrained(checkpoint).config).save_pretrained(folder)
-    return folder
 
 
 def test_queries_from_a_model_of_another_revision_are_refused_unless_allowed(
