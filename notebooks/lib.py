@@ -1750,7 +1750,7 @@ def write_chunk(path: Path, result: ChunkResult, attrs: dict) -> None:
     """Write a chunk to a temporary name, then rename: a file with the final name is always whole."""
     embeddings = result.embeddings()
     embedded = result.embedded
-    with _atomic_file(path) as temporary, h5py.File(temporary, "w") as file:
+    with _atomic_file(path) as temporary, open_hdf5(temporary, "w") as file:
         _write_records(file, embedded)
         file.create_dataset("embeddings", data=embeddings)
         failed = file.create_group("failed")
@@ -1805,17 +1805,36 @@ def combine_results(first: ChunkResult, second: ChunkResult) -> ChunkResult:
     )
 
 
-def open_hdf5(path: Path) -> h5py.File:
-    """Open an HDF5 file for reading; one that another process holds open for writing is a clear error."""
+_HDF5_LOCK_ERROR = re.compile(r"unable to lock file, errno = (\d+)")
+_NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)
+
+
+def open_hdf5(path: Path, mode: str = "r") -> h5py.File:
+    """Open an HDF5 file; HDF5's own file lock failing is a clear error, whichever way it fails.
+
+    EAGAIN: another process holds the file open for writing. ENOSYS or ENOLCK: the filesystem has
+    no locks (NFS without a lock daemon, some FUSE mounts), and HDF5 must be told not to lock.
+    """
     try:
-        return h5py.File(path, "r")
+        return h5py.File(path, mode)
     except OSError as error:
-        if "unable to lock file" not in str(error):
+        locked = _HDF5_LOCK_ERROR.search(str(error))
+        if locked is None:
             raise
-        raise PipelineError(
-            f"{path} is locked: another process (a notebook kernel or script) holds it open for writing. "
-            "Close it there (f.close(), or restart that kernel), then run this stage again."
-        ) from None
+        number = int(locked.group(1))
+        if number in (errno.EAGAIN, errno.EWOULDBLOCK):
+            raise PipelineError(
+                f"{path} is locked: another process (a notebook kernel or script) holds it open for "
+                "writing. Close it there (f.close(), or restart that kernel), then run this stage again."
+            ) from None
+        if number in _NO_LOCKS:
+            raise PipelineError(
+                f"Cannot open {path}: its filesystem does not support the file locks HDF5 takes "
+                f"({os.strerror(number)}). Set the environment variable HDF5_USE_FILE_LOCKING=FALSE (export "
+                "it before starting Jupyter or papermill, or run os.environ['HDF5_USE_FILE_LOCKING'] = "
+                "'FALSE' in the notebook first), then run this stage again."
+            ) from None
+        raise
 
 
 def read_chunk_info(path: Path) -> ChunkInfo:
@@ -2846,7 +2865,7 @@ def _copy_records(source: h5py.Group, target: h5py.Group, names: Sequence[str], 
 
 def _verify_merged(path: Path, chunks: list[ChunkInfo]) -> None:
     """Re-read the merged file: each chunk's segment must reproduce the digest that chunk recorded."""
-    with h5py.File(path, "r") as file:
+    with open_hdf5(path) as file:
         offset = 0
         for info in chunks:
             segment = slice(offset, offset + info.embedded)
@@ -2949,7 +2968,7 @@ def _holds_every_chunk(path: Path, folder: Path, chunks: list[ChunkInfo]) -> boo
 def _write_merged(path: Path, chunks: list[ChunkInfo], attrs: dict) -> None:
     """Stream the chunks into a temporary file in row order, verify it, then rename it into place."""
     with _atomic_file(path) as temporary:
-        with h5py.File(temporary, "w") as target:
+        with open_hdf5(temporary, "w") as target:
             _create_merged_datasets(target, attrs["embedded"], attrs["failed"], int(attrs["embedding_size"]))
             offset = failed_offset = 0
             for info in progress_bar(chunks, desc="merge", unit="chunk"):

@@ -302,3 +302,28 @@ def test_cleanup_deletes_chunks_under_the_merge_lock(collection, chunks, workspa
     monkeypatch.setattr(lib.Path, "unlink", watched_unlink)
     lib.merge_chunks(collection, OUTPUT_FILE, cleanup=True)
     assert held_while_deleting == [True, True, True]
+
+
+@pytest.mark.parametrize(
+    ("number", "message"),
+    [
+        (11, "is locked: another process .* holds it open for writing"),
+        (38, r"does not support the file locks HDF5 takes .*HDF5_USE_FILE_LOCKING=FALSE"),
+        (37, r"does not support the file locks HDF5 takes .*HDF5_USE_FILE_LOCKING=FALSE"),
+    ],
+    ids=["held open elsewhere", "no locks (ENOSYS)", "no locks (ENOLCK)"],
+)
+def test_hdf5_lock_failures_say_which_they_are(collection, table, tiny_encoder, monkeypatch, number, message):
+    """HDF5 calls both a file held open elsewhere and a filesystem without locks 'unable to lock file'."""
+
+    def unlockable(path, mode="r", **kwargs):
+        strerror = lib.os.strerror(number)
+        raise OSError(
+            f"Unable to synchronously create file (unable to lock file, errno = {number}, error message = "
+            f"'{strerror}')"
+        )
+
+    monkeypatch.setattr(lib.h5py, "File", unlockable)
+    with pytest.raises(lib.PipelineError, match=message):
+        run_embed(table, tiny_encoder, end=8)  # writing a chunk
+    assert not list(collection.chunks.glob("*.h5"))
