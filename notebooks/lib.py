@@ -282,6 +282,7 @@ class EmbedParams:
     s3_endpoint_url: str | None
     retry_failed: bool
     output_dir: str = DEFAULT_OUTPUT_DIR
+    stop_if_unreachable: bool = True
 
     def __post_init__(self) -> None:
         _check_output_dir(self.output_dir)
@@ -301,6 +302,7 @@ class EmbedParams:
         _check_int("MAX_PIXELS", self.max_pixels, 1)
         _check_s3_endpoint_url(self.s3_endpoint_url)
         _check_bool("RETRY_FAILED", self.retry_failed)
+        _check_bool("STOP_IF_UNREACHABLE", self.stop_if_unreachable)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1083,8 +1085,10 @@ class Fetcher:
             raise ImageFailure("timeout") from None
         except (botocore.exceptions.IncompleteReadError, urllib3.exceptions.ProtocolError):
             raise ImageFailure("truncated body") from None
-        except botocore.exceptions.BotoCoreError:
-            raise ImageFailure("connection error") from None
+        except botocore.exceptions.BotoCoreError as error:
+            unresolved = (urllib3.exceptions.NameResolutionError, socket.gaierror)
+            resolved = not isinstance(getattr(error, "kwargs", {}).get("error"), unresolved)
+            raise ImageFailure("connection error" if resolved else "cannot resolve") from None
 
     def _fetch_http(self, url: str) -> bytes:
         began = time.monotonic()
@@ -1104,7 +1108,10 @@ class Fetcher:
             raise ImageFailure("truncated body") from None
         except requests.ConnectionError as error:
             # a read timeout mid-body, or after the last retry, arrives as a ConnectionError
-            timed_out = isinstance(_root_cause(error), urllib3.exceptions.ReadTimeoutError)
+            cause = _root_cause(error)
+            if isinstance(cause, urllib3.exceptions.NameResolutionError):
+                raise ImageFailure("cannot resolve") from None
+            timed_out = isinstance(cause, urllib3.exceptions.ReadTimeoutError)
             raise ImageFailure("timeout" if timed_out else "connection error") from None
         except requests.RequestException as error:
             raise ImageFailure(f"http error: {type(error).__name__}") from None
@@ -2390,6 +2397,11 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
+BatchObserver = Callable[
+    [list[str], list[str | None]], None
+]  # a batch's locations, and each failure's reason
+
+
 def embed_chunk(
     table: ImageTable,
     start: int,
@@ -2397,11 +2409,11 @@ def embed_chunk(
     encoder: ClipEncoder,
     loader: ImageLoader,
     batch_size: int,
-    progress: RunProgress | None = None,
+    on_batch: BatchObserver | None = None,
 ) -> ChunkResult:
     """Embed rows [start, end): the loader prepares images while each batch is encoded."""
     result = ChunkResult(start, end, encoder.embedding_size)
-    _embed_rows(result, table, range(start, end), encoder, loader, batch_size, progress)
+    _embed_rows(result, table, range(start, end), encoder, loader, batch_size, on_batch)
     return result
 
 
@@ -2422,7 +2434,7 @@ def _embed_rows(
     encoder: ClipEncoder,
     loader: ImageLoader,
     batch_size: int,
-    progress: RunProgress | None = None,
+    on_batch: BatchObserver | None = None,
 ) -> None:
     """Embed the given rows into `result`, in order, one batch queued on the device ahead."""
     began = time.perf_counter()
@@ -2430,8 +2442,8 @@ def _embed_rows(
 
     def finish(batch: list, embeddings: PendingEmbeddings | None) -> None:
         _record_batch(result, row_numbers, columns, batch, embeddings)
-        if progress:
-            progress.add([item.reason for _, item in batch])
+        if on_batch:
+            on_batch([columns["location"][offset] for offset, _ in batch], [item.reason for _, item in batch])
 
     on_device = None  # the batch the device works on while the next one is stacked and queued
     loaded = loader.load(columns["location"], columns["rotation"], columns["md5"])
@@ -2472,12 +2484,12 @@ def retry_chunk(
     encoder: ClipEncoder,
     loader: ImageLoader,
     batch_size: int,
-    progress: RunProgress | None = None,
+    on_batch: BatchObserver | None = None,
 ) -> ChunkResult:
     """A finished chunk with its failed rows attempted again; the vectors it holds are kept as stored."""
     stored = read_chunk_result(info.path)
     retried = ChunkResult(info.start, info.end, stored.embedding_size, retried=len(stored.failed.rows))
-    _embed_rows(retried, table, stored.failed.rows, encoder, loader, batch_size, progress)
+    _embed_rows(retried, table, stored.failed.rows, encoder, loader, batch_size, on_batch)
     stored.failed, stored.reasons = Records(), []
     return combine_results(stored, retried)
 
@@ -2654,6 +2666,7 @@ def embed_chunks(
         ImageLoader(fetcher, recipe, params.num_workers, lookahead) as loader,
         RunProgress(plan.rows_to_do) as progress,
     ):
+        reach = SourceCheck(enabled=params.stop_if_unreachable)
         run = _ChunkWriter(
             plan.folder,
             table,
@@ -2661,8 +2674,9 @@ def embed_chunks(
             loader,
             params.gpu_batch_size,
             attrs,
-            RunSummary(len(plan.done)),
             progress,
+            reach,
+            RunSummary(len(plan.done)),
         )
         todo = plan.todo
         while todo:
@@ -2670,13 +2684,71 @@ def embed_chunks(
             todo = _after_other_runs(busy, plan, params.chunk, progress)
         for info in plan.retry:
             run.retry(info)
+        run.write_unproven()
     run.summary.seconds = time.perf_counter() - began
     return run.summary
 
 
+UNREACHABLE_REASONS = ("connection error", "timeout", "cannot resolve", "s3 AccessDenied", "s3 NoSuchBucket")
+UNREACHABLE_AFTER = 200  # failed attempts, all for want of a way to the images, that stop a run
+_UNREACHABLE_ADVICE = {
+    "connection error": "nothing answers there: check the network, a proxy (HTTPS_PROXY), S3_ENDPOINT_URL "
+    "and the table's locations",
+    "timeout": "the server does not answer in time: check the network, a firewall or a proxy",
+    "cannot resolve": "its host name cannot be resolved: is this machine offline? Check DNS and the "
+    "table's locations",
+    "s3 AccessDenied": "the bucket refuses requests without credentials, which 02 does not send: use a "
+    "public bucket (as Open Images' is) or a copy of the images",
+    "s3 NoSuchBucket": "there is no such bucket at this endpoint: check the bucket in the table's "
+    "locations and S3_ENDPOINT_URL",
+}
+
+
+class SourceCheck:
+    """Whether a run reaches its images: first attempts that all fail for want of a way there stop it.
+
+    A run whose first UNREACHABLE_AFTER attempts all failed with a connection-level reason stops
+    with what to check, instead of recording millions of failures as finished chunks. One image
+    that arrives, or fails for another reason, proves the way.
+    """
+
+    def __init__(self, enabled: bool = True, limit: int = UNREACHABLE_AFTER):
+        self.proven = not enabled
+        self._limit = limit
+        self._reasons: collections.Counter = collections.Counter()
+        self._example: str | None = None
+
+    def add(self, locations: list[str], reasons: list[str | None]) -> None:
+        """Count a batch's attempts; raise PipelineError once the limit is reached unproven."""
+        if self.proven:
+            return
+        for location, reason in zip(locations, reasons, strict=True):
+            if reason not in UNREACHABLE_REASONS:
+                self.proven = True
+                return
+            self._reasons[reason] += 1
+            self._example = self._example or location
+        if self._reasons.total() >= self._limit:
+            reason, _ = self._reasons.most_common(1)[0]
+            failed = f"{self._reasons.total()} images of this run all failed ({_counted(self._reasons)})"
+            raise PipelineError(
+                f"The first {failed}, e.g. {self._example} ({reason}): {_UNREACHABLE_ADVICE[reason]}. "
+                "02 stopped and recorded none of them, so a run that can reach them embeds them all; set "
+                "STOP_IF_UNREACHABLE=False to record such failures anyway."
+            )
+
+
+def _counted(counter: collections.Counter) -> str:
+    return ", ".join(f"{reason}: {count:,}" for reason, count in counter.most_common())
+
+
 @dataclasses.dataclass
 class _ChunkWriter:
-    """Claims, embeds and writes one run's chunks, and keeps its summary."""
+    """Claims, embeds and writes one run's chunks, and keeps its summary.
+
+    Until the run proves it reaches its images (SourceCheck), finished chunks wait in memory, without
+    their claims, so that a run that stops for want of a way to them records nothing.
+    """
 
     folder: Path
     table: ImageTable
@@ -2684,8 +2756,10 @@ class _ChunkWriter:
     loader: ImageLoader
     batch_size: int
     attrs: dict
-    summary: RunSummary
     progress: RunProgress
+    reach: SourceCheck
+    summary: RunSummary
+    unproven: list[ChunkResult] = dataclasses.field(default_factory=list)
 
     def embed(self, start: int, end: int) -> list[tuple[int, int]]:
         """Embed rows [start, end) into chunk files; return the ranges another run is at work on.
@@ -2699,14 +2773,37 @@ class _ChunkWriter:
                 return [(start, end)]
             if claim is None:
                 return self._embed_rest(start, end)
-            path = chunk_path(self.folder, start, end)
             result = embed_chunk(
-                self.table, start, end, self.encoder, self.loader, self.batch_size, self.progress
+                self.table, start, end, self.encoder, self.loader, self.batch_size, self._observe
             )
-            write_chunk(path, result, self.attrs)
+            if self.reach.proven:
+                self._write(result)
+        if not self.reach.proven:
+            self.unproven.append(result)
+        elif self.unproven:
+            self.write_unproven()
+        return []
+
+    def write_unproven(self) -> None:
+        """Write the chunks that waited, each under a claim again (unless another run has their rows).
+
+        This happens once the run proves it reaches its images, or at its end, short of the limit.
+        """
+        while self.unproven:
+            result = self.unproven.pop(0)
+            with claimed(self.folder, result.start, result.end) as claim:
+                if isinstance(claim, FileLock):
+                    self._write(result)
+
+    def _write(self, result: ChunkResult) -> None:
+        path = chunk_path(self.folder, result.start, result.end)
+        write_chunk(path, result, self.attrs)
         self.summary.add(result.stats())
         self.progress.chunk_written(path.name)
-        return []
+
+    def _observe(self, locations: list[str], reasons: list[str | None]) -> None:
+        self.progress.add(reasons)
+        self.reach.add(locations, reasons)
 
     def _embed_rest(self, start: int, end: int) -> list[tuple[int, int]]:
         """Embed the rows of [start, end) that no finished chunk covers; return the busy ranges."""
@@ -2718,14 +2815,17 @@ class _ChunkWriter:
         return [busy for low, high in rest for busy in self.embed(low, high)]
 
     def retry(self, info: ChunkInfo) -> None:
-        """Attempt a finished chunk's failed rows again and replace the chunk file whole."""
+        """Attempt a finished chunk's failed rows again and replace the chunk file whole.
+
+        A retry loses nothing when it fails again, so it is written at once, proven or not.
+        """
         with claimed(self.folder, info.start, info.end, rewrite=True) as claim:
             if not isinstance(claim, FileLock):
                 print(f"{info.path.name} is not retried: another run is at work on its rows ({claim})")
                 return
             current = read_chunk_info(info.path)  # as it is now, under the claim
             result = retry_chunk(
-                current, self.table, self.encoder, self.loader, self.batch_size, self.progress
+                current, self.table, self.encoder, self.loader, self.batch_size, self._observe
             )
             write_chunk(info.path, result, current.attrs)
         self.summary.add_retry(current, result)

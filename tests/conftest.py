@@ -404,6 +404,7 @@ def embed_params(**overrides) -> lib.EmbedParams:
         max_pixels=lib.DEFAULT_MAX_PIXELS,
         s3_endpoint_url=None,
         retry_failed=False,
+        stop_if_unreachable=True,
     )
     return lib.EmbedParams(**{**values, **overrides})
 

@@ -1,5 +1,6 @@
 """Fetch: bytes from loopback S3, HTTP and disk; every failure becomes a short, stable reason."""
 
+import socket
 import time
 
 import lib
@@ -109,3 +110,15 @@ def test_a_retry_after_within_the_deadline_is_honoured(http_server, images):
     began = time.monotonic()
     assert lib.Fetcher(deadline=10).fetch(http_server.url(path)) == images[key]
     assert time.monotonic() - began >= 1 and http_server.hits[path] == 2
+
+
+def test_a_host_name_that_cannot_be_resolved(fast_retries, s3_endpoint, monkeypatch):
+    """What an offline machine answers for every image; no name is looked up for real here."""
+
+    def unresolvable(host, *args, **kwargs):
+        raise socket.gaierror(socket.EAI_NONAME, "Name or service not known")
+
+    monkeypatch.setattr(socket, "getaddrinfo", unresolvable)
+    assert reason_of(lib.Fetcher(), "http://images.invalid/x.jpg") == "cannot resolve"
+    s3 = lib.Fetcher("http://s3.invalid", timeout=(1, 1))
+    assert reason_of(s3, f"{BUCKET}/validation/x.jpg") == "cannot resolve"

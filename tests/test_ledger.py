@@ -6,11 +6,12 @@ S3 key, a body announced at a terabyte.
 """
 
 import json
+import re
 
 import lib
 import numpy as np
 import pytest
-from conftest import official_metadata_csv, read_output, run_embed, save_table
+from conftest import closed_port_url, official_metadata_csv, read_output, run_embed, save_table
 
 FAULTS = {  # row kind -> (URL path or S3 key pattern, expected reason; None: embedded)
     "good": ("/images/{key}.jpg?row={row}-{run}", None),
@@ -143,3 +144,47 @@ def test_a_placeholder_served_for_a_removed_photo_is_a_checksum_mismatch(
     merged = merged_ledger()
     assert merged["image_ids"] == keys[:3] and merged["failed_ids"] == [removed]
     assert merged["reasons"] == ["checksum mismatch"] and summary.failed_by_reason == {"checksum mismatch": 1}
+
+
+def listing_table(collection, folder, locations: list[str]) -> lib.ImageTable:
+    """An image table of one row per location, with ids row-<n>."""
+    listing = folder / "listing.csv"
+    listing.write_text("image_id,url\n" + "".join(f"row-{n},{url}\n" for n, url in enumerate(locations)))
+    return save_table(lib.MetadataParams("table", "validation", str(listing), "s3"), collection)
+
+
+def test_a_run_that_reaches_none_of_its_images_stops_and_records_nothing(
+    collection, tiny_encoder, fast_retries, tmp_path
+):
+    unreachable = closed_port_url("")
+    table = listing_table(collection, tmp_path, [f"{unreachable}/x-{n}.jpg" for n in range(250)])
+    with pytest.raises(lib.PipelineError) as error:
+        run_embed(table, tiny_encoder, chunk=64)
+    message = str(error.value)
+    first = r"The first 20\d images of this run all failed \(connection error: 20\d\), "
+    example = rf"e.g. {unreachable}/x-\d+.jpg \(connection error\): nothing answers there"
+    assert re.match(first + example, message), message
+    assert "recorded none of them" in message and "STOP_IF_UNREACHABLE=False" in message
+    assert not list(collection.chunks.glob("*")), "no chunk of failures, no claim left"
+    summary = run_embed(table, tiny_encoder, chunk=64, stop_if_unreachable=False)
+    assert summary.chunks_written == 4 and summary.failed_by_reason == {"connection error": 250}
+
+
+def test_a_run_whose_first_images_fail_but_later_ones_arrive_records_every_row(
+    collection, tiny_encoder, fast_retries, tmp_path, image_folder
+):
+    unreachable = closed_port_url("")
+    photos = sorted(str(path) for path in image_folder.glob("0*.jpg"))  # the whole ones
+    locations = [f"{unreachable}/x-{n}.jpg" for n in range(150)] + photos
+    table = listing_table(collection, tmp_path, locations)
+    summary = run_embed(table, tiny_encoder, chunk=64)
+    merged = merged_ledger()
+    assert summary.chunks_written == 3 and len(merged["rows"]) == len(photos)
+    assert merged["reasons"] == ["connection error"] * 150
+
+
+def test_a_bucket_that_is_not_there_stops_the_run(collection, tiny_encoder, s3_endpoint, tmp_path):
+    table = listing_table(collection, tmp_path, [f"s3://no-such-bucket/{n}.jpg" for n in range(200)])
+    with pytest.raises(lib.PipelineError, match=r"\(s3 NoSuchBucket: 200\).*there is no such bucket"):
+        run_embed(table, tiny_encoder, chunk=64, s3_endpoint_url=s3_endpoint)
+    assert not list(collection.chunks.glob("*.h5"))
