@@ -177,6 +177,11 @@ def _check_int(name: str, value: Any, minimum: int) -> None:
         raise ParameterError(f"{name}={value!r} is not allowed: use an integer >= {minimum}.")
 
 
+def _check_size(name: str, value: Any) -> None:
+    if value != "auto" and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+        raise ParameterError(f"{name}={value!r} is not allowed: use an integer >= 1, or 'auto'.")
+
+
 def _check_choice(name: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         allowed = ", ".join(repr(choice) for choice in choices)
@@ -269,8 +274,8 @@ class EmbedParams:
     start: int
     end: int | None
     chunk: int
-    gpu_batch_size: int
-    num_workers: int
+    gpu_batch_size: int | str
+    num_workers: int | str
     model: str
     model_revision: str | None
     device: str
@@ -290,8 +295,8 @@ class EmbedParams:
         if self.end is not None:
             _check_int("END", self.end, self.start + 1)
         _check_int("CHUNK", self.chunk, 1)
-        _check_int("GPU_BATCH_SIZE", self.gpu_batch_size, 1)
-        _check_int("NUM_WORKERS", self.num_workers, 1)
+        _check_size("GPU_BATCH_SIZE", self.gpu_batch_size)
+        _check_size("NUM_WORKERS", self.num_workers)
         _check_text("MODEL", self.model)
         _check_text("MODEL_REVISION", self.model_revision, optional=True)
         _check_device("DEVICE", self.device)
@@ -2185,6 +2190,47 @@ def _recorded_commit(recorded: dict, model: str) -> str | None:
     )
     revision = str(recorded.get("model_revision"))
     return revision if same_model and _HUB_COMMIT.fullmatch(revision) else None
+
+
+CPU_BATCH_SIZE = 32  # the fastest batch on CPUs in the benchmarks' sweep (benchmarks/RESULTS.md)
+CUDA_BATCH_LIMIT = 1024
+
+
+def with_machine_sizes(params: EmbedParams, encoder: ClipEncoder) -> EmbedParams:
+    """The parameters with GPU_BATCH_SIZE and NUM_WORKERS 'auto' resolved for this machine.
+
+    NUM_WORKERS: one decoding thread per CPU core this process may use. GPU_BATCH_SIZE: on the
+    CPU, the benchmarks' best; on CUDA, the largest power of two (up to 1024) whose forward pass
+    fits in half the GPU's free memory, measured with a small batch.
+    """
+    workers = params.num_workers if params.num_workers != "auto" else cpu_cores()
+    batch = params.gpu_batch_size
+    if batch == "auto":
+        batch = CPU_BATCH_SIZE if encoder.device.type == "cpu" else cuda_batch_size(encoder)
+    return dataclasses.replace(params, gpu_batch_size=batch, num_workers=workers)
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity, which containers and schedulers set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def cuda_batch_size(encoder: ClipEncoder, probe: int = 16) -> int:
+    """The largest power of two up to CUDA_BATCH_LIMIT whose forward pass fits in half the free memory."""
+    size = encoder.preprocessing.image_size
+    torch.cuda.synchronize(encoder.device)
+    torch.cuda.reset_peak_memory_stats(encoder.device)
+    before = torch.cuda.memory_allocated(encoder.device)
+    encoder.encode(np.zeros((probe, 3, size, size), np.float32))
+    per_image = (torch.cuda.max_memory_allocated(encoder.device) - before) / probe
+    free, _ = torch.cuda.mem_get_info(encoder.device)
+    return batch_for_memory(free // 2, per_image, CUDA_BATCH_LIMIT)
+
+
+def batch_for_memory(budget: float, per_image: float, limit: int) -> int:
+    """The largest power of two, from 1 to `limit`, of images that fit in `budget` bytes."""
+    fits = max(1, min(limit, int(budget // max(per_image, 1.0))))
+    return 1 << (fits.bit_length() - 1)
 
 
 def image_recipe(encoder: ClipEncoder, params: EmbedParams) -> ImageRecipe:

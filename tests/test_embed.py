@@ -269,6 +269,22 @@ def test_precision_auto_that_resolves_otherwise_here_names_the_value_that_contin
         lib.run_encoder(params, collection)
 
 
+def test_auto_sizes_follow_the_machine(tiny_encoder):
+    auto = lib.with_machine_sizes(embed_params(gpu_batch_size="auto", num_workers="auto"), tiny_encoder)
+    assert (auto.gpu_batch_size, auto.num_workers) == (lib.CPU_BATCH_SIZE, len(os.sched_getaffinity(0)))
+    explicit = lib.with_machine_sizes(embed_params(gpu_batch_size=7, num_workers=3), tiny_encoder)
+    assert (explicit.gpu_batch_size, explicit.num_workers) == (7, 3)
+
+
+@pytest.mark.parametrize(
+    ("budget", "per_image", "batch"),
+    [(70e9, 2e6, 1024), (8e9, 20e6, 256), (1e9, 5e6, 128), (1e6, 5e6, 1)],
+    ids=["H200: the limit", "a 16 GB card", "a small card", "not even one"],
+)
+def test_a_gpus_auto_batch_is_the_largest_power_of_two_that_fits(budget, per_image, batch):
+    assert lib.batch_for_memory(budget, per_image, 1024) == batch
+
+
 def test_a_row_range_past_the_table_is_a_parameter_error(collection, table, tiny_encoder):
     signature = run_signature(tiny_encoder, table)
     with pytest.raises(

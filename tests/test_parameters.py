@@ -8,8 +8,8 @@ EMBED_DEFAULTS = {
     "START": 0,
     "END": None,
     "CHUNK": 10000,
-    "GPU_BATCH_SIZE": 512,
-    "NUM_WORKERS": 32,
+    "GPU_BATCH_SIZE": "auto",
+    "NUM_WORKERS": "auto",
     "MODEL": "ViT-B/32",
     "MODEL_REVISION": None,
     "DEVICE": "auto",
@@ -53,6 +53,8 @@ def test_defaults_are_valid():
         ("CHUNK", "100", "integer >= 1"),
         ("GPU_BATCH_SIZE", 0, "integer >= 1"),
         ("NUM_WORKERS", -4, "integer >= 1"),
+        ("NUM_WORKERS", "many", "integer >= 1, or 'auto'"),
+        ("GPU_BATCH_SIZE", 64.0, "integer >= 1, or 'auto'"),
         ("MODEL", "", "non-empty string"),
         ("MODEL", None, "non-empty string"),
         ("MODEL_REVISION", "", "non-empty string or None"),
@@ -74,6 +76,13 @@ def test_bad_embed_values_name_parameter_value_and_what_is_allowed(name, value, 
         lib.read_parameters(lib.EmbedParams, namespace)
     assert f"{name}={value!r}" in str(error.value)
     assert allowed in str(error.value)
+
+
+def test_the_seeds_explicit_sizes_still_work():
+    params = lib.read_parameters(
+        lib.EmbedParams, {**EMBED_DEFAULTS, "GPU_BATCH_SIZE": 512, "NUM_WORKERS": 32}
+    )
+    assert (params.gpu_batch_size, params.num_workers) == (512, 32)
 
 
 def test_end_must_be_after_start():
