@@ -12,6 +12,7 @@ merge, environment. Each seam is a plain function or a small class that a test c
 
 from __future__ import annotations
 
+import ast
 import base64
 import collections
 import contextlib
@@ -378,16 +379,24 @@ def _parameter_names(params_class: type) -> list[str]:
 def read_parameters(params_class: type, namespace: dict[str, Any]) -> Any:
     """Validate a stage's parameters from a notebook's globals.
 
-    UPPER_CASE names that no stage knows (a typo in `papermill -p`, which papermill itself only
-    warns about) are errors; names of other stages are allowed, so one params/*.yaml serves all.
+    An UPPER_CASE name that no stage knows is an error when papermill injected it (a typo in
+    `-p` or `-f`, which papermill itself only warns about) or when it is close to a known name;
+    any other is a variable of the notebook's own, and only warned about. Names of other stages
+    are allowed, so one params/*.yaml serves all.
     """
     known = {name for stage in STAGE_PARAMETERS for name in _parameter_names(stage)}
+    injected = _injected_names(namespace)
     for name in sorted(n for n in namespace if _PARAMETER_NAME.fullmatch(n) and n not in known):
-        close = difflib.get_close_matches(name, known, n=1)
-        hint = f"did you mean {close[0]}? " if close else ""
-        raise ParameterError(
-            f"Unknown parameter {name}={namespace[name]!r}: {hint}"
-            f"the parameters are {', '.join(sorted(known))}."
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6 if name in injected else 0.8)
+        if name in injected or close:
+            hint = f"did you mean {close[0]}? " if close else ""
+            raise ParameterError(
+                f"Unknown parameter {name}={namespace[name]!r}: {hint}"
+                f"the parameters are {', '.join(sorted(known))}."
+            )
+        warnings.warn(
+            f"{name} is not a parameter of any stage: it is taken as a variable of this notebook's own.",
+            stacklevel=2,
         )
     missing = [name for name in _parameter_names(params_class) if name not in namespace]
     if missing:
@@ -395,6 +404,25 @@ def read_parameters(params_class: type, namespace: dict[str, Any]) -> Any:
             f"Parameter {', '.join(missing)} is not defined: restore it in the parameters cell."
         )
     return params_class(**{name.lower(): namespace[name] for name in _parameter_names(params_class)})
+
+
+def _injected_names(namespace: dict[str, Any]) -> set[str]:
+    """The names that papermill's injected cell assigned, found in the kernel's input history (`In`).
+
+    Papermill (and `papermill --prepare-only` before nbval) adds one cell that begins with
+    "# Parameters"; the notebook's own cells are not its.
+    """
+    names = set()
+    for source in namespace.get("In", []):
+        if isinstance(source, str) and source.startswith("# Parameters"):
+            with contextlib.suppress(SyntaxError):
+                tree = ast.parse(source)
+                names |= {
+                    node.id
+                    for node in ast.walk(tree)
+                    if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store)
+                }
+    return names
 
 
 # ---------------------------------------------------------------------------------------------

@@ -328,6 +328,27 @@ def test_an_unknown_parameter_stops_the_stage_with_its_name(repo, kernel_env):
     assert "ParameterError: Unknown parameter CHUNKS=500: did you mean CHUNK?" in stderr
 
 
+def test_a_variable_of_the_notebooks_own_does_not_stop_a_stage(repo, kernel_env):
+    """A researcher adds MY_NOTE after the parameters cell; papermill injecting that name is still a typo."""
+    path = repo / "notebooks" / "00_setup.ipynb"
+    notebook = nbformat.read(path, as_version=4)
+    at = next(n for n, cell in enumerate(notebook.cells) if "parameters" in cell.metadata.get("tags", []))
+    notebook.cells.insert(at + 1, nbformat.v4.new_code_cell('MY_NOTE = "my own"'))
+    nbformat.write(notebook, path)
+    executed = repo.parent / "own.ipynb"
+    result = run_papermill(str(path), [str(executed), "-p", "DEVICE", "cpu"], repo, kernel_env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    warned = [
+        output.text
+        for cell in nbformat.read(executed, as_version=4).cells
+        for output in cell.get("outputs", [])
+        if output.get("name") == "stderr"
+    ]
+    assert any("MY_NOTE is not a parameter of any stage" in text for text in warned)
+    stderr = failing_papermill(repo, "00_setup", ["-p", "MY_NOTE", "injected"], kernel_env)
+    assert "ParameterError: Unknown parameter MY_NOTE=" in stderr
+
+
 def test_offline_the_stages_say_what_they_could_not_reach(repo, kernel_env, images, tmp_path):
     """Without a network, 01 names the metadata URL and 02 the model, each with what to do instead."""
     began = time.monotonic()

@@ -154,3 +154,22 @@ def test_a_deleted_parameter_is_reported():
 def test_parameter_errors_show_without_a_traceback_in_notebooks():
     error = lib.ParameterError("CHUNK=0 is not allowed")
     assert error._render_traceback_() == ["ParameterError: CHUNK=0 is not allowed"]
+
+
+def test_a_notebooks_own_upper_case_variable_is_only_warned_about():
+    """A researcher's MY_THRESHOLD, defined in a cell after the parameters, is not a typo of a parameter."""
+    namespace = {**EMBED_DEFAULTS, "MY_THRESHOLD": 0.3, "In": ["", "MY_THRESHOLD = 0.3"]}
+    with pytest.warns(UserWarning, match="MY_THRESHOLD is not a parameter of any stage"):
+        assert lib.read_parameters(lib.EmbedParams, namespace).start == 0
+
+
+def test_a_name_papermill_injected_that_no_stage_knows_is_refused():
+    injected = "# Parameters\nMY_THRESHOLD = 0.3\n"
+    namespace = {**EMBED_DEFAULTS, "MY_THRESHOLD": 0.3, "In": ["", "import lib", injected]}
+    with pytest.raises(lib.ParameterError, match=r"Unknown parameter MY_THRESHOLD=0.3: the parameters are"):
+        lib.read_parameters(lib.EmbedParams, namespace)
+
+
+def test_an_own_variable_close_to_a_parameter_is_taken_for_a_typo():
+    with pytest.raises(lib.ParameterError, match=r"Unknown parameter DEVICES='cpu': did you mean DEVICE\?"):
+        lib.read_parameters(lib.EmbedParams, {**EMBED_DEFAULTS, "DEVICES": "cpu", "In": ["DEVICES = 'cpu'"]})
