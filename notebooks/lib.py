@@ -1827,7 +1827,10 @@ def read_chunk_result(path: Path) -> ChunkResult:
 
 
 def combine_results(first: ChunkResult, second: ChunkResult) -> ChunkResult:
-    """The records of two results for the same rows [start, end), in row order."""
+    """The records of a stored chunk and of a retry of its failed rows, in row order.
+
+    `retried` is the retry's own count (the rows it attempted), not a sum over earlier retries.
+    """
     embedded, failed = first.embedded + second.embedded, first.failed + second.failed
     by_row, failed_by_row = np.argsort(embedded.rows), np.argsort(failed.rows)
     reasons = first.reasons + second.reasons
@@ -1841,7 +1844,7 @@ def combine_results(first: ChunkResult, second: ChunkResult) -> ChunkResult:
         [np.concatenate([first.embeddings(), second.embeddings()])[by_row]],
         first.fetched_bytes + second.fetched_bytes,
         first.seconds + second.seconds,
-        first.retried + second.retried,
+        second.retried,
     )
 
 

@@ -188,3 +188,20 @@ def test_a_bucket_that_is_not_there_stops_the_run(collection, tiny_encoder, s3_e
     with pytest.raises(lib.PipelineError, match=r"\(s3 NoSuchBucket: 200\).*there is no such bucket"):
         run_embed(table, tiny_encoder, chunk=64, s3_endpoint_url=s3_endpoint)
     assert not list(collection.chunks.glob("*.h5"))
+
+
+def test_a_second_retry_counts_each_failed_row_once(
+    workspace, collection, http_server, images, tiny_encoder, quick_faults
+):
+    table, kinds = faulty_table(workspace, http_server, images, ["good", "outage"])
+    run_embed(table, tiny_encoder, chunk=16)
+    failed = kinds.count("outage")
+    for _ in range(2):  # the outage goes on through two retries
+        summary = run_embed(table, tiny_encoder, chunk=16, retry_failed=True)
+        assert (summary.retried, summary.recovered) == (failed, 0)
+        assert (
+            f"failed images retried: {failed:,} in 3 chunk(s), recovered: 0, still failed: {failed:,}"
+            in str(summary)
+        )
+    stats = [json.loads(info.attrs["stats"]) for info in lib.find_chunks(collection.chunks)]
+    assert sum(chunk["retried"] for chunk in stats) == failed, "each chunk counts its latest retry"
