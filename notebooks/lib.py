@@ -632,8 +632,8 @@ def _download_http(url: str, destination: Path) -> None:
         ):
             for block in reply.iter_content(1 << 20):
                 file.write(block)
-                progress.update(len(block))
-    received = destination.stat().st_size
+                progress.update(reply.raw.tell() - progress.n)
+        received = reply.raw.tell()  # bytes over the wire, as Content-Length counts a gzip-encoded body
     if expected is not None and received != expected:
         raise OSError(f"received {received} of {expected} bytes")
 

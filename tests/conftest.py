@@ -6,6 +6,7 @@ Nothing here touches the internet: servers listen on 127.0.0.1 and the model is 
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import http.server
 import io
@@ -83,6 +84,7 @@ class LoopbackServer(http.server.ThreadingHTTPServer):
     /truncated/...       announces the full length but sends half of the file
     /huge/...            announces a body of 1 TB
     /html/...            an HTML page with status 200
+    /gzip/...            the file gzip-encoded (Content-Encoding: gzip), Content-Length counting the encoding
     A query string (?copy=3) is ignored when finding the file, so one file can stand for many rows.
     """
 
@@ -106,7 +108,7 @@ class LoopbackServer(http.server.ThreadingHTTPServer):
             return self.hits[path]
 
 
-MISBEHAVIOURS = ("flaky", "outage", "slow", "trickle", "truncated", "huge")
+MISBEHAVIOURS = ("flaky", "outage", "slow", "trickle", "truncated", "huge", "gzip")
 NAMED_MISBEHAVIOURS = {"busy": 4}  # prefixes with arguments: the index of the path part where the file begins
 
 
@@ -143,6 +145,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._send(200, body, content_type, length=10**12)
         if parts[1] == "trickle":
             return self._trickle(body, content_type)
+        if parts[1] == "gzip":
+            return self._send(200, gzip.compress(body), content_type, headers={"Content-Encoding": "gzip"})
         return self._send(200, body, content_type)
 
     def _trickle(self, body: bytes, content_type: str) -> None:

@@ -81,6 +81,13 @@ def test_downloads_are_cached_and_checked(workspace, http_server):
     assert third.read_bytes() == http_server.files[path][0]
 
 
+def test_a_gzip_encoded_download_is_checked_by_the_bytes_that_came(workspace, http_server):
+    """Content-Length counts the encoded body; the file holds it decoded."""
+    path = "/metadata/validation-images-with-rotation.csv"
+    downloaded = lib.cached_download(http_server.url("/gzip" + path), hint="")
+    assert downloaded.read_bytes() == http_server.files[path][0]
+
+
 def test_unreachable_metadata_names_the_url_and_how_to_point_elsewhere(workspace, fast_retries):
     url = closed_port_url("/validation-images-with-rotation.csv")
     with pytest.raises(lib.PipelineError) as error:
