@@ -3367,12 +3367,23 @@ class SearchResult:
 
 
 def _top_k(scores: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best of each row of `scores` (ties: lower position first), best first."""
+    """The k best of each row of `scores`, best first; of equal scores the lower position wins, cut included."""
     if scores.shape[1] > k:
         keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
+        kept = np.take_along_axis(scores, keep, 1)
+        cut = kept.min(axis=1, keepdims=True)
+        left_out = (scores == cut).sum(1) > (kept == cut).sum(1)
+        for row in np.flatnonzero(left_out):  # argpartition kept arbitrary ones of the scores at the cut
+            keep[row] = _earliest_at_cut(scores[row], positions[row], k, cut[row, 0])
         scores, positions = np.take_along_axis(scores, keep, 1), np.take_along_axis(positions, keep, 1)
     order = np.lexsort((positions, -scores), axis=1)
     return np.take_along_axis(scores, order, 1), np.take_along_axis(positions, order, 1)
+
+
+def _earliest_at_cut(scores: np.ndarray, positions: np.ndarray, k: int, cut: float) -> np.ndarray:
+    """Indices of the k best scores of one row, taking the lowest positions among those equal to `cut`."""
+    above, at = np.flatnonzero(scores > cut), np.flatnonzero(scores == cut)
+    return np.concatenate([above, at[np.argsort(positions[at], kind="stable")][: k - len(above)]])
 
 
 def exact_search(blocks: Iterable[tuple[int, np.ndarray]], queries: np.ndarray, top_k: int) -> SearchResult:

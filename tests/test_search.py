@@ -78,6 +78,18 @@ def test_block_streamed_and_in_memory_exact_search_give_identical_results(tmp_pa
     np.testing.assert_allclose(streamed.scores, np.sort(everything, axis=1)[:, ::-1][:, :10], atol=1e-6)
 
 
+def test_ties_at_the_cut_go_to_the_earlier_rows(tmp_path, monkeypatch):
+    """Twelve equal vectors, ten places: the first ten rows that hold it, in every block layout."""
+    vectors = unit_vectors(1_000, 8, seed=7)
+    equal = [3, 100, 200, 300, 400, 500, 600, 700, 800, 900, 950, 999]
+    vectors[equal] = vectors[500]
+    embeddings = embeddings_file(tmp_path / "ties.h5", vectors)
+    for rows_per_block in (1_000, 64, 7):
+        monkeypatch.setattr(lib, "SEARCH_BLOCK_BYTES", 4 * 8 * rows_per_block)
+        found = lib.search(embeddings, vectors[500], 10)
+        assert found.positions[0].tolist() == equal[:10], rows_per_block
+
+
 def test_the_approximate_index_agrees_with_exact_search_at_recall_10(tmp_path):
     vectors = unit_vectors(100_000, 16, seed=3)  # the tiny model's embedding size
     embeddings = embeddings_file(tmp_path / "random.h5", vectors)
