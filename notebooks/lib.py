@@ -3367,7 +3367,7 @@ class SearchResult:
 
 
 def _top_k(scores: np.ndarray, positions: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """The k best of each row of `scores`, best first; of equal scores the lower position wins, cut included."""
+    """The k best of each row of `scores`, best first; of equal scores the earlier position wins, always."""
     if scores.shape[1] > k:
         keep = np.argpartition(-scores, k - 1, axis=1)[:, :k]
         kept = np.take_along_axis(scores, keep, 1)
