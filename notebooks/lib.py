@@ -367,6 +367,11 @@ class SearchParams:
             _check_choice("EXPORT", self.export, EXPORTS)
         if self.pca_dim is not None:
             _check_int("PCA_DIM", self.pca_dim, 1)
+            if self.export is None:
+                raise ParameterError(
+                    f"PCA_DIM={self.pca_dim} reduces the exported vectors, and EXPORT=None exports none: "
+                    "set EXPORT='npy' or 'parquet' as well, or PCA_DIM=None."
+                )
 
 
 STAGE_PARAMETERS = (SetupParams, MetadataParams, EmbedParams, MergeParams, SearchParams)
@@ -715,7 +720,7 @@ def _openimages_table(params: MetadataParams) -> pd.DataFrame:
     source = params.source or OPENIMAGES_METADATA[params.split]
     hint = "Check the network, or download the metadata CSV elsewhere and set SOURCE to its path or URL."
     path = _local_copy(source, hint)
-    usecols = ("ImageID", "OriginalURL", "OriginalMD5", "Rotation")
+    usecols = ("ImageID", "Subset", "OriginalURL", "OriginalMD5", "Rotation")
     frame = pd.read_csv(path, dtype=str, keep_default_na=False, usecols=lambda c: c in usecols)
     missing = {"ImageID", "OriginalURL"} - set(frame.columns)
     if missing:
@@ -723,6 +728,8 @@ def _openimages_table(params: MetadataParams) -> pd.DataFrame:
             f"{source} is not in the official Open Images format: it lacks {sorted(missing)} "
             f"(its columns are {list(frame.columns)}). Use DATASET='table' for other listings."
         )
+    if "Subset" in frame.columns:
+        _check_subset(frame["Subset"], params.split, source)
     ids = frame["ImageID"]
     if params.fetch == "s3":
         location = f"s3://{OPENIMAGES_BUCKET}/{params.split}/" + ids + ".jpg"
@@ -735,6 +742,18 @@ def _openimages_table(params: MetadataParams) -> pd.DataFrame:
     return pd.DataFrame(
         {"image_id": ids, "url": frame["OriginalURL"], "location": location, "rotation": rotation, "md5": md5}
     )
+
+
+def _check_subset(subsets: pd.Series, split: str, source: str) -> None:
+    """The CSV's Subset column must be SPLIT: the S3 keys are named after it (else every key is missing)."""
+    other = subsets[subsets != split]
+    if len(other):
+        found = ", ".join(f"{name}: {count:,}" for name, count in other.value_counts().items())
+        raise PipelineError(
+            f"{source} lists images of another split than SPLIT={split!r} in its Subset column ({found} "
+            f"row(s)): their S3 keys are not under {split}/. Set SPLIT to the CSV's split, or give the "
+            f"CSV of {split!r} as SOURCE."
+        )
 
 
 def _frame_from_json(data: Any) -> pd.DataFrame:

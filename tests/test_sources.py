@@ -10,7 +10,7 @@ import lib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import closed_port_url, md5_base64
+from conftest import closed_port_url, md5_base64, official_metadata_csv
 
 
 def metadata(dataset, source=None, split="validation", fetch="s3"):
@@ -63,10 +63,21 @@ def test_a_listing_may_give_md5s_in_hex_or_base64(workspace, tmp_path, images):
         lib.build_image_table(metadata("table", str(listing)))
 
 
-def test_openimages_test_split_keys(workspace, http_server):
-    source = http_server.url("/metadata/validation-images-with-rotation.csv")
+def test_openimages_test_split_keys(workspace, http_server, images):
+    csv = official_metadata_csv(images, lambda i: http_server.url(f"/images/{i}.jpg"), subset="test")
+    http_server.files["/metadata/test-images-with-rotation.csv"] = (csv, "text/csv")
+    source = http_server.url("/metadata/test-images-with-rotation.csv")
     table = lib.build_image_table(metadata("openimages-v7", source, split="test"))
     assert table["location"][0].startswith("s3://open-images-dataset/test/")
+
+
+def test_a_split_that_is_not_the_csvs_is_named(workspace, http_server):
+    """Every S3 key would be missing: SPLIT names the bucket's folder, the CSV its images."""
+    source = http_server.url("/metadata/validation-images-with-rotation.csv")
+    with pytest.raises(
+        lib.PipelineError, match=r"another split than SPLIT='test' in its Subset column \(validation: 40 row"
+    ):
+        lib.build_image_table(metadata("openimages-v7", source, split="test"))
 
 
 def test_downloads_are_cached_and_checked(workspace, http_server):
