@@ -188,6 +188,8 @@ def test_a_missing_file_and_bad_parameters_are_named(collection):
         ("index", "hnsw", "'exact', 'ivf'"),
         ("export", "csv", "'npy', 'parquet'"),
         ("pca_dim", 0, "integer >= 1"),
+        ("pca_dim", 64, "EXPORT=None exports none: set EXPORT='npy' or 'parquet' as well"),
+        ("allow_other_model", "yes", "True or False"),
         ("s3_endpoint_url", "localhost:9000", r"use an http\(s\) URL"),
     ]:
         with pytest.raises(lib.ParameterError, match=allowed):
