@@ -3374,6 +3374,15 @@ def open_embeddings(collection: Collection, path: str | os.PathLike | None = Non
         raise PipelineError(
             f"{resolved} is not a merged embeddings file ({error}): give EMBEDDINGS the file 03_merge wrote."
         ) from None
+    if count == 0:
+        reasons = ", ".join(
+            f"{reason}: {n:,}" for reason, n in json.loads(attrs.get("failed_by_reason", "{}")).items()
+        )
+        raise PipelineError(
+            f"{resolved} holds no embeddings: all {attrs.get('failed', 0):,} of its images failed "
+            f"({reasons}), so there is nothing to search. Its failed/ group says why each one failed; run "
+            "02_embed with RETRY_FAILED=True once their sources can be reached, then 03_merge."
+        )
     return EmbeddingsFile(resolved, count, dimension, attrs, collection.folder)
 
 

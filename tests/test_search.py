@@ -251,6 +251,21 @@ def test_exports_hold_every_embedding_and_id_in_file_order(merged, pca_dim):
     np.testing.assert_allclose(np.linalg.norm(exported, axis=1), 1, atol=1e-5)
 
 
+def test_a_file_in_which_every_image_failed_says_so_instead_of_crashing(collection, tmp_path, tiny_encoder):
+    folder = tmp_path / "broken"
+    folder.mkdir()
+    for name in ("a.jpg", "b.png"):
+        (folder / name).write_bytes(b"<html></html>")
+    run_embed(
+        save_table(lib.MetadataParams("folder", "validation", str(folder), "s3"), collection), tiny_encoder
+    )
+    lib.merge_chunks(collection)
+    with pytest.raises(
+        lib.PipelineError, match=r"holds no embeddings: all 2 of its images failed \(not an image: 2\)"
+    ):
+        lib.open_embeddings(collection)
+
+
 def test_an_image_query_that_is_neither_an_id_nor_an_image_is_named(merged, tiny_encoder, workspace):
     with pytest.raises(
         lib.PipelineError, match=r"IMAGE_QUERY='nowhere.jpg' is neither .* \(file not found\)"
