@@ -3283,16 +3283,18 @@ class EmbeddingsFile:
     def block_rows(self) -> int:
         return max(1, SEARCH_BLOCK_BYTES // (4 * self.dimension))
 
-    def blocks(self) -> Iterator[tuple[int, np.ndarray]]:
+    def blocks(self, reuse: bool = False) -> Iterator[tuple[int, np.ndarray]]:
         """(first row, embeddings) of consecutive blocks of the file, read one at a time.
 
-        Every block is read into the same buffer (fresh memory per block costs more than the
-        read): use each block before asking for the next, and copy what you keep.
+        With `reuse`, every block is read into the same buffer (fresh memory per block costs more
+        than the read, for a search): the caller uses each block before asking for the next.
         """
         buffer = np.empty((min(self.block_rows, self.count), self.dimension), np.float32)
         with open_hdf5(self.path) as file:
             for start in range(0, self.count, self.block_rows):
                 rows = min(self.block_rows, self.count - start)
+                if not reuse:
+                    buffer = np.empty((rows, self.dimension), np.float32)
                 file["embeddings"].read_direct(buffer, np.s_[start : start + rows], np.s_[:rows])
                 yield start, buffer[:rows]
 
@@ -3473,9 +3475,14 @@ def build_ivf(embeddings: EmbeddingsFile, seed: int = 0) -> Any:
     )
     training = min(embeddings.count, IVF_TRAINING_PER_LIST * lists)
     sample = np.sort(np.random.default_rng(seed).choice(embeddings.count, training, replace=False))
-    index.train(np.concatenate([_rows_in(block, start, sample) for start, block in embeddings.blocks()]))
+    index.train(
+        np.concatenate([_rows_in(block, start, sample) for start, block in embeddings.blocks(reuse=True)])
+    )
     for _, block in progress_bar(
-        embeddings.blocks(), desc="index", unit="block", total=-(-embeddings.count // embeddings.block_rows)
+        embeddings.blocks(reuse=True),
+        desc="index",
+        unit="block",
+        total=-(-embeddings.count // embeddings.block_rows),
     ):
         index.add(np.ascontiguousarray(block))
     index.nprobe = max(1, lists // 10)
@@ -3518,7 +3525,7 @@ def search(embeddings: EmbeddingsFile, queries: np.ndarray, top_k: int, index: s
     top_k = min(top_k, embeddings.count)
     if index == "ivf":
         return approximate_search(load_ivf(embeddings), queries, top_k)
-    return exact_search(embeddings.blocks(), queries, top_k)
+    return exact_search(embeddings.blocks(reuse=True), queries, top_k)
 
 
 def query_encoder(
@@ -3662,7 +3669,7 @@ def fit_pca(embeddings: EmbeddingsFile, dimensions: int) -> Pca:
         )
     total = np.zeros(embeddings.dimension)
     products = np.zeros((embeddings.dimension, embeddings.dimension))
-    for _, block in embeddings.blocks():
+    for _, block in embeddings.blocks(reuse=True):
         block = block.astype(np.float64)
         total += block.sum(0)
         products += block.T @ block
@@ -3704,7 +3711,7 @@ def _export_npy(
 ) -> list[Path]:
     """<stem>_embeddings.npy (N, dimension) float32, then _image_ids.npy and _urls.npy, in file order."""
     paths = [folder / f"{stem}_{name}.npy" for name in ("embeddings", "image_ids", "urls")]
-    vectors = ((start, transform(block)) for start, block in embeddings.blocks())
+    vectors = ((start, transform(block)) for start, block in embeddings.blocks(reuse=True))
     _write_npy(paths[0], np.float32, (embeddings.count, dimension), vectors)
     with open_hdf5(embeddings.path) as file:
         for path, name in zip(paths[1:], ("image_ids", "urls"), strict=True):
@@ -3731,7 +3738,7 @@ def _export_parquet(embeddings: EmbeddingsFile, path: Path, transform: Callable)
     """One row per image: image_id, url, row, embedding (a list of float32), written block by block."""
     with _atomic_file(path) as temporary, open_hdf5(embeddings.path) as file:
         writer = None
-        for start, block in embeddings.blocks():
+        for start, block in embeddings.blocks(reuse=True):
             end = start + len(block)
             vectors = transform(block)
             table = pa.table(

@@ -78,6 +78,14 @@ def test_block_streamed_and_in_memory_exact_search_give_identical_results(tmp_pa
     np.testing.assert_allclose(streamed.scores, np.sort(everything, axis=1)[:, ::-1][:, :10], atol=1e-6)
 
 
+def test_blocks_that_a_caller_keeps_stay_as_they_were_read(tmp_path, monkeypatch):
+    vectors = unit_vectors(1_000, 8, seed=8)
+    monkeypatch.setattr(lib, "SEARCH_BLOCK_BYTES", 4 * 8 * 300)  # blocks of 300, 300, 300, 100 rows
+    kept = list(embeddings_file(tmp_path / "kept.h5", vectors).blocks())
+    assert [start for start, _ in kept] == [0, 300, 600, 900]
+    np.testing.assert_array_equal(np.concatenate([block for _, block in kept]), vectors)
+
+
 def test_ties_at_the_cut_go_to_the_earlier_rows(tmp_path, monkeypatch):
     """Twelve equal vectors, ten places: the first ten rows that hold it, in every block layout."""
     vectors = unit_vectors(1_000, 8, seed=7)
