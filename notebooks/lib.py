@@ -3224,6 +3224,7 @@ def _delete_merged_chunks(path: Path, folder: Path, chunks: list[ChunkInfo]) -> 
                 info.path.unlink()
             else:
                 kept.append(info.path.name)
+    remove_stale_files(folder)  # the claim of a chunk deleted just before a kill
     return kept
 
 

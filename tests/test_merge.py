@@ -237,9 +237,11 @@ def test_a_merge_interrupted_while_cleaning_up_finishes_the_cleanup_and_loses_no
     lib.merge_chunks(collection, OUTPUT_FILE)
     before = (workspace.root / OUTPUT_FILE).read_bytes()
     chunks[0].path.unlink()  # as CLEANUP does, one chunk after another, until the kill
+    lib.lock_path(chunks[0].path).write_text("pid 1 on a killed host")  # its claim, never released
     report = lib.merge_chunks(collection, OUTPUT_FILE, cleanup=True)
     assert report.written is False and report.embedded == 18 and report.chunks == 3
     assert (workspace.root / OUTPUT_FILE).read_bytes() == before and lib.find_chunks(collection.chunks) == []
+    assert not list(collection.chunks.glob("*.lock")), "what the kill left is cleared"
     assert lib.merge_chunks(collection, OUTPUT_FILE).embedded == 18, "a later merge reports the file as it is"
 
 
