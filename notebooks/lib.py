@@ -1,13 +1,15 @@
 """All logic of the CLIP image-embedding pipeline; the stage notebooks call it and show the results.
 
-    01_metadata   build_image_table -> save_image_table      .cache/image_table.parquet
-    02_embed      load_image_table, load_encoder,
-                  plan_chunks -> embed_chunks                 OUTPUT/chunks/chunk_<start>_<end>.h5
-    03_merge      merge_chunks                                OUTPUT/Images_Embedded.h5
+    01_metadata   build_image_table -> save_image_table      OUTPUT_DIR/image_table.parquet
+    02_embed      load_image_table, run_encoder,
+                  plan_chunks -> embed_chunks                 OUTPUT_DIR/chunks/chunk_<start>_<end>.h5
+    03_merge      merge_chunks                                OUTPUT_DIR/Images_Embedded.h5
+    04_search     open_embeddings, query_encoder, search      top-k tables, galleries, exports
 
-Sections follow the data: errors, parameters, paths and downloads, sources (metadata -> image
-table), fetch (bytes from S3, HTTP or disk), decode and preprocess, encode, chunk files, embed,
-merge, environment. Each seam is a plain function or a small class that a test can drive alone.
+Each stage works in a collection (`collection(OUTPUT_DIR)`). Sections follow the data: errors,
+progress, parameters, paths and downloads, sources (metadata -> image table), fetch (bytes from
+S3, HTTP or disk), decode and preprocess, encode, chunk files, locks, embed, merge, search,
+environment. Each seam is a plain function or a small class that a test can drive alone.
 """
 
 from __future__ import annotations
@@ -2235,9 +2237,8 @@ def run_encoder(params: EmbedParams, collection: Collection) -> ClipEncoder:
 
 def _recorded_commit(recorded: dict, model: str) -> str | None:
     """The hub commit that chunks of MODEL record, if they record one."""
-    same_model = OPENAI_MODELS.get(recorded.get("model"), recorded.get("model")) == OPENAI_MODELS.get(
-        model, model
-    )
+    recorded_model = recorded.get("model")
+    same_model = OPENAI_MODELS.get(recorded_model, recorded_model) == OPENAI_MODELS.get(model, model)
     revision = str(recorded.get("model_revision"))
     return revision if same_model and _HUB_COMMIT.fullmatch(revision) else None
 
@@ -2493,9 +2494,8 @@ def _batches(items: Iterable, size: int) -> Iterator[list]:
         yield batch
 
 
-BatchObserver = Callable[
-    [list[str], list[str | None]], None
-]  # a batch's locations, and each failure's reason
+# Told of each batch as it is recorded: the batch's locations, and the reason each one failed (or None).
+BatchObserver = Callable[[list[str], list[str | None]], None]
 
 
 def embed_chunk(
@@ -2647,9 +2647,8 @@ def library_versions() -> dict:
     }
 
 
-PROGRESS_INTERVAL = (
-    30.0  # seconds between a headless run's lines (at least one a minute, at most one per 10 s)
-)
+# Seconds between a headless run's lines: at least one a minute, at most one every 10 seconds.
+PROGRESS_INTERVAL = 30.0
 
 
 class RunProgress:
@@ -2743,6 +2742,7 @@ def embed_chunks(
     the same rows: a chunk claimed by another run is left to it, and waited for at the end.
     """
     check_writable(plan.folder)
+    params = with_machine_sizes(params, encoder)
     needed = estimated_bytes(table, plan.todo, encoder.embedding_size)
     check_free_space(plan.folder, needed, f"{_row_count(plan.todo):,} rows of chunk files")
     removed = remove_stale_files(plan.folder)
@@ -2996,8 +2996,8 @@ def _check_chunks_agree(chunks: list[ChunkInfo]) -> None:
             raise PipelineError(
                 f"{info.path.name} and {first.path.name} were made differently "
                 f"({_describe_difference(first.attrs, info.attrs, (first.path.name, info.path.name))}): "
-                "they cannot be merged "
-                f"into one file. Remove the chunks of one of the runs from {info.path.parent}."
+                "they cannot be merged into one file. Remove the chunks of one of the runs from "
+                f"{info.path.parent}."
             )
     for before, after in itertools.pairwise(chunks):
         if after.start < before.end:
@@ -3218,9 +3218,8 @@ def _delete_merged_chunks(path: Path, folder: Path, chunks: list[ChunkInfo]) -> 
         with claimed(folder, info.start, info.end, rewrite=True) as claim:
             if not info.path.exists():  # an interrupted cleanup deleted it already
                 continue
-            if isinstance(claim, FileLock) and read_chunk_info(info.path).attrs["digest"] == merged.get(
-                info.path.name
-            ):
+            digest = read_chunk_info(info.path).attrs["digest"] if isinstance(claim, FileLock) else None
+            if digest is not None and digest == merged.get(info.path.name):
                 info.path.unlink()
             else:
                 kept.append(info.path.name)
@@ -3290,12 +3289,11 @@ class EmbeddingsFile:
         With `reuse`, every block is read into the same buffer (fresh memory per block costs more
         than the read, for a search): the caller uses each block before asking for the next.
         """
-        buffer = np.empty((min(self.block_rows, self.count), self.dimension), np.float32)
+        shared = np.empty((min(self.block_rows, self.count), self.dimension), np.float32) if reuse else None
         with open_hdf5(self.path) as file:
             for start in range(0, self.count, self.block_rows):
                 rows = min(self.block_rows, self.count - start)
-                if not reuse:
-                    buffer = np.empty((rows, self.dimension), np.float32)
+                buffer = shared if reuse else np.empty((rows, self.dimension), np.float32)
                 file["embeddings"].read_direct(buffer, np.s_[start : start + rows], np.s_[:rows])
                 yield start, buffer[:rows]
 
