@@ -269,11 +269,13 @@ def test_precision_auto_that_resolves_otherwise_here_names_the_value_that_contin
         lib.run_encoder(params, collection)
 
 
-def test_auto_sizes_follow_the_machine(tiny_encoder):
+def test_auto_sizes_follow_the_machine(table, tiny_encoder):
     auto = lib.with_machine_sizes(embed_params(gpu_batch_size="auto", num_workers="auto"), tiny_encoder)
     assert (auto.gpu_batch_size, auto.num_workers) == (lib.CPU_BATCH_SIZE, len(os.sched_getaffinity(0)))
     explicit = lib.with_machine_sizes(embed_params(gpu_batch_size=7, num_workers=3), tiny_encoder)
     assert (explicit.gpu_batch_size, explicit.num_workers) == (7, 3)
+    summary = run_embed(table, tiny_encoder, gpu_batch_size="auto", num_workers="auto")
+    assert summary.attempted == len(table)
 
 
 @pytest.mark.parametrize(
