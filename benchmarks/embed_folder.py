@@ -54,14 +54,19 @@ def embed_folder(folder: Path, params: lib.EmbedParams, steps: dict[str, float])
         return embed_rows(table, encoder, params)
 
 
+def size(value: str) -> int | str:
+    """GPU_BATCH_SIZE or NUM_WORKERS as a command-line option: a number, or 'auto'."""
+    return value if value == "auto" else int(value)
+
+
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options shared by the benchmarks that run the pipeline."""
     parser.add_argument("--model", default="random", help=MODEL_HELP)
     parser.add_argument("--device", default="auto")
     parser.add_argument("--precision", default="auto", choices=lib.PRECISIONS)
     parser.add_argument("--preprocess", default="exact", choices=lib.PREPROCESS_MODES)
-    parser.add_argument("--batch-size", type=int, default=64, help="GPU_BATCH_SIZE")
-    parser.add_argument("--workers", type=int, default=4, help="NUM_WORKERS")
+    parser.add_argument("--batch-size", type=size, default=64, help="GPU_BATCH_SIZE: a number or 'auto'")
+    parser.add_argument("--workers", type=size, default=4, help="NUM_WORKERS: a number or 'auto'")
     parser.add_argument("--chunk", type=int, default=10000, help="CHUNK")
 
 

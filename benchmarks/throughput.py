@@ -133,19 +133,19 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="turns of each whole process")
     add_run_arguments(parser)
     args = parser.parse_args()
-    params = embed_params(args)
     folder = photo_folder(args.images)
     paths = sorted(folder.glob("*.jpg"))
     encoder = lib.load_encoder(model_path(args.model), args.device, args.precision)
+    params = lib.with_machine_sizes(embed_params(args), encoder)
     recipe = lib.image_recipe(encoder, params)
     report = {
         "device": lib.describe_device(args.device),
         "model": args.model,
         "precision": encoder.precision,
         "images": args.images,
-        "batch_size": args.batch_size,
-        "workers": args.workers,
-        "model_only_img_s": round(model_only(encoder, args.images, args.batch_size), 1),
+        "batch_size": params.gpu_batch_size,
+        "workers": params.num_workers,
+        "model_only_img_s": round(model_only(encoder, args.images, params.gpu_batch_size), 1),
         "preprocess_img_s_per_core": round(
             preprocess_per_core(recipe, [p.read_bytes() for p in paths[:64]]), 1
         ),

@@ -109,6 +109,23 @@ def embed_rows(table: lib.ImageTable, encoder: lib.ClipEncoder, params: lib.Embe
     return lib.embed_chunks(table, encoder, recipe, plan, params)
 
 
+def merged_layout(path: Path, rows: int, dimension: int = 16) -> None:
+    """A file in the merged layout: `rows` random unit vectors, hex ids, example.com urls, no failures."""
+    import h5py
+
+    vectors = np.random.default_rng(0).standard_normal((rows, dimension), dtype=np.float32)
+    ids = np.array([f"{row:016x}" for row in range(rows)], dtype=object)
+    with h5py.File(path, "w") as file:
+        file["embeddings"] = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+        file.create_dataset("image_ids", data=ids, dtype=h5py.string_dtype())
+        file.create_dataset("urls", data="https://example.com/" + ids + ".jpg", dtype=h5py.string_dtype())
+        file["rows"] = np.arange(rows)
+        failed = file.create_group("failed")
+        for name in ("image_ids", "urls", "reasons"):
+            failed.create_dataset(name, shape=(0,), dtype=h5py.string_dtype())
+        failed["rows"] = np.zeros(0, np.int64)
+
+
 def model_path(model: str) -> str:
     """MODEL as lib takes it, with 'random' and 'random-small' meaning the random models above."""
     names = {"random": "random-vit-b-32", "random-small": "random-small"}

@@ -6,15 +6,15 @@ import shutil
 import subprocess
 import sys
 import textwrap
-import tracemalloc
 import types
 
 import h5py
 import lib
-import nbformat
 import numpy as np
 import pytest
-from conftest import REPO, read_output, run_embed
+from conftest import read_output, run_embed
+from merged_reading import reading_cells, traced_run
+from workload import merged_layout
 
 # The reading snippet of the original notebook's README ("Output Format"), unchanged.
 ORIGINAL_README_SNIPPET = textwrap.dedent(
@@ -334,37 +334,14 @@ def test_hdf5_lock_failures_say_which_they_are(collection, table, tiny_encoder, 
     assert not list(collection.chunks.glob("*.h5"))
 
 
-def merged_layout(path, rows: int) -> None:
-    """A file in the merged layout with `rows` unit vectors of 16 dimensions, ids and urls."""
-    vectors = np.random.default_rng(0).standard_normal((rows, 16), dtype=np.float32)
-    ids = np.array([f"{row:016x}" for row in range(rows)], dtype=object)
-    with h5py.File(path, "w") as file:
-        file["embeddings"] = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
-        file.create_dataset("image_ids", data=ids, dtype=h5py.string_dtype())
-        file.create_dataset("urls", data="https://example.com/" + ids + ".jpg", dtype=h5py.string_dtype())
-        file["rows"] = np.arange(rows)
-        failed = file.create_group("failed")
-        for name in ("image_ids", "urls", "reasons"):
-            failed.create_dataset(name, shape=(0,), dtype=h5py.string_dtype())
-        failed["rows"] = np.zeros(0, np.int64)
-
-
-def test_03_reads_the_merged_file_in_bounded_memory(tmp_path, capsys):
+def test_03_reads_the_merged_file_in_bounded_memory(tmp_path):
     """03's reading cells on a file of 2M rows (400 MB): the original snippet's output, not every vector."""
     rows = 2_000_000
     path = tmp_path / "Images_Embedded.h5"
     merged_layout(path, rows)
-    cells = [cell.source for cell in nbformat.read(REPO / "notebooks" / "03_merge.ipynb", 4).cells]
-    reading = cells[next(n for n, cell in enumerate(cells) if "lib.merge_chunks(" in cell) + 1 :]
     namespace = {"report": types.SimpleNamespace(path=path, embedded=rows)}
-    tracemalloc.start()
-    for code in reading:
-        if not code.startswith("Reading"):  # the markdown cell
-            exec(code, namespace)
-    peak = tracemalloc.get_traced_memory()[1]
-    tracemalloc.stop()
-    printed = capsys.readouterr().out
+    peak_mib, printed = traced_run(reading_cells(), namespace)
     assert "Number of images: 2000000\nEmbedding dimension: 16\nURL dtype: object\n" in printed
     assert "Embedding dtype: float32\nFailed images: 0" in printed
     assert namespace["first_rows"]["image_id"].tolist()[:2] == ["0000000000000000", "0000000000000001"]
-    assert peak < 16 << 20, f"{peak / 2**20:.0f} MiB"
+    assert peak_mib < 16, f"{peak_mib} MiB"
