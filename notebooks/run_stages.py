@@ -26,14 +26,16 @@ STAGES = ("00_setup", "01_metadata", "02_embed", "03_merge", "04_search")
 NOTEBOOKS = Path(__file__).resolve().parent
 
 
-def kernel_manager() -> jupyter_client.KernelManager:
-    """A kernel whose messages are encrypted (CurveZMQ) or stay on this machine (IPC sockets).
+class QuietKernelManager(jupyter_client.AsyncKernelManager):
+    """Kernels whose messages are encrypted (CurveZMQ) or stay on this machine (IPC sockets).
 
-    Either way the kernel does not warn, at every start, that it runs over TCP without encryption.
+    Either way a kernel does not warn, at every start, that it runs over TCP without encryption.
     """
-    if "transport_encryption" in jupyter_client.KernelManager.class_trait_names() and zmq.has("curve"):
-        return jupyter_client.KernelManager(kernel_name="python3", transport_encryption="auto")
-    return jupyter_client.KernelManager(kernel_name="python3", transport="ipc")
+
+    def __init__(self, **kwargs):
+        encrypted = "transport_encryption" in self.class_trait_names() and zmq.has("curve")
+        transport = {"transport_encryption": "auto"} if encrypted else {"transport": "ipc"}
+        super().__init__(**transport, **kwargs)
 
 
 def run_stage(stage: str, parameters: dict, executed: Path) -> None:
@@ -46,7 +48,7 @@ def run_stage(stage: str, parameters: dict, executed: Path) -> None:
         progress_bar=False,
         stdout_file=sys.stdout,
         stderr_file=sys.stderr,
-        km=kernel_manager(),
+        kernel_manager_class=QuietKernelManager,  # papermill's client owns it, and shuts the kernel down
     )
 
 
