@@ -2236,7 +2236,7 @@ def run_encoder(params: EmbedParams, collection: Collection) -> ClipEncoder:
 
 
 def _recorded_commit(recorded: dict, model: str) -> str | None:
-    """The hub commit that chunks of MODEL record, if they record one."""
+    """The hub commit that a file made by MODEL records (a chunk's or a merged file's attributes), if any."""
     recorded_model = recorded.get("model")
     same_model = OPENAI_MODELS.get(recorded_model, recorded_model) == OPENAI_MODELS.get(model, model)
     revision = str(recorded.get("model_revision"))
@@ -3537,19 +3537,25 @@ def query_encoder(
     """
     revision = embeddings.attrs.get("model_revision")
     chosen = model or embeddings.attrs["model"]
-    hub_revision = revision if model is None and _HUB_COMMIT.fullmatch(str(revision)) else None
-    encoder = load_encoder(chosen, device, "fp32", hub_revision)
+    # the file's own hub model (MODEL=None, or the same name, as one parameter set gives every stage)
+    encoder = load_encoder(chosen, device, "fp32", _recorded_commit(embeddings.attrs, chosen))
     if encoder.embedding_size != embeddings.dimension:
         raise PipelineError(
             f"MODEL={chosen!r} makes {encoder.embedding_size}-d embeddings, and {embeddings.path} holds "
             f"{embeddings.dimension}-d ones (from {embeddings.attrs.get('model_id')}): leave MODEL=None."
         )
     if not (same_model(embeddings, encoder) or allow_other_model):
+        now = f"{encoder.checkpoint.model_id} at revision {encoder.checkpoint.revision}"
+        made = f"{embeddings.attrs.get('model_id')} at revision {revision}"
+        what = (
+            f"the model that made {embeddings.path} is now {now}"
+            if model is None
+            else f"MODEL={model!r} is {now}"
+        )
         raise PipelineError(
-            f"MODEL={chosen!r} is {encoder.checkpoint.model_id} at revision {encoder.checkpoint.revision}, "
-            f"but {embeddings.path} was made by {embeddings.attrs.get('model_id')} at revision {revision}: "
-            "its scores would compare the vectors of two models. Use the model that made the file "
-            "(MODEL=None, or that checkpoint), or set ALLOW_OTHER_MODEL=True to search with this one anyway."
+            f"{what}, but the file was made by {made}: its scores would compare the vectors of two models. "
+            "Search with the weights that made the file, or set ALLOW_OTHER_MODEL=True to search with "
+            "these anyway."
         )
     return encoder
 

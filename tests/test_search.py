@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import retrained, run_embed, save_table
+from conftest import FAKE_COMMIT, retrained, run_embed, save_table
 
 
 def unit_vectors(count: int, dimension: int, seed: int) -> np.ndarray:
@@ -148,7 +148,9 @@ def test_queries_from_a_model_of_another_revision_are_refused_unless_allowed(
         lib.query_encoder(merged, str(other), "cpu")
     message = str(error.value)
     assert f"is {other} at revision {lib._weights_digest(other)}" in message
-    assert f"was made by {tiny_checkpoint} at revision {merged.attrs['model_revision']}" in message
+    assert (
+        f"but the file was made by {tiny_checkpoint} at revision {merged.attrs['model_revision']}" in message
+    )
     assert "ALLOW_OTHER_MODEL=True" in message
     encoder = lib.query_encoder(merged, str(other), "cpu", allow_other_model=True)
     assert "NOT the model that made the file" in lib.describe_query_model(merged, encoder)
@@ -157,6 +159,24 @@ def test_queries_from_a_model_of_another_revision_are_refused_unless_allowed(
     assert lib.query_label(merged, encoder, stored, image=True) == repr(stored), (
         "a stored vector is the file's"
     )
+
+
+def test_the_files_hub_model_named_as_a_parameter_set_names_it_keeps_the_files_commit(
+    collection, table, hub_cache, tiny_checkpoint, tmp_path, monkeypatch
+):
+    """One params/*.yaml gives 04 MODEL: ViT-B/32 too; the hub's main has moved on since 02."""
+    import huggingface_hub
+
+    cache = shutil.copytree(hub_cache, tmp_path / "hub")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    run_embed(table, lib.load_encoder("ViT-B/32", "cpu"), model="ViT-B/32")
+    embeddings = lib.open_embeddings(collection, lib.merge_chunks(collection).path)
+    repo = cache / "models--openai--clip-vit-base-patch32"
+    retrained(tiny_checkpoint, repo / "snapshots" / ("f" * 40), seed=4)
+    (repo / "refs" / "main").write_text("f" * 40)
+    encoder = lib.query_encoder(embeddings, "ViT-B/32", "cpu")
+    assert encoder.checkpoint.revision == FAKE_COMMIT and lib.same_model(embeddings, encoder)
 
 
 def test_the_files_own_model_whose_weights_changed_since_is_refused(
@@ -171,7 +191,9 @@ def test_the_files_own_model_whose_weights_changed_since_is_refused(
     )
     shutil.rmtree(model)
     retrained(tiny_checkpoint, model, seed=2)  # the same folder, now with other weights
-    with pytest.raises(lib.PipelineError, match=r"but .* was made by .* at revision sha256:"):
+    with pytest.raises(
+        lib.PipelineError, match=r"the model that made .* is now .* sha256:.*, but the file was made"
+    ):
         lib.query_encoder(embeddings, None, "cpu")
 
 
