@@ -934,14 +934,21 @@ def build_image_table(params: MetadataParams) -> pd.DataFrame:
 def table_sha256(table: pd.DataFrame) -> str:
     """A digest of the table's content (not its file), so an unchanged table keeps its chunks.
 
-    It covers which image each row is (id, url, location, rotation); the md5 checks its bytes.
+    It covers which image each row is (id, url, location, rotation), not the md5s that check their
+    bytes: checksums added to a listing later leave its chunks valid.
     """
+    return _columns_sha256(table, ("image_id", "url", "location"), ("rotation",))
+
+
+def _columns_sha256(table: pd.DataFrame, texts: Sequence[str], numbers: Sequence[str] = ()) -> str:
+    """A digest of some columns of the table, read 100,000 rows at a time."""
     digest = hashlib.sha256()
     for start in range(0, len(table), 100_000):
         block = table.iloc[start : start + 100_000]
-        for column in ("image_id", "url", "location"):
+        for column in texts:
             digest.update("\0".join(block[column]).encode() + b"\1")
-        digest.update(block["rotation"].to_numpy(np.float64).tobytes())
+        for column in numbers:
+            digest.update(block[column].to_numpy(np.float64).tobytes())
     return digest.hexdigest()
 
 
@@ -960,6 +967,7 @@ def save_image_table(table: pd.DataFrame, params: MetadataParams, collection: Co
         "fetch": params.fetch if params.dataset == "openimages-v7" else None,
         "rows": len(table),
         "sha256": table_sha256(table),
+        "md5_sha256": _columns_sha256(table, ("md5",)),  # so that new checksums are saved too
     }
     _move_earlier_table(collection)
     if _table_info(collection.table) == info:
@@ -994,7 +1002,7 @@ def _move_earlier_table(collection: Collection) -> None:
         return
     table = pq.read_table(earlier)
     if "md5" not in table.column_names:  # no checksums then
-        table = table.append_column("md5", pa.array([""] * table.num_rows, pa.string()))
+        table = table.append_column("md5", pa.array([""] * table.num_rows, pa.large_string()))
     _write_table(table, record, collection.table)
     earlier.with_suffix(".json").unlink()
     earlier.unlink()

@@ -299,6 +299,21 @@ def test_a_changed_table_changes_its_digest(collection, tmp_path):
     assert first["sha256"] != second["sha256"] and second["rows"] == 2
 
 
+def test_checksums_added_to_a_listing_later_are_saved_and_keep_its_chunks(collection, tmp_path, images):
+    keys = sorted(images)[:2]
+    listing = tmp_path / "list.csv"
+    listing.write_text("image_id,url\n" + "".join(f"{key},/x/{key}.jpg\n" for key in keys))
+    params = metadata("table", str(listing))
+    first = lib.save_image_table(lib.build_image_table(params), params, collection)
+    digests = [hashlib.md5(images[key]).hexdigest() for key in keys]
+    listing.write_text(
+        "image_id,url,md5\n" + "".join(f"{k},/x/{k}.jpg,{d}\n" for k, d in zip(keys, digests, strict=True))
+    )
+    second = lib.save_image_table(lib.build_image_table(params), params, collection)
+    assert lib.load_image_table(collection).rows(0, 2)["md5"] == digests
+    assert second["sha256"] == first["sha256"], "the same images: their chunks stay valid"
+
+
 def test_02_without_a_table_says_to_run_01(collection):
     with pytest.raises(
         lib.PipelineError,
