@@ -3281,10 +3281,14 @@ class EmbeddingsFile:
     count: int
     dimension: int
     attrs: dict
-    folder: Path  # the collection's folder, which keeps the file's index and exports
+
+    @property
+    def folder(self) -> Path:
+        """The file's folder, its collection's: the one that keeps its image table, index and exports."""
+        return self.path.parent
 
     def derived(self, suffix: str) -> Path:
-        """A file of the collection made from this one: its index or an export, <stem><suffix>."""
+        """A file made from this one, beside it: its index or an export, <stem><suffix>."""
         return self.folder / (self.path.stem + suffix)
 
     @property
@@ -3392,7 +3396,7 @@ def open_embeddings(collection: Collection, path: str | os.PathLike | None = Non
             f"({reasons}), so there is nothing to search. Its failed/ group says why each one failed; run "
             "02_embed with RETRY_FAILED=True once their sources can be reached, then 03_merge."
         )
-    return EmbeddingsFile(resolved, count, dimension, attrs, collection.folder)
+    return EmbeddingsFile(resolved, count, dimension, attrs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3446,7 +3450,7 @@ def result_table(embeddings: EmbeddingsFile, result: SearchResult, query: int = 
 
 
 # The approximate index: FAISS's inverted file (IVF-Flat), built from the file in blocks and saved
-# in its collection. Search scans the `nprobe` lists nearest the query out of `nlist`.
+# beside it. Search scans the `nprobe` lists nearest the query out of `nlist`.
 
 
 def _ivf_path(embeddings: EmbeddingsFile) -> Path:
@@ -3696,7 +3700,7 @@ def fit_pca(embeddings: EmbeddingsFile, dimensions: int) -> Pca:
 
 
 def export_embeddings(embeddings: EmbeddingsFile, kind: str, pca_dim: int | None = None) -> list[Path]:
-    """Write the file's embeddings and ids as .npy files or Parquet in its collection; return the paths."""
+    """Write the file's embeddings and ids as .npy files or Parquet beside it; return the paths."""
     pca = fit_pca(embeddings, pca_dim) if pca_dim else None
     stem = embeddings.path.stem + (f"_pca{pca_dim}" if pca else "")
     folder = embeddings.folder

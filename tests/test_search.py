@@ -255,6 +255,26 @@ def test_thumbnails_come_from_where_02_fetched_relative_paths_included(
     assert without_table.locations([0], ["images/a.jpg"]) == [str(workspace.root / "images/a.jpg")]
 
 
+def test_a_file_of_another_collection_keeps_its_index_and_exports_in_its_own(
+    collection, image_folder, tiny_encoder, workspace
+):
+    """EMBEDDINGS given outright, OUTPUT_DIR left at OUTPUT: nothing of it lands in OUTPUT/."""
+    other = lib.collection("OUTPUT/other")
+    save_table(lib.MetadataParams("folder", "validation", str(image_folder), "s3", "OUTPUT/other"), other)
+    run_embed(lib.load_image_table(other), tiny_encoder, output_dir="OUTPUT/other")
+    lib.merge_chunks(other)
+    embeddings = lib.open_embeddings(collection, "OUTPUT/other/Images_Embedded.h5")
+    lib.search(embeddings, embeddings.vector(0), 3, index="ivf")
+    written = lib.export_embeddings(embeddings, "npy")
+    assert (other.folder / "Images_Embedded.ivf.faiss").is_file()
+    assert {path.parent for path in written} == {other.folder}
+    assert sorted(path.name for path in collection.folder.iterdir()) == ["other"]
+    results = lib.result_table(embeddings, lib.search(embeddings, embeddings.vector(0), 3))
+    assert embeddings.locations(results["row"], results["url"])[0] == str(
+        image_folder / results["image_id"][0]
+    )
+
+
 @pytest.mark.parametrize("pca_dim", [None, 6])
 def test_exports_hold_every_embedding_and_id_in_file_order(merged, pca_dim):
     with h5py.File(merged.path) as file:
