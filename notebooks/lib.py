@@ -978,11 +978,29 @@ def save_image_table(table: pd.DataFrame, params: MetadataParams, collection: Co
     return info
 
 
+TABLE_ROW_GROUP = 65_536  # rows per Parquet row group: a few rows can be read without the whole table
+
+
 def _write_table(table: pa.Table, info: dict, path: Path) -> None:
     """The table with its info in the file's metadata, so that no kill can pair one with another's."""
     metadata = {**(table.schema.metadata or {}), TABLE_INFO_KEY: json.dumps(info).encode()}
     with _atomic_file(path) as temporary:
-        pq.write_table(table.replace_schema_metadata(metadata), temporary)
+        pq.write_table(table.replace_schema_metadata(metadata), temporary, row_group_size=TABLE_ROW_GROUP)
+
+
+def table_values(path: Path, column: str, rows: Sequence[int]) -> list:
+    """One column of an image table at the given rows, reading only the row groups that hold them."""
+    file = pq.ParquetFile(path)
+    sizes = [file.metadata.row_group(group).num_rows for group in range(file.num_row_groups)]
+    starts = np.cumsum([0, *sizes])
+    rows = np.asarray(rows, dtype=np.int64)
+    groups = np.searchsorted(starts, rows, side="right") - 1
+    values = np.empty(len(rows), dtype=object)
+    for group in np.unique(groups):
+        held = groups == group
+        column_values = file.read_row_group(int(group), columns=[column]).column(0)
+        values[held] = column_values.take(pa.array(rows[held] - starts[group])).to_pylist()
+    return values.tolist()
 
 
 def _table_info(path: Path) -> dict | None:
@@ -3347,20 +3365,15 @@ class EmbeddingsFile:
         path resolved as 01 resolved it) when the collection holds the table the file was made
         from; without it, the urls, relative paths taken from the repository root.
         """
-        table = self._image_table
-        if table is None:
-            return [
-                url if urlparse(url).scheme in LOCATION_SCHEMES else str(resolve_path(url)) for url in urls
-            ]
-        return table.take(list(rows))["location"]
+        table = Collection(self.folder).table
+        if not self._made_from(table):
+            return _resolve_locations(pd.Series(list(urls), dtype=str), str(WORKSPACE.root)).tolist()
+        return table_values(table, "location", rows)
 
-    @functools.cached_property
-    def _image_table(self) -> ImageTable | None:
-        """The image table the file was made from, when its collection still holds it (same digest)."""
-        collection = Collection(self.folder)
-        made_from = json.loads(self.attrs.get("source", "{}")).get("sha256")
-        info = _table_info(collection.table)
-        return load_image_table(collection) if info and info["sha256"] == made_from else None
+    def _made_from(self, table: Path) -> bool:
+        """Whether the image table at `table` is the one the file was made from (the same digest)."""
+        info = _table_info(table)
+        return bool(info) and info["sha256"] == json.loads(self.attrs.get("source", "{}")).get("sha256")
 
 
 def array_blocks(vectors: Any, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:

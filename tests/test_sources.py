@@ -314,6 +314,25 @@ def test_checksums_added_to_a_listing_later_are_saved_and_keep_its_chunks(collec
     assert second["sha256"] == first["sha256"], "the same images: their chunks stay valid"
 
 
+def test_a_few_rows_of_a_large_table_are_read_without_the_rest(collection, monkeypatch):
+    """04's thumbnails need the locations of a few rows of a table of millions."""
+    rows = 300_000
+    paths = [f"/data/{row:06d}.jpg" for row in range(rows)]
+    table = pd.DataFrame({"image_id": paths, "url": paths, "location": paths, "rotation": np.nan, "md5": ""})
+    params = metadata("folder", "/data")
+    lib.save_image_table(table, params, collection)
+    read = []
+    read_row_group = lib.pq.ParquetFile.read_row_group
+    monkeypatch.setattr(
+        lib.pq.ParquetFile,
+        "read_row_group",
+        lambda file, group, **kw: read.append(group) or read_row_group(file, group, **kw),
+    )
+    wanted = [299_999, 3, 131_072, 4]
+    assert lib.table_values(collection.table, "location", wanted) == [paths[row] for row in wanted]
+    assert sorted(read) == [0, 2, 4], "only the row groups that hold them"
+
+
 def test_02_without_a_table_says_to_run_01(collection):
     with pytest.raises(
         lib.PipelineError,
