@@ -1016,14 +1016,16 @@ def _move_earlier_table(collection: Collection) -> None:
     """Move the table that versions without OUTPUT_DIR kept in .cache/ into OUTPUT/, where its chunks are."""
     earlier = WORKSPACE.earlier_table
     record = _read_json(earlier.with_suffix(".json"))
-    if collection.folder != resolve_path(DEFAULT_OUTPUT_DIR) or collection.table.exists() or not record:
+    if collection.folder != resolve_path(DEFAULT_OUTPUT_DIR) or collection.table.exists():
+        return
+    if not (earlier.is_file() and record):
         return
     table = pq.read_table(earlier)
     if "md5" not in table.column_names:  # no checksums then
         table = table.append_column("md5", pa.array([""] * table.num_rows, pa.large_string()))
     _write_table(table, record, collection.table)
+    earlier.unlink()  # first: the marker that 02's checks look for
     earlier.with_suffix(".json").unlink()
-    earlier.unlink()
     print(f"Moved the image table of {collection.folder} from {earlier}, where earlier versions kept it.")
 
 
@@ -1066,7 +1068,7 @@ def _no_table(collection: Collection) -> str:
     if WORKSPACE.earlier_table.is_file():
         message += (
             f" ({WORKSPACE.earlier_table}, made by an earlier version, is the table of the collection in "
-            f"{resolve_path(DEFAULT_OUTPUT_DIR)}: it moves there when a stage runs with "
+            f"{resolve_path(DEFAULT_OUTPUT_DIR)}: it moves there when 01_metadata or 02_embed runs with "
             f"OUTPUT_DIR={DEFAULT_OUTPUT_DIR!r}.)"
         )
     return message
@@ -2410,26 +2412,36 @@ def plan_chunks(
 
 
 def _check_no_earlier_chunks(collection: Collection, table_sha256: str) -> None:
-    """An error when OUTPUT/chunks holds chunks of this table that an earlier version made there.
+    """Say so when OUTPUT/chunks holds chunks of this table, which a new collection would embed again.
 
-    Versions without OUTPUT_DIR kept every collection's chunks in OUTPUT/chunks and its table in
-    .cache/; until that table has moved into OUTPUT/, such chunks may be this collection's own.
+    Versions without OUTPUT_DIR kept every collection's chunks in OUTPUT/chunks and the table in
+    .cache/: while that table is there, such chunks are this collection's own, and 02 stops with
+    the move that continues them. Once OUTPUT/ has a table of its own, they may be its collection's
+    (the demo's, say), and 02 only notes them.
     """
     shared = Collection(resolve_path(DEFAULT_OUTPUT_DIR))
-    if collection == shared or not WORKSPACE.earlier_table.is_file():
+    if collection == shared:
         return
     try:
         theirs = [info for info in find_chunks(shared.chunks) if info.attrs["table_sha256"] == table_sha256]
     except PipelineError:  # unreadable chunks there: not this run's to judge
         return
-    if theirs:
+    if not theirs:
+        return
+    move = f"mkdir -p {collection.chunks} && mv {shared.chunks}/chunk_*.h5 {collection.chunks}/"
+    if WORKSPACE.earlier_table.is_file():
         raise PipelineError(
             f"{shared.chunks} holds {len(theirs)} chunk file(s) of this image table, made by an earlier "
             f"version that kept every collection in {shared.folder}. To continue them in this collection, "
-            f"move them here first: mv {shared.chunks} {collection.chunks}. To leave them to the "
-            f"collection in {shared.folder} and start this one afresh, first run any stage with "
-            f"OUTPUT_DIR={DEFAULT_OUTPUT_DIR!r}: that moves their image table there from .cache/."
+            f"move them here first: {move}. To leave them to the collection in {shared.folder} and start "
+            f"this one afresh, first run 01_metadata with OUTPUT_DIR={DEFAULT_OUTPUT_DIR!r}: that moves "
+            "their image table there from .cache/."
         )
+    print(
+        f"Note: {shared.chunks} holds {len(theirs)} chunk file(s) of this same image table, the collection "
+        f"in {shared.folder}'s (or made there by an earlier version). To reuse them rather than embed their "
+        f"rows again, stop now and move them here: {move}"
+    )
 
 
 @dataclasses.dataclass

@@ -5,6 +5,7 @@ import io
 import os
 import re
 import shutil
+import subprocess
 import threading
 import time
 import types
@@ -166,10 +167,25 @@ def test_an_earlier_versions_chunks_are_moved_by_hand_into_a_new_collection_of_t
         run_embed(mine, tiny_encoder, output_dir="OUTPUT/photos")
     message = str(error.value)
     assert f"{collection.chunks} holds 1 chunk file(s) of this image table" in message
-    assert f"mv {collection.chunks} {own.chunks}" in message
-    collection.chunks.rename(own.chunks)
+    move = re.search(r"move them here first: (.*?)\. To leave them", message).group(1)
+    subprocess.run(move, shell=True, check=True)  # the command as the message gives it
     summary = run_embed(mine, tiny_encoder, output_dir="OUTPUT/photos")
     assert summary.chunks_skipped == 1 and summary.chunks_written == 2
+
+
+def test_once_output_has_a_table_of_its_own_its_chunks_of_the_same_table_are_only_noted(
+    workspace, collection, table, tiny_encoder, image_folder, capsys
+):
+    """The demo and a whole-split collection of the same listing: each may have its own chunks."""
+    run_embed(table, tiny_encoder, end=8)
+    params = lib.MetadataParams("folder", "validation", str(image_folder), "s3", "OUTPUT/photos")
+    summary = run_embed(
+        save_table(params, lib.collection("OUTPUT/photos")), tiny_encoder, output_dir="OUTPUT/photos"
+    )
+    assert summary.chunks_written == 3
+    assert (
+        f"Note: {collection.chunks} holds 1 chunk file(s) of this same image table" in capsys.readouterr().out
+    )
 
 
 def test_a_rerun_skips_finished_chunks(collection, table, tiny_encoder):
