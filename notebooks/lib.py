@@ -2843,7 +2843,8 @@ class SourceCheck:
 
     A run whose first UNREACHABLE_AFTER attempts all failed with a connection-level reason stops
     with what to check, instead of recording millions of failures as finished chunks. One image
-    that arrives, or fails for another reason, proves the way.
+    that arrives, or fails for another reason, proves the way. RETRY_FAILED's attempts are left
+    out: their rows failed before, and a retry that fails again records nothing new.
     """
 
     def __init__(self, enabled: bool = True, limit: int = UNREACHABLE_AFTER):
@@ -2939,6 +2940,9 @@ class _ChunkWriter:
         self.progress.add(reasons)
         self.reach.add(locations, reasons)
 
+    def _count_retried(self, locations: list[str], reasons: list[str | None]) -> None:
+        self.progress.add(reasons)
+
     def _embed_rest(self, start: int, end: int) -> list[tuple[int, int]]:
         """Embed the rows of [start, end) that no finished chunk covers; return the busy ranges."""
         finished = _overlapping(_ranges(self.folder), start, end)
@@ -2951,7 +2955,8 @@ class _ChunkWriter:
     def retry(self, info: ChunkInfo) -> None:
         """Attempt a finished chunk's failed rows again and replace the chunk file whole.
 
-        A retry loses nothing when it fails again, so it is written at once, proven or not.
+        A retry loses nothing when it fails again, so it is written at once and not judged by the
+        reachability check.
         """
         with claimed(self.folder, info.start, info.end, rewrite=True) as claim:
             if not isinstance(claim, FileLock):
@@ -2959,7 +2964,7 @@ class _ChunkWriter:
                 return
             current = read_chunk_info(info.path)  # as it is now, under the claim
             result = retry_chunk(
-                current, self.table, self.encoder, self.loader, self.batch_size, self._observe
+                current, self.table, self.encoder, self.loader, self.batch_size, self._count_retried
             )
             write_chunk(info.path, result, current.attrs)
         self.summary.add_retry(current, result)

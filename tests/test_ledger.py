@@ -205,3 +205,14 @@ def test_a_second_retry_counts_each_failed_row_once(
         )
     stats = [json.loads(info.attrs["stats"]) for info in lib.find_chunks(collection.chunks)]
     assert sum(chunk["retried"] for chunk in stats) == failed, "each chunk counts its latest retry"
+
+
+def test_a_retry_of_rows_that_still_cannot_be_reached_is_not_stopped(
+    collection, tiny_encoder, fast_retries, tmp_path
+):
+    """Their rows failed before: a retry that fails again records nothing new, and proves nothing."""
+    unreachable = closed_port_url("")
+    table = listing_table(collection, tmp_path, [f"{unreachable}/x-{n}.jpg" for n in range(250)])
+    run_embed(table, tiny_encoder, chunk=64, stop_if_unreachable=False)
+    summary = run_embed(table, tiny_encoder, chunk=64, retry_failed=True)
+    assert (summary.retried, summary.recovered, summary.chunks_retried) == (250, 0, 4)
