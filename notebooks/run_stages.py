@@ -33,7 +33,11 @@ class QuietKernelManager(jupyter_client.AsyncKernelManager):
     """
 
     def __init__(self, **kwargs):
-        encrypted = "transport_encryption" in self.class_trait_names() and zmq.has("curve")
+        spec = jupyter_client.kernelspec.get_kernel_spec(kwargs.get("kernel_name") or "python3")
+        declared = spec.metadata.get("supported_encryption") or []  # a name, or a list of names
+        encrypted = (
+            "transport_encryption" in self.class_trait_names() and zmq.has("curve") and "curve" in declared
+        )
         transport = {"transport_encryption": "auto"} if encrypted else {"transport": "ipc"}
         super().__init__(**transport, **kwargs)
 

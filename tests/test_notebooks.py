@@ -271,6 +271,24 @@ def test_make_run_keeps_collections_side_by_side_and_every_stage_in_its_log(repo
     assert not (repo / "OUTPUT" / "chunks").exists() and not (repo / "OUTPUT" / "Images_Embedded.h5").exists()
 
 
+@pytest.mark.parametrize(("declared", "encrypted"), [(["curve"], True), ("curve", True), (None, False)])
+def test_make_runs_kernels_are_encrypted_where_their_kernelspec_allows_and_local_elsewhere(
+    monkeypatch, declared, encrypted
+):
+    """A kernel on unencrypted TCP warns at every start; one on IPC sockets does not."""
+    import jupyter_client
+    import run_stages
+
+    spec = jupyter_client.kernelspec.get_kernel_spec("python3")
+    spec.metadata = {} if declared is None else {"supported_encryption": declared}
+    monkeypatch.setattr(jupyter_client.kernelspec, "get_kernel_spec", lambda name: spec)
+    manager = run_stages.QuietKernelManager(kernel_name="python3")
+    if encrypted:
+        assert manager.transport_encryption == "auto"
+    else:
+        assert (manager.transport, manager.transport_encryption) == ("ipc", "disabled")
+
+
 def test_a_headless_02_prints_progress_lines_before_its_summary(repo, kernel_env, images, tmp_path):
     keys = sorted(images)
     folder = tmp_path / "photos"
