@@ -2815,10 +2815,10 @@ def embed_chunks(
         todo = plan.todo
         while todo:
             busy = [piece for start, end in todo for piece in run.embed(start, end)]
+            busy += run.write_unproven()
             todo = _after_other_runs(busy, plan, params.chunk, progress)
         for info in plan.retry:
             run.retry(info)
-        run.write_unproven()
     run.summary.seconds = time.perf_counter() - began
     return run.summary
 
@@ -2915,20 +2915,25 @@ class _ChunkWriter:
                 self._write(result)
         if not self.reach.proven:
             self.unproven.append(result)
-        elif self.unproven:
-            self.write_unproven()
-        return []
+            return []
+        return self.write_unproven()
 
-    def write_unproven(self) -> None:
-        """Write the chunks that waited, each under a claim again (unless another run has their rows).
+    def write_unproven(self) -> list[tuple[int, int]]:
+        """Write the chunks that waited, each under a claim again; return the ranges other runs hold.
 
-        This happens once the run proves it reaches its images, or at its end, short of the limit.
+        This happens once the run proves it reaches its images, or at the end of its chunks, short
+        of the limit. A chunk whose rows another run finished meanwhile is dropped; one whose rows
+        another run is at work on is waited for like any busy range.
         """
+        busy = []
         while self.unproven:
             result = self.unproven.pop(0)
             with claimed(self.folder, result.start, result.end) as claim:
                 if isinstance(claim, FileLock):
                     self._write(result)
+                elif isinstance(claim, str):
+                    busy.append((result.start, result.end))
+        return busy
 
     def _write(self, result: ChunkResult) -> None:
         path = chunk_path(self.folder, result.start, result.end)

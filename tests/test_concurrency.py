@@ -260,3 +260,27 @@ def _error_of(function, *args) -> Exception | None:
     except lib.PipelineError as error:
         return error
     return None
+
+
+def test_a_chunk_that_waited_for_proof_and_meets_another_runs_claim_is_waited_for(
+    collection, table, tiny_encoder
+):
+    """Not dropped: the other run may not finish those rows, and 02's last check counts every row."""
+    writer = lib._ChunkWriter(
+        collection.chunks,
+        table,
+        tiny_encoder,
+        loader=None,
+        batch_size=3,
+        attrs={},
+        progress=lib.RunProgress(0, lines=False),
+        reach=lib.SourceCheck(),
+        summary=lib.RunSummary(0),
+    )
+    writer.unproven.append(lib.ChunkResult(0, 8, tiny_encoder.embedding_size))
+    other_run = lib.claim_chunk(collection.chunks, 0, 8)
+    try:
+        assert writer.write_unproven() == [(0, 8)]
+    finally:
+        other_run.release()
+    assert not list(collection.chunks.glob("*.h5")) and writer.unproven == []
