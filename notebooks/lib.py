@@ -2685,26 +2685,38 @@ def library_versions() -> dict:
     }
 
 
-# Seconds between a headless run's lines: at least one a minute, at most one every 10 seconds.
+# A headless run prints a line at least every PROGRESS_INTERVAL seconds and at most one every
+# LINE_GAP seconds, besides its first and last: a line per chunk, chunks written closer together
+# counted in one line.
 PROGRESS_INTERVAL = 30.0
+LINE_GAP = 10.0
 
 
 class RunProgress:
     """How far one 02 run is: a tqdm bar where someone watches it, else a printed line now and then.
 
     A line gives the rows done of the run's total, img/s, the failures so far with the commonest
-    reason, and the time left. One is printed per chunk written and one every `interval` seconds
-    in between, also while no image arrives: a stalled source shows as a count that stops moving.
+    reason, and the time left. One is printed for the chunks written (one line per chunk, or per
+    `gap` seconds when they come faster), and one every `interval` seconds in between, also while
+    no image arrives: a stalled source shows as a count that stops moving.
     """
 
-    def __init__(self, total: int, lines: bool | None = None, interval: float = PROGRESS_INTERVAL):
+    def __init__(
+        self,
+        total: int,
+        lines: bool | None = None,
+        interval: float = PROGRESS_INTERVAL,
+        gap: float = LINE_GAP,
+    ):
         self.total = total
         self.done = 0  # rows this run embedded or recorded as failed
         self.elsewhere = 0  # rows of the plan that another run did
         self.failed: collections.Counter = collections.Counter()
         self._lines = not watched() if lines is None else lines
-        self._interval = interval
+        self._interval, self._gap = interval, gap
         self._began = self._last_line = time.monotonic()
+        self._printed = 0
+        self._written: list[str] = []  # chunks written since the last line
         self._lock = threading.Lock()
         self._stopped = threading.Event()
         self._ticker = threading.Thread(target=self._print_every_interval, name="progress", daemon=True)
@@ -2719,6 +2731,8 @@ class RunProgress:
         self._stopped.set()
         if self._ticker.is_alive():
             self._ticker.join()
+        if self._written:
+            self._print()
         self._bar.close()
 
     def add(self, reasons: Sequence[str | None]) -> None:
@@ -2737,8 +2751,14 @@ class RunProgress:
         self._bar.update(rows)
 
     def chunk_written(self, name: str) -> None:
-        if self._lines:
-            self._print(f"{name} written; ")
+        """Say that a chunk file is written: now, or in the next line when the last one is recent."""
+        if not self._lines:
+            return
+        with self._lock:
+            self._written.append(name)
+            due = not self._printed or time.monotonic() - self._last_line >= self._gap
+        if due:
+            self._print()
 
     def line(self) -> str:
         """Rows done of the total, img/s, failures with the commonest reason, and the time left."""
@@ -2753,15 +2773,24 @@ class RunProgress:
         left = self.total - settled
         return text + (f", about {_duration(left / rate)} left" if rate and left else "")
 
-    def _print(self, prefix: str = "") -> None:
+    def _print(self) -> None:
         with self._lock:
+            written, self._written = self._written, []
             self._last_line = time.monotonic()
-        print(f"[02] {prefix}{self.line()}", flush=True)
+            self._printed += 1
+        print(f"[02] {_chunks_written(written)}{self.line()}", flush=True)
 
     def _print_every_interval(self) -> None:
         while not self._stopped.wait(max(0.0, self._last_line + self._interval - time.monotonic())):
             if time.monotonic() - self._last_line >= self._interval:
                 self._print()
+
+
+def _chunks_written(names: list[str]) -> str:
+    """The start of a progress line that reports chunk files written since the last one."""
+    if len(names) > 1:
+        return f"{len(names)} chunks written, the last {names[-1]}; "
+    return f"{names[0]} written; " if names else ""
 
 
 def _duration(seconds: float) -> str:

@@ -426,6 +426,23 @@ def test_headless_progress_prints_a_line_every_interval_even_while_nothing_arriv
     assert lines[-1].startswith("[02] chunk_000000000_000000014.h5 written; 14 of 100 rows")
 
 
+def test_chunks_written_closer_together_than_the_gap_share_a_line(capsys):
+    """A small CHUNK on a fast GPU writes several chunks a second: not several lines a second."""
+    with lib.RunProgress(100, lines=True, interval=60, gap=0.5) as progress:
+        for n in range(4):  # the first at once, the next three within the gap
+            progress.add([None] * 10)
+            progress.chunk_written(f"chunk_{n}.h5")
+        time.sleep(0.6)
+        progress.chunk_written("chunk_4.h5")  # past the gap: a line with the three that waited
+        progress.chunk_written("chunk_5.h5")  # the last, in the line printed at the end
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split("; ")[0] for line in lines] == [
+        "[02] chunk_0.h5 written",
+        "[02] 4 chunks written, the last chunk_4.h5",
+        "[02] chunk_5.h5 written",
+    ]
+
+
 def test_progress_where_someone_watches_is_a_bar_not_lines(capsys):
     with lib.RunProgress(100, lines=False, interval=0.05) as progress:
         progress.add([None] * 100)
