@@ -731,7 +731,7 @@ def _openimages_table(params: MetadataParams) -> pd.DataFrame:
             f"(its columns are {list(frame.columns)}). Use DATASET='table' for other listings."
         )
     if "Subset" in frame.columns:
-        _check_subset(frame["Subset"], params.split, source)
+        _check_subset(frame["Subset"], params, source)
     ids = frame["ImageID"]
     if params.fetch == "s3":
         location = f"s3://{OPENIMAGES_BUCKET}/{params.split}/" + ids + ".jpg"
@@ -746,15 +746,20 @@ def _openimages_table(params: MetadataParams) -> pd.DataFrame:
     )
 
 
-def _check_subset(subsets: pd.Series, split: str, source: str) -> None:
-    """The CSV's Subset column must be SPLIT: the S3 keys are named after it (else every key is missing)."""
-    other = subsets[subsets != split]
+def _check_subset(subsets: pd.Series, params: MetadataParams, source: str) -> None:
+    """The CSV's Subset column must be SPLIT, which names the table's split (and its S3 folder)."""
+    other = subsets[subsets != params.split]
     if len(other):
-        found = ", ".join(f"{name}: {count:,}" for name, count in other.value_counts().items())
+        found = _counted(collections.Counter(other))
+        keys = (
+            f"their S3 keys are not under {params.split}/"
+            if params.fetch == "s3"
+            else "SPLIT would mislabel them"
+        )
         raise PipelineError(
-            f"{source} lists images of another split than SPLIT={split!r} in its Subset column ({found} "
-            f"row(s)): their S3 keys are not under {split}/. Set SPLIT to the CSV's split, or give the "
-            f"CSV of {split!r} as SOURCE."
+            f"{source} lists images of another split than SPLIT={params.split!r} in its Subset column "
+            f"({found} row(s)): {keys}. Set SPLIT to the CSV's split, or give the CSV of {params.split!r} "
+            "as SOURCE."
         )
 
 
@@ -2019,7 +2024,7 @@ def _flock(fd: int, operation: int, path: Path) -> bool:
             raise
         warnings.warn(
             f"The filesystem of {path.parent} does not support file locks ({error.strerror}): two runs "
-            "writing the same OUTPUT/ at once cannot be told apart. Give each run its own START and END.",
+            "writing the same OUTPUT_DIR at once cannot be told apart. Give each run its own START and END.",
             stacklevel=3,
         )
     return True
@@ -3060,7 +3065,7 @@ class MergeReport:
             lines.append(
                 f"  kept {len(self.kept)} chunk file(s) that another run was rewriting or rewrote after "
                 f"they were merged (e.g. {self.kept[0]}, by RETRY_FAILED): the file holds their earlier "
-                "version, the chunk files the newer one"
+                "version; merge them into another OUTPUT_FILE for their newer rows in a file of their own"
             )
         return "\n".join(lines)
 
@@ -3452,9 +3457,7 @@ def open_embeddings(collection: Collection, path: str | os.PathLike | None = Non
             f"{resolved} is not a merged embeddings file ({error}): give EMBEDDINGS the file 03_merge wrote."
         ) from None
     if count == 0:
-        reasons = ", ".join(
-            f"{reason}: {n:,}" for reason, n in json.loads(attrs.get("failed_by_reason", "{}")).items()
-        )
+        reasons = _counted(collections.Counter(json.loads(attrs.get("failed_by_reason", "{}"))))
         raise PipelineError(
             f"{resolved} holds no embeddings: all {attrs.get('failed', 0):,} of its images failed "
             f"({reasons}), so there is nothing to search. Its failed/ group says why each one failed; run "
