@@ -24,7 +24,7 @@ run: $(VENV)/.installed-run
 
 lint: $(VENV)/.installed-test
 	$(VENV)/bin/ruff check notebooks tests benchmarks
-	$(VENV)/bin/ruff format --check notebooks/*.py tests benchmarks
+	$(VENV)/bin/ruff format --check notebooks/*.py notebooks/lib tests benchmarks
 
 test: lint
 	$(PYTHON) -m pytest

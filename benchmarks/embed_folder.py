@@ -33,13 +33,13 @@ def embed_params(args: argparse.Namespace) -> lib.EmbedParams:
         preprocess=args.preprocess,
         exif_transpose=False,
         apply_rotation=False,
-        max_pixels=lib.DEFAULT_MAX_PIXELS,
+        max_pixels=lib.preprocess.DEFAULT_MAX_PIXELS,
         s3_endpoint_url=None,
         retry_failed=False,
     )
 
 
-def embed_folder(folder: Path, params: lib.EmbedParams, steps: dict[str, float]) -> lib.RunSummary:
+def embed_folder(folder: Path, params: lib.EmbedParams, steps: dict[str, float]) -> lib.executor.RunSummary:
     """Run 01 and 02 over `folder` in a temporary workspace; the seconds of each step go in `steps`."""
     with temporary_workspace():
         began = time.perf_counter()
@@ -63,8 +63,8 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The options shared by the benchmarks that run the pipeline."""
     parser.add_argument("--model", default="random", help=MODEL_HELP)
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--precision", default="auto", choices=lib.PRECISIONS)
-    parser.add_argument("--preprocess", default="exact", choices=lib.PREPROCESS_MODES)
+    parser.add_argument("--precision", default="auto", choices=lib.params.PRECISIONS)
+    parser.add_argument("--preprocess", default="exact", choices=lib.params.PREPROCESS_MODES)
     parser.add_argument("--batch-size", type=size, default=64, help="GPU_BATCH_SIZE: a number or 'auto'")
     parser.add_argument("--workers", type=size, default=4, help="NUM_WORKERS: a number or 'auto'")
     parser.add_argument("--chunk", type=int, default=10000, help="CHUNK")

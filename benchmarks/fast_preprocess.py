@@ -21,8 +21,8 @@ from workload import MODEL_HELP, lib, model_path, synthetic_jpeg
 def fast_agreement(model: str, device: str, count: int, batch_size: int = 64) -> dict:
     """Cosines between fast and exact vectors of `count` photos, and each preprocessing's speed."""
     encoder = lib.load_encoder(model, device, "fp32")
-    exact = lib.ImageRecipe(encoder.preprocessing)
-    fast = lib.ImageRecipe(encoder.preprocessing, preprocess="fast")
+    exact = lib.preprocess.ImageRecipe(encoder.preprocessing)
+    fast = lib.preprocess.ImageRecipe(encoder.preprocessing, preprocess="fast")
     cosines = []
     for low in range(0, count, batch_size):
         photos = [synthetic_jpeg(seed) for seed in range(low, min(low + batch_size, count))]
@@ -34,7 +34,7 @@ def fast_agreement(model: str, device: str, count: int, batch_size: int = 64) ->
     cosines = np.concatenate(cosines)
     sample = [synthetic_jpeg(seed) for seed in range(64)]
     return {
-        "device": lib.describe_device(device),
+        "device": lib.environment.describe_device(device),
         "images": count,
         "min_cosine": round(float(cosines.min()), 6),
         "mean_cosine": round(float(cosines.mean()), 6),

@@ -18,13 +18,13 @@ import numpy as np
 from workload import MODEL_HELP, lib, model_path, synthetic_images
 
 
-def preprocessed(count: int, preprocessing: lib.Preprocessing) -> np.ndarray:
+def preprocessed(count: int, preprocessing: lib.preprocess.Preprocessing) -> np.ndarray:
     """`count` synthetic photos, preprocessed exactly."""
-    recipe = lib.ImageRecipe(preprocessing)
+    recipe = lib.preprocess.ImageRecipe(preprocessing)
     return np.stack([recipe(data) for data in synthetic_images(count)])
 
 
-def encode_all(encoder: lib.ClipEncoder, pixels: np.ndarray, batch_size: int) -> np.ndarray:
+def encode_all(encoder: lib.model.ClipEncoder, pixels: np.ndarray, batch_size: int) -> np.ndarray:
     """Embeddings of all `pixels`, `batch_size` at a time."""
     return np.concatenate(
         [encoder.encode(pixels[i : i + batch_size]) for i in range(0, len(pixels), batch_size)]
@@ -42,7 +42,7 @@ def precision_agreement(
         "model": model,
         "model_revision": reference.checkpoint.revision,
         "device": str(reference.device),
-        "device_name": lib.describe_device(device),
+        "device_name": lib.environment.describe_device(device),
         "images": count,
         "precisions": {},
     }

@@ -50,7 +50,7 @@ def vectors_file(rows: int, dimension: int, clustered: bool) -> Path:
     rng = np.random.default_rng(0)
     centres = unit(rng.standard_normal((1000, dimension), dtype=np.float32)) if clustered else None
     path.parent.mkdir(parents=True, exist_ok=True)
-    with lib._atomic_file(path) as temporary, h5py.File(temporary, "w") as file:
+    with lib.workspace.atomic_file(path) as temporary, h5py.File(temporary, "w") as file:
         file.create_dataset("embeddings", shape=(rows, dimension), dtype=np.float32)
         for name in ("image_ids", "urls"):
             file.create_dataset(name, shape=(rows,), dtype=h5py.string_dtype())
@@ -64,7 +64,7 @@ def vectors_file(rows: int, dimension: int, clustered: bool) -> Path:
     return path
 
 
-def near_queries(embeddings: lib.EmbeddingsFile) -> np.ndarray:
+def near_queries(embeddings: lib.nearest.EmbeddingsFile) -> np.ndarray:
     """QUERIES unit vectors near vectors of the file, as image and text queries are near the images."""
     rng = np.random.default_rng(1)
     positions = np.sort(rng.choice(embeddings.count, QUERIES, replace=False))
@@ -72,7 +72,7 @@ def near_queries(embeddings: lib.EmbeddingsFile) -> np.ndarray:
     return unit(near + 0.05 * rng.standard_normal(near.shape, dtype=np.float32))
 
 
-def seconds_per_query(embeddings: lib.EmbeddingsFile, queries: np.ndarray, batch: int) -> float:
+def seconds_per_query(embeddings: lib.nearest.EmbeddingsFile, queries: np.ndarray, batch: int) -> float:
     began = time.perf_counter()
     for low in range(0, len(queries), batch):
         lib.search(embeddings, queries[low : low + batch], 10)
@@ -83,14 +83,14 @@ def recall(found: np.ndarray, exact: np.ndarray) -> float:
     return float(np.mean([len(set(f) & set(e)) / exact.shape[1] for f, e in zip(found, exact, strict=True)]))
 
 
-def ivf_figures(embeddings: lib.EmbeddingsFile, queries: np.ndarray) -> dict:
+def ivf_figures(embeddings: lib.nearest.EmbeddingsFile, queries: np.ndarray) -> dict:
     """Build time, query time and recall@10 of the IVF index, at its nprobe and when scanning more lists."""
     exact = lib.search(embeddings, queries, 10).positions
     began = time.perf_counter()
-    index = lib.build_ivf(embeddings)
+    index = lib.nearest.build_ivf(embeddings)
     build_seconds = time.perf_counter() - began
     began = time.perf_counter()
-    found = lib.approximate_search(index, queries, 10).positions
+    found = lib.nearest.approximate_search(index, queries, 10).positions
     figures = {
         "build_seconds": round(build_seconds, 1),
         "lists": index.nlist,
@@ -100,7 +100,7 @@ def ivf_figures(embeddings: lib.EmbeddingsFile, queries: np.ndarray) -> dict:
     }
     for share in (4, 2):
         index.nprobe = index.nlist // share
-        scanned = lib.approximate_search(index, queries, 10).positions
+        scanned = lib.nearest.approximate_search(index, queries, 10).positions
         figures[f"recall_at_10_scanning_1/{share}_of_lists"] = round(recall(scanned, exact), 3)
     return figures
 
@@ -112,10 +112,14 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_000_000)
     parser.add_argument("--dimension", type=int, default=512)
     args = parser.parse_args()
-    report = {"rows": args.rows, "dimension": args.dimension, "device": lib.describe_device("cpu")}
+    report = {
+        "rows": args.rows,
+        "dimension": args.dimension,
+        "device": lib.environment.describe_device("cpu"),
+    }
     for kind in ("random", "clustered"):
         path = vectors_file(args.rows, args.dimension, kind == "clustered")
-        embeddings = lib.open_embeddings(lib.Collection(path.parent), path)
+        embeddings = lib.open_embeddings(lib.workspace.Collection(path.parent), path)
         queries = near_queries(embeddings)
         if kind == "random":
             report["exact_seconds_per_query"] = round(seconds_per_query(embeddings, queries[:3], 1), 3)

@@ -44,7 +44,7 @@ def timed(function, *args) -> float:
     return time.perf_counter() - began
 
 
-def model_only(encoder: lib.ClipEncoder, count: int, batch_size: int) -> float:
+def model_only(encoder: lib.model.ClipEncoder, count: int, batch_size: int) -> float:
     """Images per second of the model on ready, preprocessed tensors."""
     size = encoder.preprocessing.image_size
     pixels = np.random.default_rng(0).standard_normal((batch_size, 3, size, size), dtype=np.float32)
@@ -53,12 +53,12 @@ def model_only(encoder: lib.ClipEncoder, count: int, batch_size: int) -> float:
     return batches * batch_size / timed(lambda: [encoder.encode(pixels) for _ in range(batches)])
 
 
-def preprocess_per_core(recipe: lib.ImageRecipe, photos: list[bytes]) -> float:
+def preprocess_per_core(recipe: lib.preprocess.ImageRecipe, photos: list[bytes]) -> float:
     """Images per second of decoding and preprocessing by `recipe`, in one thread."""
     return len(photos) / timed(lambda: [recipe(data) for data in photos])
 
 
-def end_to_end(locations: list[str], encoder: lib.ClipEncoder, params: lib.EmbedParams) -> float:
+def end_to_end(locations: list[str], encoder: lib.model.ClipEncoder, params: lib.EmbedParams) -> float:
     """Images per second of 02's embed_chunks over `locations`, written to a temporary workspace."""
     ids = [str(index) for index in range(len(locations))]
     columns = pa.table(
@@ -70,7 +70,7 @@ def end_to_end(locations: list[str], encoder: lib.ClipEncoder, params: lib.Embed
             "md5": [""] * len(ids),
         }
     )
-    table = lib.ImageTable(columns, {"sha256": "benchmark"})
+    table = lib.table.ImageTable(columns, {"sha256": "benchmark"})
     with temporary_workspace():
         summary = embed_rows(table, encoder, params)
     if summary.embedded != len(locations):
@@ -137,9 +137,9 @@ def main() -> None:
     paths = sorted(folder.glob("*.jpg"))
     encoder = lib.load_encoder(model_path(args.model), args.device, args.precision)
     params = lib.with_machine_sizes(embed_params(args), encoder)
-    recipe = lib.image_recipe(encoder, params)
+    recipe = lib.plan.image_recipe(encoder, params)
     report = {
-        "device": lib.describe_device(args.device),
+        "device": lib.environment.describe_device(args.device),
         "model": args.model,
         "precision": encoder.precision,
         "images": args.images,

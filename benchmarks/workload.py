@@ -81,32 +81,32 @@ def random_clip(name: str, cache: Path = CACHE) -> Path:
     config = {"random-vit-b-32": CLIPConfig(), "random-small": CLIPConfig(**small)}[name]
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(folder)
-    processor = {"image_mean": list(lib.OPENAI_MEAN), "image_std": list(lib.OPENAI_STD), "crop_size": 224}
+    processor = {
+        "image_mean": list(lib.preprocess.OPENAI_MEAN),
+        "image_std": list(lib.preprocess.OPENAI_STD),
+        "crop_size": 224,
+    }
     (folder / "preprocessor_config.json").write_text(json.dumps(processor))
     return folder
 
 
 @contextlib.contextmanager
-def temporary_workspace() -> Iterator[lib.Workspace]:
+def temporary_workspace() -> Iterator[lib.workspace.Workspace]:
     """lib's repository root (its .cache/ and OUTPUT/) in a temporary folder for the duration."""
-    previous = lib.WORKSPACE
     with tempfile.TemporaryDirectory() as root:
-        lib.WORKSPACE = lib.Workspace(Path(root))
+        before = lib.configure(root=Path(root))
         try:
-            yield lib.WORKSPACE
+            yield lib.workspace.current_workspace()
         finally:
-            lib.WORKSPACE = previous
+            lib.configure(**vars(before))
 
 
-def embed_rows(table: lib.ImageTable, encoder: lib.ClipEncoder, params: lib.EmbedParams) -> lib.RunSummary:
+def embed_rows(
+    table: lib.table.ImageTable, encoder: lib.model.ClipEncoder, params: lib.EmbedParams
+) -> lib.executor.RunSummary:
     """Plan and embed rows [START, END) of `table` as 02 does, in the collection of OUTPUT_DIR."""
-    recipe = lib.image_recipe(encoder, params)
-    signature = lib.run_signature(encoder, recipe, table)
-    collection = lib.collection(params.output_dir)
-    plan = lib.plan_chunks(
-        collection, params.start, params.end, params.chunk, signature, len(table), params.retry_failed
-    )
-    return lib.embed_chunks(table, encoder, recipe, plan, params)
+    plan = lib.plan_run(params, lib.collection(params.output_dir), encoder, table)
+    return lib.embed_chunks(table, encoder, plan, params)
 
 
 def merged_layout(path: Path, rows: int, dimension: int = 16) -> None:

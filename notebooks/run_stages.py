@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.params.is_file():
         parser.error(f"no parameter set {args.params}: give a YAML file such as params/demo.yaml")
     parameters = yaml.safe_load(args.params.read_text()) or {}
-    output_dir = parameters.get("OUTPUT_DIR", lib.DEFAULT_OUTPUT_DIR)
+    output_dir = parameters.get("OUTPUT_DIR", lib.workspace.DEFAULT_OUTPUT_DIR)
     runs = lib.collection(output_dir).folder / "runs" / args.params.stem
     runs.mkdir(parents=True, exist_ok=True)
     logging.getLogger("papermill").setLevel(logging.ERROR)  # one parameter set names every stage's

@@ -17,6 +17,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import h5py
@@ -236,7 +237,7 @@ def http_server(images):
 def s3_endpoint(images) -> str:
     """The URL of a loopback S3 holding validation/<id>.jpg in a public-read open-images-dataset."""
     objects = {f"validation/{key}.jpg": data for key, data in images.items()}
-    server, endpoint = loopback_s3(lib.OPENIMAGES_BUCKET, objects)
+    server, endpoint = loopback_s3(lib.sources.OPENIMAGES_BUCKET, objects)
     yield endpoint
     server.stop()
 
@@ -333,7 +334,7 @@ def read_output(path: Path) -> dict:
             "failed_rows": file["failed/rows"][:].tolist(),
             "failed_ids": file["failed/image_ids"].asstr()[:].tolist(),
             "reasons": file["failed/reasons"].asstr()[:].tolist(),
-            "attrs": {key: lib._attribute(value) for key, value in file.attrs.items()},
+            "attrs": {key: lib.chunkfile.attribute_value(value) for key, value in file.attrs.items()},
         }
 
 
@@ -343,24 +344,32 @@ def read_output(path: Path) -> dict:
 
 
 @pytest.fixture
-def workspace(tmp_path, monkeypatch) -> lib.Workspace:
+def configure() -> Iterator[Callable]:
+    """lib.configure for one test: the settings it changes are restored after it."""
+    before = lib.configure()
+    yield lib.configure
+    lib.configure(**vars(before))
+
+
+@pytest.fixture
+def workspace(tmp_path, configure) -> lib.workspace.Workspace:
     """lib's repository root under a temporary folder, so tests never touch the repository's files."""
-    space = lib.Workspace(tmp_path / "repo")
+    configure(root=tmp_path / "repo")
+    space = lib.workspace.current_workspace()
     space.root.mkdir()
-    monkeypatch.setattr(lib, "WORKSPACE", space)
     return space
 
 
 @pytest.fixture
-def collection(workspace) -> lib.Collection:
+def collection(workspace) -> lib.workspace.Collection:
     """The default collection, OUTPUT/, of the test's own repository root."""
     return lib.collection()
 
 
 @pytest.fixture
-def fast_retries(monkeypatch):
+def fast_retries(configure):
     """The same retry policy without the backoff sleeps, so failure tests run quickly."""
-    monkeypatch.setattr(lib, "HTTP_RETRY", lib.HTTP_RETRY.new(backoff_factor=0))
+    configure(retry_backoff=0)
 
 
 BROKEN = {"broken.jpg": jpeg_bytes(64, 48, seed=9)[:400], "page.png": b"<html>oops</html>"}
@@ -378,14 +387,14 @@ def image_folder(tmp_path, images):
     return folder
 
 
-def save_table(params: lib.MetadataParams, collection: lib.Collection) -> lib.ImageTable:
+def save_table(params: lib.MetadataParams, collection: lib.workspace.Collection) -> lib.table.ImageTable:
     """Build, save and load an image table as 01 and 02 do."""
     lib.save_image_table(lib.build_image_table(params), params, collection)
     return lib.load_image_table(collection)
 
 
 @pytest.fixture
-def table(collection, image_folder) -> lib.ImageTable:
+def table(collection, image_folder) -> lib.table.ImageTable:
     """The image table of `image_folder`, saved in the test's collection as 01 would."""
     return save_table(lib.MetadataParams("folder", "validation", str(image_folder), "s3"), collection)
 
@@ -405,7 +414,7 @@ def embed_params(**overrides) -> lib.EmbedParams:
         preprocess="exact",
         exif_transpose=False,
         apply_rotation=False,
-        max_pixels=lib.DEFAULT_MAX_PIXELS,
+        max_pixels=lib.preprocess.DEFAULT_MAX_PIXELS,
         s3_endpoint_url=None,
         retry_failed=False,
         stop_if_unreachable=True,
@@ -415,10 +424,10 @@ def embed_params(**overrides) -> lib.EmbedParams:
 
 def run_signature(encoder, table, **overrides) -> dict:
     """The signature 02 would plan with, for these parameters."""
-    return lib.run_signature(encoder, lib.image_recipe(encoder, embed_params(**overrides)), table)
+    return lib.plan.run_signature(encoder, lib.plan.image_recipe(encoder, embed_params(**overrides)), table)
 
 
-def run_embed(table, encoder, **overrides) -> lib.RunSummary:
+def run_embed(table, encoder, **overrides) -> lib.executor.RunSummary:
     """Plan and embed as 02 does, in the collection of OUTPUT_DIR (default OUTPUT/)."""
     return embed_rows(table, encoder, embed_params(**overrides))
 
@@ -430,7 +439,7 @@ def run_embed(table, encoder, **overrides) -> lib.RunSummary:
 
 @pytest.fixture
 def repo(tmp_path) -> Path:
-    """A copy of the repository's notebooks and lib.py."""
+    """A copy of the repository's notebooks and their lib package."""
     root = tmp_path / "repo"
     shutil.copytree(REPO / "notebooks", root / "notebooks", ignore=shutil.ignore_patterns("__pycache__"))
     return root

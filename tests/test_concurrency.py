@@ -1,7 +1,9 @@
 """Runs that share OUTPUT/: lock files, claims per chunk, and what interrupted runs leave behind."""
 
+import errno
 import itertools
 import json
+import os
 import subprocess
 import sys
 import threading
@@ -15,8 +17,9 @@ from conftest import REPO, embed_params, read_output, run_embed, save_table
 
 HOLD_LOCK = """
 import sys, time
+from pathlib import Path
 import conftest, lib
-lib.FileLock(lib.Path(sys.argv[1])).acquire()
+lib.claims.FileLock(Path(sys.argv[1])).acquire()
 print("held", flush=True)
 time.sleep(120)
 """
@@ -26,11 +29,11 @@ import json, sys, time
 from pathlib import Path
 import conftest, lib
 root, model, start, end, chunk = sys.argv[1:]
-lib.WORKSPACE = lib.Workspace(Path(root))
+lib.configure(root=Path(root))
 encoder = lib.load_encoder(model, "cpu", "fp32")
 rows = {"start": int(start), "end": int(end), "chunk": int(chunk)}
 print("ready", flush=True)
-while not (lib.WORKSPACE.root / "go").exists():  # both runs start embedding together
+while not (Path(root) / "go").exists():  # both runs start embedding together
     time.sleep(0.01)
 summary = conftest.run_embed(lib.load_image_table(lib.collection()), encoder, **rows)
 print(json.dumps({"written": summary.chunks_written, "skipped": summary.chunks_skipped}))
@@ -60,12 +63,12 @@ def lock_holder(tmp_path):
 
 def test_a_lock_is_exclusive_across_processes_and_dies_with_its_holder(lock_holder, tmp_path):
     path = tmp_path / "held.lock"
-    assert f"pid {lock_holder.pid} on " in lib.lock_holder(path)
-    assert not lib.FileLock(path).acquire(blocking=False)
+    assert f"pid {lock_holder.pid} on " in lib.claims.lock_holder(path)
+    assert not lib.claims.FileLock(path).acquire(blocking=False)
     lock_holder.kill()
     lock_holder.wait()
-    assert path.exists() and lib.lock_holder(path) is None, "SIGKILL leaves a stale file, not a lock"
-    lock = lib.FileLock(path)
+    assert path.exists() and lib.claims.lock_holder(path) is None, "SIGKILL leaves a stale file, not a lock"
+    lock = lib.claims.FileLock(path)
     assert lock.acquire(blocking=False)
     lock.release()
     assert not path.exists()
@@ -80,10 +83,10 @@ def test_stale_lock_and_temporary_files_are_removed_and_live_ones_kept(collectio
     ]
     for name in stale:
         (collection.chunks / name).write_text("left by a killed run")
-    live = lib.claim_chunk(collection.chunks, 8, 12)
+    live = lib.claims.claim_chunk(collection.chunks, 8, 12)
     (collection.chunks / "chunk_000000008_000000012.h5.tmp").write_text("being written")
     try:
-        assert sorted(lib.remove_stale_files(collection.chunks)) == sorted(stale)
+        assert sorted(lib.claims.remove_stale_files(collection.chunks)) == sorted(stale)
         assert sorted(p.name for p in collection.chunks.iterdir()) == [
             "chunk_000000008_000000012.h5.lock",
             "chunk_000000008_000000012.h5.tmp",
@@ -93,16 +96,16 @@ def test_stale_lock_and_temporary_files_are_removed_and_live_ones_kept(collectio
 
 
 def test_a_claim_is_refused_while_another_covers_any_of_its_rows(collection):
-    first = lib.claim_chunk(collection.chunks, 0, 10)
+    first = lib.claims.claim_chunk(collection.chunks, 0, 10)
     try:
-        assert f"rows [0, 10): pid {lib.os.getpid()}" in lib.claim_chunk(collection.chunks, 5, 15)
-        second = lib.claim_chunk(collection.chunks, 10, 20)
-        assert isinstance(second, lib.FileLock)
+        assert f"rows [0, 10): pid {os.getpid()}" in lib.claims.claim_chunk(collection.chunks, 5, 15)
+        second = lib.claims.claim_chunk(collection.chunks, 10, 20)
+        assert isinstance(second, lib.claims.FileLock)
         second.release()
     finally:
         first.release()
     (collection.chunks / "chunk_000000000_000000010.h5").write_bytes(b"finished")
-    assert lib.claim_chunk(collection.chunks, 5, 15) is None, "finished rows are not claimed again"
+    assert lib.claims.claim_chunk(collection.chunks, 5, 15) is None, "finished rows are not claimed again"
     assert not list(collection.chunks.glob("*.lock"))
 
 
@@ -148,7 +151,7 @@ def test_a_second_merge_into_the_same_file_waits_for_the_first(workspace, table,
 
     run_embed(table, tiny_encoder)
     merged = workspace.root / "OUTPUT" / "merged.h5"
-    holder = child(HOLD_LOCK, lib.lock_path(merged))
+    holder = child(HOLD_LOCK, lib.claims.lock_path(merged))
     assert holder.stdout.readline() == "held\n"
     merge = threading.Thread(target=lib.merge_chunks, args=(lib.collection(), "OUTPUT/merged.h5"))
     merge.start()
@@ -157,17 +160,17 @@ def test_a_second_merge_into_the_same_file_waits_for_the_first(workspace, table,
     holder.kill()
     holder.wait()
     merge.join(timeout=60)
-    assert not merge.is_alive() and merged.exists() and not lib.lock_path(merged).exists()
+    assert not merge.is_alive() and merged.exists() and not lib.claims.lock_path(merged).exists()
     assert "Waiting for another merge into" in capsys.readouterr().out
 
 
-def test_a_filesystem_without_locks_warns_and_goes_on(collection, monkeypatch):
+def test_a_filesystem_without_locks_warns_and_goes_on(collection, configure):
     def no_locks(fd, operation):
-        raise OSError(lib.errno.ENOLCK, "No locks available")
+        raise OSError(errno.ENOLCK, "No locks available")
 
-    monkeypatch.setattr(lib.fcntl, "flock", no_locks)
+    configure(flock=no_locks)
     with pytest.warns(UserWarning, match="does not support file locks"):
-        claim = lib.claim_chunk(collection.chunks, 0, 4)
+        claim = lib.claims.claim_chunk(collection.chunks, 0, 4)
     claim.release()
     assert not any(Path(collection.chunks).glob("*.lock"))
 
@@ -177,12 +180,12 @@ def test_a_run_that_meets_a_finished_chunk_covering_part_of_its_range_embeds_the
 ):
     """Runs over [0, 15) and [0, 20), CHUNK=6: the second planned [12, 18) before the first wrote [12, 15)."""
     params = embed_params(chunk=6)
-    recipe = lib.image_recipe(tiny_encoder, params)
-    signature = lib.run_signature(tiny_encoder, recipe, table)
-    second = lib.plan_chunks(collection, 0, None, 6, signature, len(table))
+    recipe = lib.plan.image_recipe(tiny_encoder, params)
+    signature = lib.plan.run_signature(tiny_encoder, recipe, table)
+    second = lib.plan.plan_chunks(collection, 0, None, 6, signature, len(table))
     assert second.todo == [(0, 6), (6, 12), (12, 18), (18, 20)]
     run_embed(table, tiny_encoder, end=15, chunk=6)  # the first run, done before the second reaches 12
-    summary = lib.embed_chunks(table, tiny_encoder, recipe, second, params)
+    summary = lib.embed_chunks(table, tiny_encoder, lib.plan.RunPlan(recipe, second), params)
     chunks = lib.find_chunks(collection.chunks)
     assert [(info.start, info.end) for info in chunks] == [(0, 6), (6, 12), (12, 15), (15, 18), (18, 20)]
     assert (summary.chunks_written, summary.attempted) == (2, 5)
@@ -221,8 +224,13 @@ def interrupt_at_call(step: int, callers: list, cleanup: list) -> Callable[[], i
 
 def test_an_interrupt_anywhere_in_a_claim_leaves_no_claim_behind(collection, table, tiny_encoder):
     """The stop button of a notebook, at any moment between claiming a chunk and releasing it."""
-    claiming = [lib._ChunkWriter.embed, lib._ChunkWriter.retry, lib.claim_chunk, lib.FileLock.acquire]
-    cleanup = [lib.FileLock.release.__code__, lib.os.close]
+    claiming = [
+        lib.executor._ChunkWriter.embed,
+        lib.executor._ChunkWriter.retry,
+        lib.claims.claim_chunk,
+        lib.claims.FileLock.acquire,
+    ]
+    cleanup = [lib.claims.FileLock.release.__code__, os.close]
     for step in itertools.count(1):
         calls_made = interrupt_at_call(step, claiming, cleanup)
         try:
@@ -231,7 +239,7 @@ def test_an_interrupt_anywhere_in_a_claim_leaves_no_claim_behind(collection, tab
             pass
         finally:
             sys.setprofile(None)
-        assert not [path for path in collection.chunks.glob("*.lock") if lib.lock_holder(path)], step
+        assert not [path for path in collection.chunks.glob("*.lock") if lib.claims.lock_holder(path)], step
         if calls_made() < step:  # the run went to its end without an interrupt
             break
     summary = run_embed(table, tiny_encoder)
@@ -241,7 +249,7 @@ def test_an_interrupt_anywhere_in_a_claim_leaves_no_claim_behind(collection, tab
 
 def test_a_run_never_waits_for_a_claim_of_its_own_process(collection, table, tiny_encoder):
     """A claim that an interrupted cell left in this kernel is named, not waited for forever."""
-    left_behind = lib.claim_chunk(collection.chunks, 0, 8)
+    left_behind = lib.claims.claim_chunk(collection.chunks, 0, 8)
     outcome = []
     run = threading.Thread(
         target=lambda: outcome.append(_error_of(run_embed, table, tiny_encoder)), daemon=True
@@ -266,19 +274,19 @@ def test_a_chunk_that_waited_for_proof_and_meets_another_runs_claim_is_waited_fo
     collection, table, tiny_encoder
 ):
     """Not dropped: the other run may not finish those rows, and 02's last check counts every row."""
-    writer = lib._ChunkWriter(
+    writer = lib.executor._ChunkWriter(
         collection.chunks,
         table,
         tiny_encoder,
         loader=None,
         batch_size=3,
         attrs={},
-        progress=lib.RunProgress(0, lines=False),
-        reach=lib.SourceCheck(),
-        summary=lib.RunSummary(0),
+        progress=lib.progress.RunProgress(0, lines=False),
+        reach=lib.executor.SourceCheck(),
+        summary=lib.executor.RunSummary(0),
     )
-    writer.unproven.append(lib.ChunkResult(0, 8, tiny_encoder.embedding_size))
-    other_run = lib.claim_chunk(collection.chunks, 0, 8)
+    writer.unproven.append(lib.chunkfile.ChunkResult(0, 8, tiny_encoder.embedding_size))
+    other_run = lib.claims.claim_chunk(collection.chunks, 0, 8)
     try:
         assert writer.write_unproven() == [(0, 8)]
     finally:

@@ -116,12 +116,12 @@ def hostile_corpus() -> dict[str, bytes]:
 
 def decode_everything(folder: str) -> None:
     """Run each corpus file through 02's fetch, decode and preprocess; print the outcomes as JSON."""
-    fetcher, recipe = lib.Fetcher(), lib.ImageRecipe(lib.Preprocessing(N_PX))
+    fetcher, recipe = lib.Fetcher(), lib.preprocess.ImageRecipe(lib.preprocess.Preprocessing(N_PX))
     outcomes = {}
     for index, (name, data) in enumerate(hostile_corpus().items()):
         path = Path(folder) / f"{index}.img"
         path.write_bytes(data)
-        loaded = lib.load_image(str(path), None, fetcher, recipe)
+        loaded = lib.embed.load_image(str(path), None, fetcher, recipe)
         ok = loaded.pixels is not None and loaded.pixels.shape == (3, N_PX, N_PX)
         outcomes[name] = "ok" if ok and np.isfinite(loaded.pixels).all() else loaded.reason
     print(json.dumps(outcomes))

@@ -2,10 +2,12 @@
 
 import contextlib
 import io
+import json
 import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 import types
@@ -13,6 +15,7 @@ import types
 import h5py
 import lib
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 from conftest import (
     FAKE_COMMIT,
@@ -50,11 +53,14 @@ def test_chunk_files_record_how_they_were_made(collection, table, tiny_encoder):
     assert attrs["model_id"] == str(tiny_encoder.checkpoint.path)
     assert attrs["model_revision"].startswith("sha256:") and attrs["embedding_size"] == 16
     assert attrs["image_size"] == TINY_IMAGE_SIZE and attrs["precision"] == "fp32"
-    assert attrs["image_mean"] == pytest.approx(lib.OPENAI_MEAN) and attrs["device"] == "cpu"
+    assert attrs["image_mean"] == pytest.approx(lib.preprocess.OPENAI_MEAN) and attrs["device"] == "cpu"
     assert attrs["table_sha256"] == table.info["sha256"] and (attrs["start"], attrs["end"]) == (0, 8)
     assert "torch" in attrs["library_versions"] and '"dataset": "folder"' in attrs["source"]
     assert '"failed_by_reason"' in attrs["stats"] and '"seconds"' in attrs["stats"]
-    assert attrs["preprocessing"] == lib.PREPROCESSING_RULE and attrs["max_pixels"] == lib.DEFAULT_MAX_PIXELS
+    assert (
+        attrs["preprocessing"] == lib.preprocess.PREPROCESSING_RULE
+        and attrs["max_pixels"] == lib.preprocess.DEFAULT_MAX_PIXELS
+    )
 
 
 def test_embeddings_equal_the_model_on_openai_preprocessed_pixels(
@@ -65,7 +71,7 @@ def test_embeddings_equal_the_model_on_openai_preprocessed_pixels(
         chunk = read_output(info.path)
         images = [Image.open(io.BytesIO((image_folder / i).read_bytes())) for i in chunk["image_ids"]]
         expected = reference_embeddings(
-            tiny_encoder.model, images, TINY_IMAGE_SIZE, lib.OPENAI_MEAN, lib.OPENAI_STD
+            tiny_encoder.model, images, TINY_IMAGE_SIZE, lib.preprocess.OPENAI_MEAN, lib.preprocess.OPENAI_STD
         )
         np.testing.assert_allclose(chunk["embeddings"], expected, atol=1e-6)
 
@@ -85,7 +91,7 @@ def test_apply_rotation_turns_each_row_by_the_tables_rotation(
     images = [Image.open(image_folder / name) for name in names]
     turned = [Image.fromarray(np.rot90(np.asarray(image), turns % 4)) for turns, image in enumerate(images)]
     expected = reference_embeddings(
-        tiny_encoder.model, turned, TINY_IMAGE_SIZE, lib.OPENAI_MEAN, lib.OPENAI_STD
+        tiny_encoder.model, turned, TINY_IMAGE_SIZE, lib.preprocess.OPENAI_MEAN, lib.preprocess.OPENAI_STD
     )
     np.testing.assert_allclose(chunk["embeddings"], expected, atol=1e-6)
     assert chunk["attrs"]["apply_rotation"] and not chunk["attrs"]["exif_transpose"]
@@ -104,7 +110,7 @@ def test_chunks_made_with_other_image_options_are_never_reused(
 ):
     run_embed(table, tiny_encoder, end=8)
     with pytest.raises(lib.PipelineError, match=rf"made differently .*{difference}"):
-        lib.plan_chunks(
+        lib.plan.plan_chunks(
             collection, 0, None, 8, run_signature(tiny_encoder, table, **{option: value}), len(table)
         )
 
@@ -134,10 +140,12 @@ def test_collections_side_by_side_keep_their_own_table_chunks_and_merged_file(
 def as_an_earlier_version_left_it(workspace, collection) -> None:
     """The layout of versions without OUTPUT_DIR: table and JSON record in .cache/, chunks in OUTPUT/."""
     workspace.cache.mkdir(exist_ok=True)
-    table = lib.pq.read_table(collection.table).drop_columns(["md5"])  # checksums came later
-    record = {key: value for key, value in lib._table_info(collection.table).items() if key != "md5_sha256"}
-    workspace.earlier_table.with_suffix(".json").write_text(lib.json.dumps(record))
-    lib.pq.write_table(table.replace_schema_metadata({}), workspace.earlier_table)
+    table = pq.read_table(collection.table).drop_columns(["md5"])  # checksums came later
+    record = {
+        key: value for key, value in lib.table.table_info(collection.table).items() if key != "md5_sha256"
+    }
+    workspace.earlier_table.with_suffix(".json").write_text(json.dumps(record))
+    pq.write_table(table.replace_schema_metadata({}), workspace.earlier_table)
     collection.table.unlink()
 
 
@@ -199,7 +207,7 @@ def test_a_rerun_skips_finished_chunks(collection, table, tiny_encoder):
 def test_a_run_with_another_chunk_size_fills_only_the_gaps(collection, table, tiny_encoder):
     run_embed(table, tiny_encoder, start=4, end=12)
     signature = run_signature(tiny_encoder, table)
-    plan = lib.plan_chunks(collection, 0, None, 5, signature, len(table))
+    plan = lib.plan.plan_chunks(collection, 0, None, 5, signature, len(table))
     assert plan.todo == [(0, 4), (12, 17), (17, 20)]
     assert [(c.start, c.end) for c in plan.done] == [(4, 12)]
 
@@ -210,7 +218,7 @@ def test_the_same_image_gives_the_same_vector_in_any_chunk(collection, table, ti
     for info in lib.find_chunks(collection.chunks):
         chunk = read_output(info.path)
         by_row.update(zip(chunk["rows"], chunk["embeddings"], strict=True))
-    other = lib.Collection(workspace.root.parent / "other")  # a collection of the same table
+    other = lib.workspace.Collection(workspace.root.parent / "other")  # a collection of the same table
     other.folder.mkdir()
     shutil.copy(collection.table, other.table)
     run_embed(
@@ -230,7 +238,7 @@ def test_chunks_of_another_model_or_precision_are_never_reused(
     with pytest.raises(
         lib.PipelineError, match=r"made differently .*PRECISION: 'fp32' recorded, 'bf16' requested"
     ):
-        lib.plan_chunks(collection, 0, None, 8, run_signature(bf16, table), len(table))
+        lib.plan.plan_chunks(collection, 0, None, 8, run_signature(bf16, table), len(table))
 
 
 def test_chunks_survive_moving_the_model_directory(
@@ -238,7 +246,7 @@ def test_chunks_survive_moving_the_model_directory(
 ):
     run_embed(table, tiny_encoder)
     moved = lib.load_encoder(str(shutil.copytree(tiny_checkpoint, tmp_path / "moved")), "cpu", "fp32")
-    plan = lib.plan_chunks(collection, 0, None, 8, run_signature(moved, table), len(table))
+    plan = lib.plan.plan_chunks(collection, 0, None, 8, run_signature(moved, table), len(table))
     assert plan.todo == [] and len(plan.done) == 3
 
 
@@ -248,7 +256,7 @@ def test_chunks_of_another_image_table_are_never_reused(collection, table, tiny_
     table = r"the image table \(01_metadata's DATASET, SPLIT, SOURCE, FETCH\)"
     values = r": folder '.*' \(sha256 [0-9a-f]{12}\) recorded, folder '.*' \(sha256 000000000000\) requested"
     with pytest.raises(lib.PipelineError, match=table + values):
-        lib.plan_chunks(collection, 0, None, 8, signature, len(table))
+        lib.plan.plan_chunks(collection, 0, None, 8, signature, len(table))
 
 
 def test_a_resumed_run_keeps_the_revision_its_chunks_record_after_the_hub_moved(
@@ -264,7 +272,7 @@ def test_a_resumed_run_keeps_the_revision_its_chunks_record_after_the_hub_moved(
     moved = "f" * 40
     retrained(tiny_checkpoint, repo / "snapshots" / moved, seed=3)
     (repo / "refs" / "main").write_text(moved)
-    assert lib.resolve_checkpoint("ViT-B/32").revision == moved, "main has moved on"
+    assert lib.model.resolve_checkpoint("ViT-B/32").revision == moved, "main has moved on"
     capsys.readouterr()
     encoder = lib.run_encoder(embed_params(model="ViT-B/32"), collection)
     assert encoder.checkpoint.revision == FAKE_COMMIT
@@ -291,7 +299,7 @@ def test_precision_auto_that_resolves_otherwise_here_names_the_value_that_contin
 
 def test_auto_sizes_follow_the_machine(table, tiny_encoder):
     auto = lib.with_machine_sizes(embed_params(gpu_batch_size="auto", num_workers="auto"), tiny_encoder)
-    assert (auto.gpu_batch_size, auto.num_workers) == (lib.CPU_BATCH_SIZE, len(os.sched_getaffinity(0)))
+    assert (auto.gpu_batch_size, auto.num_workers) == (lib.plan.CPU_BATCH_SIZE, len(os.sched_getaffinity(0)))
     explicit = lib.with_machine_sizes(embed_params(gpu_batch_size=7, num_workers=3), tiny_encoder)
     assert (explicit.gpu_batch_size, explicit.num_workers) == (7, 3)
     summary = run_embed(table, tiny_encoder, gpu_batch_size="auto", num_workers="auto")
@@ -304,7 +312,7 @@ def test_auto_sizes_follow_the_machine(table, tiny_encoder):
     ids=["H200: the limit", "a 16 GB card", "a small card", "not even one"],
 )
 def test_a_gpus_auto_batch_is_the_largest_power_of_two_that_fits(budget, per_image, batch):
-    assert lib.batch_for_memory(budget, per_image, 1024) == batch
+    assert lib.plan.batch_for_memory(budget, per_image, 1024) == batch
 
 
 def test_a_row_range_past_the_table_is_a_parameter_error(collection, table, tiny_encoder):
@@ -312,16 +320,16 @@ def test_a_row_range_past_the_table_is_a_parameter_error(collection, table, tiny
     with pytest.raises(
         lib.ParameterError, match=r"START=0, END=25 is outside the image table, which has 20 rows"
     ):
-        lib.plan_chunks(collection, 0, 25, 8, signature, len(table))
+        lib.plan.plan_chunks(collection, 0, 25, 8, signature, len(table))
     with pytest.raises(lib.ParameterError, match="START=20"):
-        lib.plan_chunks(collection, 20, None, 8, signature, len(table))
+        lib.plan.plan_chunks(collection, 20, None, 8, signature, len(table))
 
 
 def test_a_chunk_is_written_whole_or_not_at_all(table, tiny_encoder, collection, monkeypatch):
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr(lib, "_fsync_and_replace", fail)
+    monkeypatch.setattr(lib.workspace, "fsync_and_replace", fail)
     with pytest.raises(OSError, match="disk full"):
         run_embed(table, tiny_encoder, end=8)
     assert lib.find_chunks(collection.chunks) == [] and not list(collection.chunks.glob("*"))
@@ -358,7 +366,7 @@ class Gauge:
 def test_fetches_outnumber_decoding_threads_and_images_come_in_order():
     photos = {f"photo-{index}": jpeg_bytes(40, 30, seed=index) for index in range(24)}
     fetching, decoding = Gauge(), Gauge()
-    exact = lib.ImageRecipe(lib.Preprocessing(TINY_IMAGE_SIZE))
+    exact = lib.preprocess.ImageRecipe(lib.preprocess.Preprocessing(TINY_IMAGE_SIZE))
 
     class SlowNetwork:
         def fetch(self, location):
@@ -370,18 +378,18 @@ def test_fetches_outnumber_decoding_threads_and_images_come_in_order():
         with decoding.inside():
             return exact(data, rotation)
 
-    with lib.ImageLoader(SlowNetwork(), recipe, workers=2, lookahead=40) as loader:
+    with lib.embed.ImageLoader(SlowNetwork(), recipe, workers=2, lookahead=40) as loader:
         loaded = list(loader.load(photos, [None] * len(photos)))
-    assert decoding.peak <= 2 < fetching.peak <= lib.FETCH_THREADS_PER_WORKER * 2
+    assert decoding.peak <= 2 < fetching.peak <= lib.embed.FETCH_THREADS_PER_WORKER * 2
     for item, data in zip(loaded, photos.values(), strict=True):
         np.testing.assert_array_equal(item.pixels, exact(data))
 
 
-def test_too_little_disk_space_is_an_error_before_any_chunk(table, tiny_encoder, collection, monkeypatch):
-    needed = lib.estimated_bytes(table, [(0, len(table))], tiny_encoder.embedding_size)
+def test_too_little_disk_space_is_an_error_before_any_chunk(table, tiny_encoder, collection, configure):
+    needed = lib.embed.estimated_bytes(table, [(0, len(table))], tiny_encoder.embedding_size)
     assert 20 * (16 * 4 + 8) < needed < 20 * 2000
     full = shutil._ntuple_diskusage(total=10**9, used=10**9 - needed // 2, free=needed // 2)
-    monkeypatch.setattr(lib.shutil, "disk_usage", lambda path: full)
+    configure(disk_usage=lambda path: full)
     with pytest.raises(lib.PipelineError, match=r"Not enough disk space for 20 rows of chunk files"):
         run_embed(table, tiny_encoder)
     assert lib.find_chunks(collection.chunks) == []
@@ -394,7 +402,7 @@ def test_an_output_folder_without_write_permission_is_named(table, tiny_encoder,
         def denied(dir: str) -> None:
             raise PermissionError(13, "Permission denied", dir)
 
-        monkeypatch.setattr(lib.tempfile, "TemporaryFile", denied)
+        monkeypatch.setattr(tempfile, "TemporaryFile", denied)
     try:
         with pytest.raises(
             lib.PipelineError, match=rf"Cannot write in {collection.chunks} \(Permission denied\)"
@@ -410,7 +418,7 @@ def test_an_output_folder_without_write_permission_is_named(table, tiny_encoder,
 
 
 def test_headless_progress_prints_a_line_every_interval_even_while_nothing_arrives(capsys):
-    with lib.RunProgress(100, lines=True, interval=0.25) as progress:
+    with lib.progress.RunProgress(100, lines=True, interval=0.25) as progress:
         progress.add([None] * 10 + ["http 404"] * 3 + ["timeout"])
         time.sleep(1.1)  # a stalled source: no row arrives
         progress.chunk_written("chunk_000000000_000000014.h5")
@@ -428,7 +436,7 @@ def test_headless_progress_prints_a_line_every_interval_even_while_nothing_arriv
 
 def test_chunks_written_closer_together_than_the_gap_share_a_line(capsys):
     """A small CHUNK on a fast GPU writes several chunks a second: not several lines a second."""
-    with lib.RunProgress(100, lines=True, interval=60, gap=0.5) as progress:
+    with lib.progress.RunProgress(100, lines=True, interval=60, gap=0.5) as progress:
         for n in range(4):  # the first at once, the next three within the gap
             progress.add([None] * 10)
             progress.chunk_written(f"chunk_{n}.h5")
@@ -444,7 +452,7 @@ def test_chunks_written_closer_together_than_the_gap_share_a_line(capsys):
 
 
 def test_progress_where_someone_watches_is_a_bar_not_lines(capsys):
-    with lib.RunProgress(100, lines=False, interval=0.05) as progress:
+    with lib.progress.RunProgress(100, lines=False, interval=0.05) as progress:
         progress.add([None] * 100)
         time.sleep(0.3)
         progress.chunk_written("chunk_000000000_000000100.h5")
@@ -458,4 +466,4 @@ def test_a_kernel_whose_front_end_can_answer_input_is_watched(monkeypatch, allow
 
     shell = types.SimpleNamespace(kernel=types.SimpleNamespace(_allow_stdin=allow_stdin))
     monkeypatch.setattr(IPython, "get_ipython", lambda: shell)
-    assert lib.watched() is watched
+    assert lib.progress.watched() is watched

@@ -17,14 +17,14 @@ from reference import reference_embeddings
 
 
 def test_a_local_directory_is_identified_by_its_weights(tiny_checkpoint, tmp_path):
-    checkpoint = lib.resolve_checkpoint(str(tiny_checkpoint))
+    checkpoint = lib.model.resolve_checkpoint(str(tiny_checkpoint))
     assert checkpoint.path == tiny_checkpoint and checkpoint.revision.startswith("sha256:")
     copy = shutil.copytree(tiny_checkpoint, tmp_path / "copy")
-    assert lib.resolve_checkpoint(str(copy)).revision == checkpoint.revision
+    assert lib.model.resolve_checkpoint(str(copy)).revision == checkpoint.revision
 
 
 def test_openai_names_map_to_the_hub_and_work_offline_from_the_cache(offline_hub):
-    checkpoint = lib.resolve_checkpoint("ViT-B/32")
+    checkpoint = lib.model.resolve_checkpoint("ViT-B/32")
     assert checkpoint.model_id == "openai/clip-vit-base-patch32"
     assert checkpoint.revision == FAKE_COMMIT
     encoder = lib.load_encoder("ViT-B/32", "cpu", "auto")
@@ -37,21 +37,21 @@ def test_a_cached_model_works_when_the_hub_is_unreachable(hub_cache, monkeypatch
 
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(hub_cache))
     monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", closed_port_url(""))
-    assert lib.resolve_checkpoint("ViT-B/32").revision == FAKE_COMMIT
+    assert lib.model.resolve_checkpoint("ViT-B/32").revision == FAKE_COMMIT
     with pytest.raises(lib.PipelineError, match=r"could not be reached .*Connection refused"):
-        lib.resolve_checkpoint("ViT-L/14")
+        lib.model.resolve_checkpoint("ViT-L/14")
 
 
 def test_a_revision_pin_resolves_offline_from_the_cache(offline_hub):
-    assert lib.resolve_checkpoint("ViT-B/32", FAKE_COMMIT).revision == FAKE_COMMIT
-    assert lib.resolve_checkpoint("openai/clip-vit-base-patch32", "main").revision == FAKE_COMMIT
+    assert lib.model.resolve_checkpoint("ViT-B/32", FAKE_COMMIT).revision == FAKE_COMMIT
+    assert lib.model.resolve_checkpoint("openai/clip-vit-base-patch32", "main").revision == FAKE_COMMIT
     encoder = lib.load_encoder("ViT-B/32", "cpu", "fp32", revision=FAKE_COMMIT)
     assert encoder.checkpoint.revision == FAKE_COMMIT
 
 
 def test_a_revision_missing_from_an_unreachable_hub_names_it(offline_hub):
     with pytest.raises(lib.PipelineError) as error:
-        lib.resolve_checkpoint("ViT-B/32", "v2.0")
+        lib.model.resolve_checkpoint("ViT-B/32", "v2.0")
     message = str(error.value)
     assert "'openai/clip-vit-base-patch32' at revision 'v2.0'" in message
     assert "--revision v2.0" in message
@@ -59,7 +59,7 @@ def test_a_revision_missing_from_an_unreachable_hub_names_it(offline_hub):
 
 def test_a_revision_pin_on_a_local_directory_is_a_parameter_error(tiny_checkpoint):
     with pytest.raises(lib.ParameterError, match=r"MODEL_REVISION='v1' applies to hub models"):
-        lib.resolve_checkpoint(str(tiny_checkpoint), "v1")
+        lib.model.resolve_checkpoint(str(tiny_checkpoint), "v1")
 
 
 def test_a_model_missing_from_an_unreachable_hub_says_how_to_work_offline(offline_hub):
@@ -94,13 +94,13 @@ def test_a_checkpoint_without_weights_is_refused(tiny_checkpoint, tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
 def test_cuda_without_a_gpu_is_a_parameter_error():
     with pytest.raises(lib.ParameterError, match=r"DEVICE='cuda' is not available: .*Use DEVICE='cpu'"):
-        lib.resolve_device("cuda")
+        lib.model.resolve_device("cuda")
 
 
 def test_auto_device_and_precision():
-    assert lib.resolve_precision("auto", torch.device("cuda")) == "fp16"
-    assert lib.resolve_precision("auto", torch.device("cpu")) == "fp32"
-    assert lib.resolve_precision("bf16", torch.device("cpu")) == "bf16"
+    assert lib.model.resolve_precision("auto", torch.device("cuda")) == "fp16"
+    assert lib.model.resolve_precision("auto", torch.device("cpu")) == "fp32"
+    assert lib.model.resolve_precision("bf16", torch.device("cpu")) == "bf16"
 
 
 def test_preprocessing_comes_from_the_checkpoint(tiny_checkpoint, tmp_path):
@@ -109,7 +109,9 @@ def test_preprocessing_comes_from_the_checkpoint(tiny_checkpoint, tmp_path):
     config.update(image_mean=[0.5, 0.5, 0.5], image_std=[0.2, 0.3, 0.4])
     (folder / "preprocessor_config.json").write_text(json.dumps(config))
     encoder = lib.load_encoder(str(folder), "cpu")
-    assert encoder.preprocessing == lib.Preprocessing(TINY_IMAGE_SIZE, (0.5, 0.5, 0.5), (0.2, 0.3, 0.4))
+    assert encoder.preprocessing == lib.preprocess.Preprocessing(
+        TINY_IMAGE_SIZE, (0.5, 0.5, 0.5), (0.2, 0.3, 0.4)
+    )
 
 
 def sample_images(count: int) -> list[Image.Image]:
@@ -122,7 +124,7 @@ def sample_images(count: int) -> list[Image.Image]:
 def test_embeddings_equal_a_direct_clip_forward(tiny_encoder):
     images = sample_images(12)
     expected = reference_embeddings(
-        tiny_encoder.model, images, TINY_IMAGE_SIZE, lib.OPENAI_MEAN, lib.OPENAI_STD
+        tiny_encoder.model, images, TINY_IMAGE_SIZE, lib.preprocess.OPENAI_MEAN, lib.preprocess.OPENAI_STD
     )
     ours = tiny_encoder.encode(np.stack([tiny_encoder.preprocessing(image) for image in images]))
     assert ours.dtype == np.float32 and ours.shape == (12, 16)
@@ -158,9 +160,11 @@ def test_image_size_and_embedding_size_come_from_the_checkpoint(tmp_path):
     torch.manual_seed(1)
     CLIPModel(config).save_pretrained(tmp_path)
     encoder = lib.load_encoder(str(tmp_path), "cpu", "fp32")
-    assert encoder.preprocessing == lib.Preprocessing(48) and encoder.embedding_size == 8
+    assert encoder.preprocessing == lib.preprocess.Preprocessing(48) and encoder.embedding_size == 8
     images = sample_images(4)
-    expected = reference_embeddings(encoder.model, images, 48, lib.OPENAI_MEAN, lib.OPENAI_STD)
+    expected = reference_embeddings(
+        encoder.model, images, 48, lib.preprocess.OPENAI_MEAN, lib.preprocess.OPENAI_STD
+    )
     ours = encoder.encode(np.stack([encoder.preprocessing(image) for image in images]))
     np.testing.assert_allclose(ours, expected, atol=1e-6)
 
@@ -253,7 +257,7 @@ print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 
 def page_faults_of_big_tensors(checkpoint: str) -> int:
     """Page faults of five 64 MB tensors made after three others, in a fresh process."""
-    notebooks = str(Path(lib.__file__).parent)
+    notebooks = str(Path(lib.__file__).parent.parent)
     command = [sys.executable, "-c", PAGE_FAULTS_OF_BIG_TENSORS, notebooks, checkpoint]
     return int(subprocess.run(command, capture_output=True, text=True, check=True).stdout)
 

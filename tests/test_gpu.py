@@ -66,8 +66,8 @@ def test_02_on_cuda_records_its_device_and_precision(collection, table, tiny_che
 
 def test_the_auto_batch_on_cuda_fits_the_gpu(vit_b_32):
     encoder = lib.load_encoder(vit_b_32, "cuda", "auto")
-    batch = lib.cuda_batch_size(encoder)
+    batch = lib.plan.cuda_batch_size(encoder)
     print(f"GPU_BATCH_SIZE='auto' on {torch.cuda.get_device_name()}: {batch}")
-    assert batch & (batch - 1) == 0 and 64 <= batch <= lib.CUDA_BATCH_LIMIT
+    assert batch & (batch - 1) == 0 and 64 <= batch <= lib.plan.CUDA_BATCH_LIMIT
     encoder.encode(preprocessed(batch, encoder.preprocessing))
     assert encoder.batch_limit is None, "the batch ran whole, without halving for memory"

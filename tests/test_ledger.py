@@ -32,14 +32,13 @@ ROWS_PER_KIND = 20
 
 
 @pytest.fixture
-def quick_faults(monkeypatch, fast_retries, http_server):
+def quick_faults(monkeypatch, fast_retries, http_server, configure):
     """Timeouts and the deadline short enough for a test; retries without their backoff sleeps."""
-    monkeypatch.setattr(lib, "HTTP_TIMEOUT", (5, 1.0))
-    monkeypatch.setattr(lib, "FETCH_DEADLINE", 2.5)
+    configure(http_timeout=(5, 1.0), fetch_deadline=2.5)
     monkeypatch.setattr(http_server, "slow_seconds", 2.5)
 
 
-def faulty_table(workspace, http_server, images, kinds) -> tuple[lib.ImageTable, list[str]]:
+def faulty_table(workspace, http_server, images, kinds) -> tuple[lib.table.ImageTable, list[str]]:
     """An image table of ROWS_PER_KIND rows of each kind, interleaved; and each row's kind."""
     keys = sorted(images)
     rows, row_kinds = [], []
@@ -101,7 +100,10 @@ def test_retry_failed_attempts_only_the_failed_rows_and_keeps_every_stored_vecto
 ):
     table, kinds = faulty_table(workspace, http_server, images, ["good", "outage", "missing"])
     run_embed(table, tiny_encoder, chunk=16)
-    before = {info.path.name: lib.read_chunk_result(info.path) for info in lib.find_chunks(collection.chunks)}
+    before = {
+        info.path.name: lib.chunkfile.read_chunk_result(info.path)
+        for info in lib.find_chunks(collection.chunks)
+    }
     failed_rows = {row for result in before.values() for row in result.failed.rows}
     assert failed_rows == {row for row, kind in enumerate(kinds) if kind != "good"}
     hits_before = dict(http_server.hits)
@@ -114,12 +116,14 @@ def test_retry_failed_attempts_only_the_failed_rows_and_keeps_every_stored_vecto
     assert len(fetched) == len(failed_rows), "only the failed rows are fetched again"
 
     for name, old in before.items():
-        new = lib.read_chunk_result(collection.chunks / name)
+        new = lib.chunkfile.read_chunk_result(collection.chunks / name)
         kept = np.isin(new.embedded.rows, old.embedded.rows)
         np.testing.assert_array_equal(new.embeddings()[kept], old.embeddings())
         assert sorted(new.embedded.rows + new.failed.rows) == list(range(new.start, new.end))
         assert set(new.reasons) == {"http 404"} and new.retried == len(old.failed.rows)
-    assert not [path for path in collection.chunks.iterdir() if not lib._CHUNK_NAME.fullmatch(path.name)]
+    assert not [
+        path for path in collection.chunks.iterdir() if not lib.chunkfile.CHUNK_NAME.fullmatch(path.name)
+    ]
 
     retried = merged_ledger()
     collection.chunks.rename(workspace.root / "retried-chunks")
@@ -146,7 +150,7 @@ def test_a_placeholder_served_for_a_removed_photo_is_a_checksum_mismatch(
     assert merged["reasons"] == ["checksum mismatch"] and summary.failed_by_reason == {"checksum mismatch": 1}
 
 
-def listing_table(collection, folder, locations: list[str]) -> lib.ImageTable:
+def listing_table(collection, folder, locations: list[str]) -> lib.table.ImageTable:
     """An image table of one row per location, with ids row-<n>."""
     listing = folder / "listing.csv"
     listing.write_text("image_id,url\n" + "".join(f"row-{n},{url}\n" for n, url in enumerate(locations)))

@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import types
+from pathlib import Path
 
 import h5py
 import lib
@@ -83,9 +84,9 @@ def test_merged_file_records_how_it_was_made(collection, chunks, workspace, tiny
     assert json.loads(attrs["failed_by_reason"]) == {"decode: truncated file": 1, "not an image": 1}
     assert json.loads(attrs["source"])["dataset"] == "folder" and "transformers" in attrs["library_versions"]
     assert json.loads(attrs["gaps"]) == [] and len(json.loads(attrs["chunks"])) == 3
-    assert attrs["device"] == "cpu" and attrs["preprocessing"] == lib.PREPROCESSING_RULE
+    assert attrs["device"] == "cpu" and attrs["preprocessing"] == lib.preprocess.PREPROCESSING_RULE
     assert (attrs["exif_transpose"], attrs["apply_rotation"]) == (False, False)
-    assert attrs["max_pixels"] == lib.DEFAULT_MAX_PIXELS
+    assert attrs["max_pixels"] == lib.preprocess.DEFAULT_MAX_PIXELS
 
 
 def test_the_original_readers_snippet_runs_unchanged(collection, chunks, workspace, capsys):
@@ -128,7 +129,7 @@ def test_overlapping_chunks_are_refused(collection, chunks, workspace):
     first = chunks[0]
     with (
         h5py.File(first.path, "r") as source,
-        h5py.File(lib.chunk_path(collection.chunks, 4, 12), "w") as target,
+        h5py.File(lib.chunkfile.chunk_path(collection.chunks, 4, 12), "w") as target,
     ):
         for name in source:
             source.copy(name, target)
@@ -237,7 +238,7 @@ def test_a_merge_interrupted_while_cleaning_up_finishes_the_cleanup_and_loses_no
     lib.merge_chunks(collection, OUTPUT_FILE)
     before = (workspace.root / OUTPUT_FILE).read_bytes()
     chunks[0].path.unlink()  # as CLEANUP does, one chunk after another, until the kill
-    lib.lock_path(chunks[0].path).write_text("pid 1 on a killed host")  # its claim, never released
+    lib.claims.lock_path(chunks[0].path).write_text("pid 1 on a killed host")  # its claim, never released
     report = lib.merge_chunks(collection, OUTPUT_FILE, cleanup=True)
     assert report.written is False and report.embedded == 18 and report.chunks == 3
     assert (workspace.root / OUTPUT_FILE).read_bytes() == before and lib.find_chunks(collection.chunks) == []
@@ -255,25 +256,25 @@ def test_a_merge_that_would_drop_the_rows_of_cleaned_up_chunks_is_refused(
     assert lib.merge_chunks(collection, "OUTPUT/new.h5").embedded == 4
 
 
-def test_too_little_disk_space_is_an_error_before_the_merge(collection, chunks, workspace, monkeypatch):
+def test_too_little_disk_space_is_an_error_before_the_merge(collection, chunks, workspace, configure):
     full = shutil._ntuple_diskusage(total=10**9, used=10**9 - 1000, free=1000)
-    monkeypatch.setattr(lib.shutil, "disk_usage", lambda path: full)
+    configure(disk_usage=lambda path: full)
     with pytest.raises(lib.PipelineError, match=r"Not enough disk space for merging into .*0.00 GiB is free"):
         lib.merge_chunks(collection, OUTPUT_FILE)
     assert not (workspace.root / OUTPUT_FILE).exists()
 
 
-def rewrite_after_the_merge(chunk: lib.ChunkInfo, monkeypatch) -> None:
+def rewrite_after_the_merge(chunk: lib.chunkfile.ChunkInfo, monkeypatch) -> None:
     """Another run (RETRY_FAILED) rewrites `chunk` once the merged file is written, before the cleanup."""
-    write_merged = lib._write_merged
+    write_merged = lib.merge._write_merged
 
     def then_rewrite(*args):
         write_merged(*args)
-        result = lib.read_chunk_result(chunk.path)
+        result = lib.chunkfile.read_chunk_result(chunk.path)
         result.vectors = [-result.embeddings()]  # other vectors, still of unit length
-        lib.write_chunk(chunk.path, result, chunk.attrs)
+        lib.chunkfile.write_chunk(chunk.path, result, chunk.attrs)
 
-    monkeypatch.setattr(lib, "_write_merged", then_rewrite)
+    monkeypatch.setattr(lib.merge, "_write_merged", then_rewrite)
 
 
 def test_cleanup_keeps_a_chunk_rewritten_after_it_was_merged(collection, chunks, monkeypatch):
@@ -285,7 +286,7 @@ def test_cleanup_keeps_a_chunk_rewritten_after_it_was_merged(collection, chunks,
 
 
 def test_cleanup_keeps_a_chunk_that_another_run_holds(collection, chunks):
-    claim = lib.claim_chunk(collection.chunks, chunks[0].start, chunks[0].end, rewrite=True)
+    claim = lib.claims.claim_chunk(collection.chunks, chunks[0].start, chunks[0].end, rewrite=True)
     try:
         report = lib.merge_chunks(collection, OUTPUT_FILE, cleanup=True)
     finally:
@@ -295,16 +296,16 @@ def test_cleanup_keeps_a_chunk_that_another_run_holds(collection, chunks):
 
 
 def test_cleanup_deletes_chunks_under_the_merge_lock(collection, chunks, workspace, monkeypatch):
-    merge_lock = lib.lock_path(workspace.root / OUTPUT_FILE)
+    merge_lock = lib.claims.lock_path(workspace.root / OUTPUT_FILE)
     held_while_deleting = []
-    unlink = lib.Path.unlink
+    unlink = Path.unlink
 
     def watched_unlink(path, *args, **kwargs):
         if path.suffix == ".h5" and path.parent == collection.chunks:
-            held_while_deleting.append(lib.lock_holder(merge_lock) is not None)
+            held_while_deleting.append(lib.claims.lock_holder(merge_lock) is not None)
         return unlink(path, *args, **kwargs)
 
-    monkeypatch.setattr(lib.Path, "unlink", watched_unlink)
+    monkeypatch.setattr(Path, "unlink", watched_unlink)
     lib.merge_chunks(collection, OUTPUT_FILE, cleanup=True)
     assert held_while_deleting == [True, True, True]
 
@@ -322,13 +323,13 @@ def test_hdf5_lock_failures_say_which_they_are(collection, table, tiny_encoder, 
     """HDF5 calls both a file held open elsewhere and a filesystem without locks 'unable to lock file'."""
 
     def unlockable(path, mode="r", **kwargs):
-        strerror = lib.os.strerror(number)
+        strerror = os.strerror(number)
         raise OSError(
             f"Unable to synchronously create file (unable to lock file, errno = {number}, error message = "
             f"'{strerror}')"
         )
 
-    monkeypatch.setattr(lib.h5py, "File", unlockable)
+    monkeypatch.setattr(h5py, "File", unlockable)
     with pytest.raises(lib.PipelineError, match=message):
         run_embed(table, tiny_encoder, end=8)  # writing a chunk
     assert not list(collection.chunks.glob("*.h5"))

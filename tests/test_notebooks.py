@@ -76,7 +76,9 @@ def reference_for(images: dict[str, bytes], ids: list[str], checkpoint: Path) ->
 
     model = CLIPModel.from_pretrained(checkpoint).eval()
     decoded = [Image.open(io.BytesIO(images[i])) for i in ids]
-    return reference_embeddings(model, decoded, TINY_IMAGE_SIZE, lib.OPENAI_MEAN, lib.OPENAI_STD)
+    return reference_embeddings(
+        model, decoded, TINY_IMAGE_SIZE, lib.preprocess.OPENAI_MEAN, lib.preprocess.OPENAI_STD
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -96,7 +98,9 @@ def test_committed_notebooks_are_clean(stage):
         assert re.fullmatch(r"[A-Z][A-Z0-9_]* = .+  # .+", line), f"give each parameter a comment: {line}"
 
 
-@pytest.mark.parametrize(("stage", "params_class"), list(zip(STAGES, lib.STAGE_PARAMETERS, strict=True)))
+@pytest.mark.parametrize(
+    ("stage", "params_class"), list(zip(STAGES, lib.params.STAGE_PARAMETERS, strict=True))
+)
 def test_help_notebook_describes_every_parameter(stage, params_class):
     command = [
         sys.executable,
@@ -106,7 +110,7 @@ def test_help_notebook_describes_every_parameter(stage, params_class):
         str(REPO / "notebooks" / f"{stage}.ipynb"),
     ]
     help_text = subprocess.run(command, capture_output=True, text=True, check=True).stdout
-    for name in lib._parameter_names(params_class):
+    for name in lib.params._parameter_names(params_class):
         assert re.search(rf"^  {name}: .*\n +\S", help_text, re.MULTILINE), f"{name} is not described"
 
 
@@ -122,7 +126,7 @@ def notebook_defaults(stage: str) -> dict:
 @pytest.mark.parametrize("name", ["demo", "validation", "train_s3", "folder_example", "table_example"])
 def test_named_parameter_sets_are_valid_for_every_stage(name):
     values = yaml.safe_load((REPO / "params" / f"{name}.yaml").read_text())
-    for stage, params_class in zip(STAGES, lib.STAGE_PARAMETERS, strict=True):
+    for stage, params_class in zip(STAGES, lib.params.STAGE_PARAMETERS, strict=True):
         lib.read_parameters(params_class, {**notebook_defaults(stage), **values})
 
 

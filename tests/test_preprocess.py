@@ -34,8 +34,8 @@ def pil_image(width: int, height: int, mode: str = "RGB", seed: int = 0) -> Imag
 @pytest.mark.parametrize(("width", "height"), SIZES)
 def test_equals_the_reference_bit_for_bit(width, height):
     image = pil_image(width, height, seed=width * 1000 + height)
-    ours = lib.Preprocessing(N_PX)(image)
-    reference = openai_preprocess(image, N_PX, lib.OPENAI_MEAN, lib.OPENAI_STD).numpy()
+    ours = lib.preprocess.Preprocessing(N_PX)(image)
+    reference = openai_preprocess(image, N_PX, lib.preprocess.OPENAI_MEAN, lib.preprocess.OPENAI_STD).numpy()
     assert ours.dtype == np.float32 and ours.shape == (3, N_PX, N_PX)
     np.testing.assert_array_equal(ours, reference)
 
@@ -43,15 +43,15 @@ def test_equals_the_reference_bit_for_bit(width, height):
 @pytest.mark.parametrize("mode", ["RGB", "L", "LA", "P", "PA", "RGBA", "CMYK", "1"])
 def test_every_8bit_mode_equals_the_reference(mode):
     image = pil_image(47, 61, mode=mode, seed=3)
-    ours = lib.Preprocessing(N_PX)(image)
-    reference = openai_preprocess(image, N_PX, lib.OPENAI_MEAN, lib.OPENAI_STD).numpy()
+    ours = lib.preprocess.Preprocessing(N_PX)(image)
+    reference = openai_preprocess(image, N_PX, lib.preprocess.OPENAI_MEAN, lib.preprocess.OPENAI_STD).numpy()
     np.testing.assert_array_equal(ours, reference)
 
 
 def test_a_336_pixel_checkpoint_and_its_own_mean_and_std():
     mean, std = (0.5, 0.5, 0.5), (0.25, 0.5, 1.0)
     image = pil_image(500, 377, seed=7)
-    ours = lib.Preprocessing(336, mean, std)(image)
+    ours = lib.preprocess.Preprocessing(336, mean, std)(image)
     np.testing.assert_array_equal(ours, openai_preprocess(image, 336, mean, std).numpy())
 
 
@@ -60,18 +60,18 @@ def test_center_crop_rounds_half_to_even_like_torchvision(width, first_column):
     """Columns numbered by value: the crop keeps columns from int(round((W - n_px) / 2))."""
     columns = np.tile(np.arange(width, dtype=np.uint8), (N_PX, 1))
     image = Image.fromarray(columns, "L")
-    kept = lib.Preprocessing(N_PX, (0, 0, 0), (1, 1, 1))(image)[0, 0] * 255
+    kept = lib.preprocess.Preprocessing(N_PX, (0, 0, 0), (1, 1, 1))(image)[0, 0] * 255
     np.testing.assert_allclose(kept, np.arange(first_column, first_column + N_PX), atol=1e-4)
 
 
 def test_resize_keeps_the_aspect_ratio_with_torchvisions_size_rule():
     """A 5:1 image resized to short side 32 has a long side of int(32 * 203 / 40) = 162."""
-    assert lib._resize_shortest_side(pil_image(203, 40), N_PX).size == (162, 32)
-    assert lib._resize_shortest_side(pil_image(40, 203), N_PX).size == (32, 162)
+    assert lib.preprocess._resize_shortest_side(pil_image(203, 40), N_PX).size == (162, 32)
+    assert lib.preprocess._resize_shortest_side(pil_image(40, 203), N_PX).size == (32, 162)
 
 
 def test_decode_reads_real_images():
-    image = lib.decode_image(jpeg_bytes(64, 48, seed=1))
+    image = lib.preprocess.decode_image(jpeg_bytes(64, 48, seed=1))
     assert image.size == (64, 48) and image.mode == "RGB"
 
 
@@ -91,17 +91,17 @@ def png_bytes() -> bytes:
 )
 def test_undecodable_bytes_are_failures_with_stable_reasons(data, reason):
     with pytest.raises(lib.ImageFailure) as failure:
-        lib.decode_image(data)
+        lib.preprocess.decode_image(data)
     assert failure.value.reason == reason
 
 
 def test_load_image_never_raises(tmp_path):
     (tmp_path / "page.jpg").write_bytes(b"<html></html>")
-    fetcher, recipe = lib.Fetcher(), lib.ImageRecipe(lib.Preprocessing(N_PX))
-    assert lib.load_image(str(tmp_path / "page.jpg"), 0, fetcher, recipe).reason == "not an image"
-    assert lib.load_image(str(tmp_path / "none.jpg"), 0, fetcher, recipe).reason == "file not found"
+    fetcher, recipe = lib.Fetcher(), lib.preprocess.ImageRecipe(lib.preprocess.Preprocessing(N_PX))
+    assert lib.embed.load_image(str(tmp_path / "page.jpg"), 0, fetcher, recipe).reason == "not an image"
+    assert lib.embed.load_image(str(tmp_path / "none.jpg"), 0, fetcher, recipe).reason == "file not found"
     (tmp_path / "ok.jpg").write_bytes(jpeg_bytes(40, 30, seed=3))
-    loaded = lib.load_image(str(tmp_path / "ok.jpg"), 0, fetcher, recipe)
+    loaded = lib.embed.load_image(str(tmp_path / "ok.jpg"), 0, fetcher, recipe)
     assert loaded.reason is None and loaded.pixels.shape == (3, N_PX, N_PX) and loaded.size > 0
 
 
@@ -129,26 +129,30 @@ def stretched_to_8_bits(values: np.ndarray) -> Image.Image:
 )
 def test_16_bit_and_float_images_are_stretched_by_their_own_range_not_clipped(mode, values):
     image = Image.frombytes(mode, (45, 37), values.tobytes())
-    ours = lib.Preprocessing(N_PX)(image)
-    expected = openai_preprocess(stretched_to_8_bits(values), N_PX, lib.OPENAI_MEAN, lib.OPENAI_STD)
+    ours = lib.preprocess.Preprocessing(N_PX)(image)
+    expected = openai_preprocess(
+        stretched_to_8_bits(values), N_PX, lib.preprocess.OPENAI_MEAN, lib.preprocess.OPENAI_STD
+    )
     np.testing.assert_array_equal(ours, expected.numpy())
-    white = openai_preprocess(Image.new("L", (45, 37), 255), N_PX, lib.OPENAI_MEAN, lib.OPENAI_STD)
+    white = openai_preprocess(
+        Image.new("L", (45, 37), 255), N_PX, lib.preprocess.OPENAI_MEAN, lib.preprocess.OPENAI_STD
+    )
     assert not np.allclose(ours, white.numpy())
 
 
 def test_a_16_bit_png_decodes_to_the_full_8_bit_range():
     values = np.linspace(0, 60000, 64 * 48).reshape(48, 64).astype(np.uint16)
-    image = lib.decode_image(encoded(Image.fromarray(values), "PNG"))
+    image = lib.preprocess.decode_image(encoded(Image.fromarray(values), "PNG"))
     assert image.mode == "I;16"
-    assert lib.to_8_bits(image).getextrema() == (0, 255)
+    assert lib.preprocess.to_8_bits(image).getextrema() == (0, 255)
 
 
 def test_float_images_with_nan_and_constant_images_still_give_pixels():
     values = np.full((20, 20), np.nan, np.float32)
     values[5:, :] = np.linspace(0, 1, 300).reshape(15, 20)
     values[0, 0] = np.inf
-    assert lib.to_8_bits(Image.fromarray(values)).getextrema() == (0, 255)
-    assert lib.to_8_bits(Image.fromarray(np.full((8, 8), 7, np.uint16))).getextrema() == (0, 0)
+    assert lib.preprocess.to_8_bits(Image.fromarray(values)).getextrema() == (0, 255)
+    assert lib.preprocess.to_8_bits(Image.fromarray(np.full((8, 8), 7, np.uint16))).getextrema() == (0, 0)
 
 
 ANIMATED = [("GIF", {}), ("PNG", {}), ("WEBP", {"lossless": True})]
@@ -159,14 +163,16 @@ def test_animated_images_give_their_first_frame(format, options, tmp_path):
     first, second = pil_image(50, 40, seed=11), pil_image(50, 40, seed=12)
     path = tmp_path / f"animated.{format.lower()}"
     first.save(path, format, save_all=True, append_images=[second], duration=100, loop=0, **options)
-    recipe = lib.ImageRecipe(lib.Preprocessing(N_PX))
+    recipe = lib.preprocess.ImageRecipe(lib.preprocess.Preprocessing(N_PX))
     ours = recipe(path.read_bytes())
     with Image.open(path) as opened:  # OpenAI's idiom: preprocess(Image.open(path))
         assert getattr(opened, "n_frames", 1) == 2
-        np.testing.assert_array_equal(ours, openai_preprocess(opened, N_PX, lib.OPENAI_MEAN, lib.OPENAI_STD))
+        np.testing.assert_array_equal(
+            ours, openai_preprocess(opened, N_PX, lib.preprocess.OPENAI_MEAN, lib.preprocess.OPENAI_STD)
+        )
     with Image.open(path) as opened:
         opened.seek(1)
-        later = openai_preprocess(opened, N_PX, lib.OPENAI_MEAN, lib.OPENAI_STD).numpy()
+        later = openai_preprocess(opened, N_PX, lib.preprocess.OPENAI_MEAN, lib.preprocess.OPENAI_STD).numpy()
     assert not np.allclose(ours, later)
 
 
@@ -182,14 +188,16 @@ def upright_and_tagged(orientation: int) -> tuple[Image.Image, bytes]:
 def test_exif_orientation_is_ignored_by_default_as_openai_does():
     upright, data = upright_and_tagged(6)
     stored = Image.open(io.BytesIO(data))
-    expected = openai_preprocess(stored, N_PX, lib.OPENAI_MEAN, lib.OPENAI_STD).numpy()
-    np.testing.assert_array_equal(lib.ImageRecipe(lib.Preprocessing(N_PX))(data), expected)
+    expected = openai_preprocess(stored, N_PX, lib.preprocess.OPENAI_MEAN, lib.preprocess.OPENAI_STD).numpy()
+    np.testing.assert_array_equal(
+        lib.preprocess.ImageRecipe(lib.preprocess.Preprocessing(N_PX))(data), expected
+    )
 
 
 def test_exif_transpose_turns_the_image_upright():
     upright, data = upright_and_tagged(6)
-    recipe = lib.ImageRecipe(lib.Preprocessing(N_PX), exif_transpose=True)
-    expected = openai_preprocess(upright, N_PX, lib.OPENAI_MEAN, lib.OPENAI_STD).numpy()
+    recipe = lib.preprocess.ImageRecipe(lib.preprocess.Preprocessing(N_PX), exif_transpose=True)
+    expected = openai_preprocess(upright, N_PX, lib.preprocess.OPENAI_MEAN, lib.preprocess.OPENAI_STD).numpy()
     np.testing.assert_array_equal(recipe(data), expected)
 
 
@@ -199,12 +207,15 @@ def test_apply_rotation_turns_counter_clockwise_by_the_tables_degrees(degrees):
     data = encoded(image, "PNG")
     turns = 0 if np.isnan(degrees) else int(degrees) // 90
     turned = Image.fromarray(np.rot90(np.asarray(image), turns))  # numpy's rot90 is counter-clockwise
-    expected = openai_preprocess(turned, N_PX, lib.OPENAI_MEAN, lib.OPENAI_STD).numpy()
+    expected = openai_preprocess(turned, N_PX, lib.preprocess.OPENAI_MEAN, lib.preprocess.OPENAI_STD).numpy()
     np.testing.assert_array_equal(
-        lib.ImageRecipe(lib.Preprocessing(N_PX), apply_rotation=True)(data, degrees), expected
+        lib.preprocess.ImageRecipe(lib.preprocess.Preprocessing(N_PX), apply_rotation=True)(data, degrees),
+        expected,
     )
-    unrotated = openai_preprocess(image, N_PX, lib.OPENAI_MEAN, lib.OPENAI_STD).numpy()
-    np.testing.assert_array_equal(lib.ImageRecipe(lib.Preprocessing(N_PX))(data, degrees), unrotated)
+    unrotated = openai_preprocess(image, N_PX, lib.preprocess.OPENAI_MEAN, lib.preprocess.OPENAI_STD).numpy()
+    np.testing.assert_array_equal(
+        lib.preprocess.ImageRecipe(lib.preprocess.Preprocessing(N_PX))(data, degrees), unrotated
+    )
 
 
 def png_with_size(width: int, height: int) -> bytes:
@@ -221,31 +232,33 @@ def png_with_size(width: int, height: int) -> bytes:
 
 def test_images_over_the_pixel_limit_fail_before_decoding():
     with pytest.raises(lib.ImageFailure) as failure:
-        lib.decode_image(png_with_size(60_000, 60_000))  # 3.6 gigapixels, 70 bytes
+        lib.preprocess.decode_image(png_with_size(60_000, 60_000))  # 3.6 gigapixels, 70 bytes
     assert failure.value.reason == "too many pixels"
     data = encoded(pil_image(100, 80), "PNG")
-    assert lib.decode_image(data, max_pixels=8000).size == (100, 80)
+    assert lib.preprocess.decode_image(data, max_pixels=8000).size == (100, 80)
     with pytest.raises(lib.ImageFailure, match="too many pixels"):
-        lib.decode_image(data, max_pixels=7999)
+        lib.preprocess.decode_image(data, max_pixels=7999)
 
 
 def test_a_mode_that_cannot_become_rgb_is_a_failure_with_a_reason():
     with pytest.raises(lib.ImageFailure) as failure:
-        lib.Preprocessing(N_PX)(Image.new("La", (40, 40)))
+        lib.preprocess.Preprocessing(N_PX)(Image.new("La", (40, 40)))
     assert failure.value.reason == "decode: unsupported mode La"
 
 
 def test_fast_preprocessing_decodes_jpegs_at_a_reduced_scale_and_stays_close():
     data = jpeg_bytes(400, 300, seed=4)
-    drafted = lib.decode_image(data, draft_size=N_PX)
+    drafted = lib.preprocess.decode_image(data, draft_size=N_PX)
     assert drafted.size[0] < 400 and min(drafted.size) >= N_PX
-    exact = lib.ImageRecipe(lib.Preprocessing(N_PX))(data)
-    fast = lib.ImageRecipe(lib.Preprocessing(N_PX), preprocess="fast")(data)
+    exact = lib.preprocess.ImageRecipe(lib.preprocess.Preprocessing(N_PX))(data)
+    fast = lib.preprocess.ImageRecipe(lib.preprocess.Preprocessing(N_PX), preprocess="fast")(data)
     assert fast.shape == exact.shape and not np.array_equal(fast, exact)
     assert np.abs(fast - exact).mean() < 0.1  # in normalised units: about 7 of 255 grey levels
 
 
 def test_fast_preprocessing_leaves_other_formats_exact():
     data = encoded(pil_image(400, 300, seed=4), "PNG")
-    exact = lib.ImageRecipe(lib.Preprocessing(N_PX))(data)
-    np.testing.assert_array_equal(lib.ImageRecipe(lib.Preprocessing(N_PX), preprocess="fast")(data), exact)
+    exact = lib.preprocess.ImageRecipe(lib.preprocess.Preprocessing(N_PX))(data)
+    np.testing.assert_array_equal(
+        lib.preprocess.ImageRecipe(lib.preprocess.Preprocessing(N_PX), preprocess="fast")(data), exact
+    )

@@ -1,5 +1,6 @@
 """04_search: exact search streamed in blocks, the approximate index, queries, gallery and exports."""
 
+import json
 import shutil
 
 import h5py
@@ -16,7 +17,7 @@ def unit_vectors(count: int, dimension: int, seed: int) -> np.ndarray:
     return vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
 
 
-def embeddings_file(path, vectors: np.ndarray) -> lib.EmbeddingsFile:
+def embeddings_file(path, vectors: np.ndarray) -> lib.nearest.EmbeddingsFile:
     """A file in the merged layout holding `vectors`, with ids 'v<i>'."""
     count = len(vectors)
     with h5py.File(path, "w") as file:
@@ -27,11 +28,11 @@ def embeddings_file(path, vectors: np.ndarray) -> lib.EmbeddingsFile:
         )
         file["rows"] = np.arange(count, dtype=np.int64)
         file.attrs["chunks"] = "[]"
-    return lib.open_embeddings(lib.Collection(path.parent), path)
+    return lib.open_embeddings(lib.workspace.Collection(path.parent), path)
 
 
 @pytest.fixture
-def merged(table, tiny_encoder, collection) -> lib.EmbeddingsFile:
+def merged(table, tiny_encoder, collection) -> lib.nearest.EmbeddingsFile:
     run_embed(table, tiny_encoder)
     return lib.open_embeddings(collection, lib.merge_chunks(collection, "OUTPUT/Images_Embedded.h5").path)
 
@@ -64,13 +65,15 @@ def test_text_queries_run_through_the_models_tokenizer(merged, tiny_encoder):
     np.testing.assert_array_equal(result.positions, expected)
 
 
-def test_block_streamed_and_in_memory_exact_search_give_identical_results(tmp_path, monkeypatch):
+def test_block_streamed_and_in_memory_exact_search_give_identical_results(tmp_path, configure):
     vectors = unit_vectors(20_000, 32, seed=1)
-    monkeypatch.setattr(lib, "SEARCH_BLOCK_BYTES", 4 * 32 * 1_500)  # 14 blocks, the last one short
+    configure(search_block_bytes=4 * 32 * 1_500)  # 14 blocks, the last one short
     embeddings = embeddings_file(tmp_path / "e.h5", vectors)
     queries = unit_vectors(25, 32, seed=2)
     streamed = lib.search(embeddings, queries, 10)
-    in_memory = lib.exact_search(lib.array_blocks(vectors, embeddings.block_rows), queries, 10)
+    in_memory = lib.nearest.exact_search(
+        lib.nearest.array_blocks(vectors, embeddings.block_rows), queries, 10
+    )
     np.testing.assert_array_equal(streamed.positions, in_memory.positions)
     np.testing.assert_array_equal(streamed.scores, in_memory.scores)
     everything = queries @ vectors.T  # one product: the same top 10, scores to float32 rounding
@@ -78,22 +81,22 @@ def test_block_streamed_and_in_memory_exact_search_give_identical_results(tmp_pa
     np.testing.assert_allclose(streamed.scores, np.sort(everything, axis=1)[:, ::-1][:, :10], atol=1e-6)
 
 
-def test_blocks_that_a_caller_keeps_stay_as_they_were_read(tmp_path, monkeypatch):
+def test_blocks_that_a_caller_keeps_stay_as_they_were_read(tmp_path, configure):
     vectors = unit_vectors(1_000, 8, seed=8)
-    monkeypatch.setattr(lib, "SEARCH_BLOCK_BYTES", 4 * 8 * 300)  # blocks of 300, 300, 300, 100 rows
+    configure(search_block_bytes=4 * 8 * 300)  # blocks of 300, 300, 300, 100 rows
     kept = list(embeddings_file(tmp_path / "kept.h5", vectors).blocks())
     assert [start for start, _ in kept] == [0, 300, 600, 900]
     np.testing.assert_array_equal(np.concatenate([block for _, block in kept]), vectors)
 
 
-def test_ties_at_the_cut_go_to_the_earlier_rows(tmp_path, monkeypatch):
+def test_ties_at_the_cut_go_to_the_earlier_rows(tmp_path, configure):
     """Twelve equal vectors, ten places: the first ten rows that hold it, in every block layout."""
     vectors = unit_vectors(1_000, 8, seed=7)
     equal = [3, 100, 200, 300, 400, 500, 600, 700, 800, 900, 950, 999]
     vectors[equal] = vectors[500]
     embeddings = embeddings_file(tmp_path / "ties.h5", vectors)
     for rows_per_block in (1_000, 64, 7):
-        monkeypatch.setattr(lib, "SEARCH_BLOCK_BYTES", 4 * 8 * rows_per_block)
+        configure(search_block_bytes=4 * 8 * rows_per_block)
         found = lib.search(embeddings, vectors[500], 10)
         assert found.positions[0].tolist() == equal[:10], rows_per_block
 
@@ -123,7 +126,7 @@ def test_a_damaged_index_record_means_building_the_index_again(tmp_path):
     record.write_text(record.read_text()[:7])  # cut short by a kill, as a non-atomic write could be
     again = lib.search(embeddings, queries, 5, index="ivf")
     np.testing.assert_array_equal(again.positions, first.positions)
-    assert lib.json.loads(record.read_text())["nlist"] == lib.ivf_lists(2_000)
+    assert json.loads(record.read_text())["nlist"] == lib.nearest.ivf_lists(2_000)
 
 
 def test_a_model_of_another_embedding_size_is_an_error(merged, tmp_path):
@@ -147,7 +150,7 @@ def test_queries_from_a_model_of_another_revision_are_refused_unless_allowed(
     with pytest.raises(lib.PipelineError) as error:
         lib.query_encoder(merged, str(other), "cpu")
     message = str(error.value)
-    assert f"is {other} at revision {lib._weights_digest(other)}" in message
+    assert f"is {other} at revision {lib.model._weights_digest(other)}" in message
     assert (
         f"but the file was made by {tiny_checkpoint} at revision {merged.attrs['model_revision']}" in message
     )
@@ -176,7 +179,7 @@ def test_the_files_hub_model_named_as_a_parameter_set_names_it_keeps_the_files_c
     retrained(tiny_checkpoint, repo / "snapshots" / ("f" * 40), seed=4)
     (repo / "refs" / "main").write_text("f" * 40)
     encoder = lib.query_encoder(embeddings, "ViT-B/32", "cpu")
-    assert encoder.checkpoint.revision == FAKE_COMMIT and lib.same_model(embeddings, encoder)
+    assert encoder.checkpoint.revision == FAKE_COMMIT and lib.nearest.same_model(embeddings, encoder)
 
 
 def test_the_files_own_model_whose_weights_changed_since_is_refused(

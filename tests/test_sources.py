@@ -3,12 +3,14 @@
 import hashlib
 import itertools
 import json
+import os
 import pathlib
 from collections.abc import Callable
 
 import lib
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 import pytest
 from conftest import closed_port_url, md5_base64, official_metadata_csv
 
@@ -26,7 +28,7 @@ def test_openimages_s3_locations_follow_the_bucket_layout(workspace, http_server
     source = http_server.url("/metadata/validation-images-with-rotation.csv")
     table = lib.build_image_table(metadata("openimages-v7", source))
     ids = sorted(images)
-    assert list(table.columns) == list(lib.TABLE_COLUMNS)
+    assert list(table.columns) == list(lib.sources.TABLE_COLUMNS)
     assert table["image_id"].tolist() == ids
     assert table["location"][0] == f"s3://open-images-dataset/validation/{ids[0]}.jpg"
     assert table["url"][0] == http_server.url(f"/images/{ids[0]}.jpg")
@@ -83,11 +85,11 @@ def test_a_split_that_is_not_the_csvs_is_named(workspace, http_server):
 def test_downloads_are_cached_and_checked(workspace, http_server):
     path = "/metadata/validation-images-with-rotation.csv"
     before = http_server.hits.get(path, 0)
-    first = lib.cached_download(http_server.url(path), hint="")
-    second = lib.cached_download(http_server.url(path), hint="")
+    first = lib.downloads.cached_download(http_server.url(path), hint="")
+    second = lib.downloads.cached_download(http_server.url(path), hint="")
     assert first == second and http_server.hits[path] == before + 1
     first.write_bytes(first.read_bytes()[:-10])  # a damaged copy is fetched again
-    third = lib.cached_download(http_server.url(path), hint="")
+    third = lib.downloads.cached_download(http_server.url(path), hint="")
     assert http_server.hits[path] == before + 2
     assert third.read_bytes() == http_server.files[path][0]
 
@@ -95,7 +97,7 @@ def test_downloads_are_cached_and_checked(workspace, http_server):
 def test_a_gzip_encoded_download_is_checked_by_the_bytes_that_came(workspace, http_server):
     """Content-Length counts the encoded body; the file holds it decoded."""
     path = "/metadata/validation-images-with-rotation.csv"
-    downloaded = lib.cached_download(http_server.url("/gzip" + path), hint="")
+    downloaded = lib.downloads.cached_download(http_server.url("/gzip" + path), hint="")
     assert downloaded.read_bytes() == http_server.files[path][0]
 
 
@@ -322,14 +324,14 @@ def test_a_few_rows_of_a_large_table_are_read_without_the_rest(collection, monke
     params = metadata("folder", "/data")
     lib.save_image_table(table, params, collection)
     read = []
-    read_row_group = lib.pq.ParquetFile.read_row_group
+    read_row_group = pq.ParquetFile.read_row_group
     monkeypatch.setattr(
-        lib.pq.ParquetFile,
+        pq.ParquetFile,
         "read_row_group",
         lambda file, group, **kw: read.append(group) or read_row_group(file, group, **kw),
     )
     wanted = [299_999, 3, 131_072, 4]
-    assert lib.table_values(collection.table, "location", wanted) == [paths[row] for row in wanted]
+    assert lib.table.table_values(collection.table, "location", wanted) == [paths[row] for row in wanted]
     assert sorted(read) == [0, 2, 4], "only the row groups that hold them"
 
 
@@ -357,7 +359,7 @@ def test_wherever_a_save_is_interrupted_the_table_and_its_digest_agree(collectio
             pass
         monkeypatch.undo()
         loaded = lib.load_image_table(collection)
-        assert loaded.info["sha256"] == lib.table_sha256(loaded.columns.to_pandas())
+        assert loaded.info["sha256"] == lib.table.table_sha256(loaded.columns.to_pandas())
         if steps() < interrupted_step:  # the save ran to its end
             break
     assert len(lib.load_image_table(collection)) == 2
@@ -377,17 +379,17 @@ def interrupt_at(step: int, monkeypatch) -> Callable[[], int]:
 
         return interrupted
 
-    monkeypatch.setattr(lib.pq, "write_table", wrap(lib.pq.write_table))
-    monkeypatch.setattr(lib.os, "replace", wrap(lib.os.replace))
+    monkeypatch.setattr(pq, "write_table", wrap(pq.write_table))
+    monkeypatch.setattr(os, "replace", wrap(os.replace))
     monkeypatch.setattr(pathlib.Path, "write_text", wrap(pathlib.Path.write_text))
     return lambda: made
 
 
 def test_a_damaged_download_record_means_downloading_again(workspace, http_server):
     path = "/metadata/validation-images-with-rotation.csv"
-    first = lib.cached_download(http_server.url(path), hint="")
+    first = lib.downloads.cached_download(http_server.url(path), hint="")
     before = http_server.hits[path]
     record = first.with_name(first.name + ".download.json")
     record.write_text(record.read_text()[:10])  # cut short by a kill, as a non-atomic write could be
-    again = lib.cached_download(http_server.url(path), hint="")
+    again = lib.downloads.cached_download(http_server.url(path), hint="")
     assert again.read_bytes() == http_server.files[path][0] and http_server.hits[path] == before + 1

@@ -1,0 +1,34 @@
+"""What can go wrong, told so that the user knows what to do: the first module, imported by all.
+
+PipelineError is a problem the user can fix (a bad parameter, a missing input, an unreachable server),
+shown in a notebook without a traceback; ImageFailure is one image that cannot be embedded, with the
+short, stable reason that the output files record.
+"""
+
+from __future__ import annotations
+
+import collections
+
+
+class PipelineError(Exception):
+    """A problem the user can fix (bad parameter, missing input, unreachable server)."""
+
+    def _render_traceback_(self) -> list[str]:
+        """Show only the message in a notebook: the message says what to do, a traceback does not."""
+        return [f"{type(self).__name__}: {self}"]
+
+
+class ParameterError(PipelineError):
+    """A notebook parameter with a name or value that no stage accepts."""
+
+
+class ImageFailure(Exception):
+    """One image could not be embedded; `reason` is short and stable, e.g. 'http 404'."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+def counted(counter: collections.Counter) -> str:
+    return ", ".join(f"{reason}: {count:,}" for reason, count in counter.most_common())

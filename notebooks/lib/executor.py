@@ -1,0 +1,309 @@
+"""02's run on this machine: claims each planned chunk, embeds it, writes its file, keeps the summary.
+
+Chunks that other runs hold are waited for and what they leave undone is embedded; a run whose
+first images all fail for want of a way to them (`SourceCheck`) stops before recording them.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import time
+from pathlib import Path
+
+from .chunkfile import (
+    FORMAT_VERSION,
+    ChunkInfo,
+    ChunkResult,
+    chunk_path,
+    find_chunks,
+    read_chunk_info,
+    write_chunk,
+)
+from .claims import (
+    FileLock,
+    check_not_held_here,
+    chunk_ranges,
+    claimed,
+    overlapping,
+    remove_stale_files,
+    wait_for_claims,
+)
+from .embed import FETCH_THREADS_PER_WORKER, ImageLoader, embed_chunk, estimated_bytes, retry_chunk
+from .errors import PipelineError, counted
+from .fetch import Fetcher
+from .model import ClipEncoder
+from .params import EmbedParams
+from .plan import (
+    ChunkPlan,
+    RunPlan,
+    check_signatures,
+    row_count,
+    run_attributes,
+    uncovered,
+    with_machine_sizes,
+)
+from .progress import RunProgress
+from .table import ImageTable
+from .workspace import check_free_space, check_writable
+
+
+@dataclasses.dataclass
+class RunSummary:
+    """What one 02 run did."""
+
+    chunks_skipped: int
+    chunks_written: int = 0
+    attempted: int = 0
+    embedded: int = 0
+    failed_by_reason: collections.Counter = dataclasses.field(default_factory=collections.Counter)
+    chunks_retried: int = 0
+    retried: int = 0
+    recovered: int = 0
+    seconds: float = 0.0
+
+    def add(self, stats: dict) -> None:
+        self.chunks_written += 1
+        self.attempted += stats["attempted"]
+        self.embedded += stats["embedded"]
+        self.failed_by_reason.update(stats["failed_by_reason"])
+
+    def add_retry(self, before: ChunkInfo, after: ChunkResult) -> None:
+        self.chunks_retried += 1
+        self.retried += after.retried
+        self.recovered += before.failed - len(after.failed.rows)
+
+    def __str__(self) -> str:
+        attempted = self.attempted + self.retried
+        rate = attempted / self.seconds if self.seconds else 0.0
+        failed = sum(self.failed_by_reason.values())
+        lines = [
+            f"chunks written: {self.chunks_written}, already done: {self.chunks_skipped}",
+            f"images attempted: {self.attempted:,}, embedded: {self.embedded:,}, failed: {failed:,}"
+            f" ({rate:,.1f} img/s)",
+        ]
+        lines += [f"  failed, {reason}: {count:,}" for reason, count in self.failed_by_reason.most_common()]
+        if self.chunks_retried:
+            lines.append(
+                f"failed images retried: {self.retried:,} in {self.chunks_retried} chunk(s), "
+                f"recovered: {self.recovered:,}, still failed: {self.retried - self.recovered:,}"
+            )
+        return "\n".join(lines)
+
+
+def embed_chunks(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params: EmbedParams) -> RunSummary:
+    """Embed every chunk the plan has to do, writing each chunk file as soon as it is complete.
+
+    Each chunk is claimed first (a lock file beside it), so runs that share OUTPUT_DIR never write
+    the same rows: a chunk claimed by another run is left to it, and waited for at the end.
+    """
+    chunks = plan.chunks
+    check_writable(chunks.folder)
+    params = with_machine_sizes(params, encoder)
+    needed = estimated_bytes(table, chunks.todo, encoder.embedding_size)
+    check_free_space(chunks.folder, needed, f"{row_count(chunks.todo):,} rows of chunk files")
+    removed = remove_stale_files(chunks.folder)
+    if removed:
+        print(f"Removed {len(removed)} file(s) that an interrupted run left in {chunks.folder}")
+    attrs = {
+        **run_attributes(encoder, plan.recipe, table),
+        "format_version": FORMAT_VERSION,
+        "model": params.model,
+        "source": json.dumps(table.info),
+    }
+    fetch_threads = FETCH_THREADS_PER_WORKER * params.num_workers
+    fetcher = Fetcher(params.s3_endpoint_url, pool_size=fetch_threads)
+    lookahead = 2 * params.gpu_batch_size + fetch_threads
+    began = time.perf_counter()
+    with (
+        ImageLoader(fetcher, plan.recipe, params.num_workers, lookahead) as loader,
+        RunProgress(chunks.rows_to_do) as progress,
+    ):
+        reach = SourceCheck(enabled=params.stop_if_unreachable)
+        run = _ChunkWriter(
+            chunks.folder,
+            table,
+            encoder,
+            loader,
+            params.gpu_batch_size,
+            attrs,
+            progress,
+            reach,
+            RunSummary(len(chunks.done)),
+        )
+        todo = chunks.todo
+        while todo:
+            busy = [piece for start, end in todo for piece in run.embed(start, end)]
+            busy += run.write_unproven()
+            todo = _after_other_runs(busy, chunks, params.chunk, progress)
+        for info in chunks.retry:
+            run.retry(info)
+    run.summary.seconds = time.perf_counter() - began
+    return run.summary
+
+
+UNREACHABLE_REASONS = ("connection error", "timeout", "cannot resolve", "s3 AccessDenied", "s3 NoSuchBucket")
+UNREACHABLE_AFTER = 200  # failed attempts, all for want of a way to the images, that stop a run
+_UNREACHABLE_ADVICE = {
+    "connection error": "nothing answers there: check the network, a proxy (HTTPS_PROXY), S3_ENDPOINT_URL "
+    "and the table's locations",
+    "timeout": "the server does not answer in time: check the network, a firewall or a proxy",
+    "cannot resolve": "its host name cannot be resolved: is this machine offline? Check DNS and the "
+    "table's locations",
+    "s3 AccessDenied": "the bucket refuses requests without credentials, which 02 does not send: use a "
+    "public bucket (as Open Images' is) or a copy of the images",
+    "s3 NoSuchBucket": "there is no such bucket at this endpoint: check the bucket in the table's "
+    "locations and S3_ENDPOINT_URL",
+}
+
+
+class SourceCheck:
+    """Whether a run reaches its images: first attempts that all fail for want of a way there stop it.
+
+    A run whose first UNREACHABLE_AFTER attempts all failed with a connection-level reason stops
+    with what to check, instead of recording millions of failures as finished chunks. One image
+    that arrives, or fails for another reason, proves the way. RETRY_FAILED's attempts are left
+    out: their rows failed before, and a retry that fails again records nothing new.
+    """
+
+    def __init__(self, enabled: bool = True, limit: int = UNREACHABLE_AFTER):
+        self.proven = not enabled
+        self._limit = limit
+        self._reasons: collections.Counter = collections.Counter()
+        self._example: str | None = None
+
+    def add(self, locations: list[str], reasons: list[str | None]) -> None:
+        """Count a batch's attempts; raise PipelineError once the limit is reached unproven."""
+        if self.proven:
+            return
+        for location, reason in zip(locations, reasons, strict=True):
+            if reason not in UNREACHABLE_REASONS:
+                self.proven = True
+                return
+            self._reasons[reason] += 1
+            self._example = self._example or location
+        if self._reasons.total() >= self._limit:
+            reason, _ = self._reasons.most_common(1)[0]
+            failed = f"{self._reasons.total()} images of this run all failed ({counted(self._reasons)})"
+            raise PipelineError(
+                f"The first {failed}, e.g. {self._example} ({reason}): {_UNREACHABLE_ADVICE[reason]}. "
+                "02 stopped and recorded none of them, so a run that can reach them embeds them all; set "
+                "STOP_IF_UNREACHABLE=False to record such failures anyway."
+            )
+
+
+@dataclasses.dataclass
+class _ChunkWriter:
+    """Claims, embeds and writes one run's chunks, and keeps its summary.
+
+    Until the run proves it reaches its images (SourceCheck), finished chunks wait in memory, without
+    their claims, so that a run that stops for want of a way to them records nothing.
+    """
+
+    folder: Path
+    table: ImageTable
+    encoder: ClipEncoder
+    loader: ImageLoader
+    batch_size: int
+    attrs: dict
+    progress: RunProgress
+    reach: SourceCheck
+    summary: RunSummary
+    unproven: list[ChunkResult] = dataclasses.field(default_factory=list)
+
+    def embed(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Embed rows [start, end) into chunk files; return the ranges another run is at work on.
+
+        Rows that another run finished meanwhile are skipped, and the rest of the range is embedded.
+        """
+        with claimed(self.folder, start, end) as claim:
+            if isinstance(claim, str):
+                check_not_held_here(claim)
+                print(f"rows [{start}, {end}) overlap a chunk that another run is embedding ({claim})")
+                return [(start, end)]
+            if claim is None:
+                return self._embed_rest(start, end)
+            result = embed_chunk(
+                self.table, start, end, self.encoder, self.loader, self.batch_size, self._observe
+            )
+            if self.reach.proven:
+                self._write(result)
+        if not self.reach.proven:
+            self.unproven.append(result)
+            return []
+        return self.write_unproven()
+
+    def write_unproven(self) -> list[tuple[int, int]]:
+        """Write the chunks that waited, each under a claim again; return the ranges other runs hold.
+
+        This happens once the run proves it reaches its images, or at the end of its chunks, short
+        of the limit. A chunk whose rows another run finished meanwhile is dropped; one whose rows
+        another run is at work on is waited for like any busy range.
+        """
+        busy = []
+        while self.unproven:
+            result = self.unproven.pop(0)
+            with claimed(self.folder, result.start, result.end) as claim:
+                if isinstance(claim, FileLock):
+                    self._write(result)
+                elif isinstance(claim, str):
+                    busy.append((result.start, result.end))
+        return busy
+
+    def _write(self, result: ChunkResult) -> None:
+        path = chunk_path(self.folder, result.start, result.end)
+        write_chunk(path, result, self.attrs)
+        self.summary.add(result.stats())
+        self.progress.chunk_written(path.name)
+
+    def _observe(self, locations: list[str], reasons: list[str | None]) -> None:
+        self.progress.add(reasons)
+        self.reach.add(locations, reasons)
+
+    def _count_retried(self, locations: list[str], reasons: list[str | None]) -> None:
+        self.progress.add(reasons)
+
+    def _embed_rest(self, start: int, end: int) -> list[tuple[int, int]]:
+        """Embed the rows of [start, end) that no finished chunk covers; return the busy ranges."""
+        finished = overlapping(chunk_ranges(self.folder), start, end)
+        rest = uncovered(start, end, end - start, finished)
+        self.progress.add_elsewhere(end - start - row_count(rest))
+        if not rest:
+            self.summary.chunks_skipped += 1
+        return [busy for low, high in rest for busy in self.embed(low, high)]
+
+    def retry(self, info: ChunkInfo) -> None:
+        """Attempt a finished chunk's failed rows again and replace the chunk file whole.
+
+        A retry loses nothing when it fails again, so it is written at once and not judged by the
+        reachability check.
+        """
+        with claimed(self.folder, info.start, info.end, rewrite=True) as claim:
+            if not isinstance(claim, FileLock):
+                print(f"{info.path.name} is not retried: another run is at work on its rows ({claim})")
+                return
+            current = read_chunk_info(info.path)  # as it is now, under the claim
+            result = retry_chunk(
+                current, self.table, self.encoder, self.loader, self.batch_size, self._count_retried
+            )
+            write_chunk(info.path, result, current.attrs)
+        self.summary.add_retry(current, result)
+        self.progress.chunk_written(info.path.name)
+
+
+def _after_other_runs(
+    busy: list[tuple[int, int]], plan: ChunkPlan, chunk: int, progress: RunProgress
+) -> list[tuple[int, int]]:
+    """Wait for the runs at work on the `busy` ranges; what they left undone is this run's to do."""
+    if not busy:
+        return []
+    print(f"Waiting for the other run(s) to finish {len(busy)} chunk(s)...")
+    for start, end in busy:
+        wait_for_claims(plan.folder, start, end)
+    finished = find_chunks(plan.folder)
+    check_signatures(finished, plan.signature)
+    done = [(info.start, info.end) for info in finished]
+    left = [piece for start, end in busy for piece in uncovered(start, end, chunk, done)]
+    progress.add_elsewhere(row_count(busy) - row_count(left))
+    return left

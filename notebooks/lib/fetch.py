@@ -1,0 +1,162 @@
+"""02's first step per image: the bytes at a location, from S3, HTTP(S) or the local disk.
+
+Retries, timeouts, a deadline and a size limit bound every fetch; what still fails raises
+ImageFailure with a stable reason ('http 404', 'timeout', 's3 NoSuchKey').
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from typing import Any
+from urllib.parse import urlparse
+
+import requests
+import urllib3
+
+from .downloads import DeadlineRetry, PastDeadline, http_session, root_cause
+from .errors import ImageFailure
+from .settings import current_settings
+
+MAX_IMAGE_BYTES = 512 << 20  # a larger body is not an image to embed ("too large"), and is not read
+
+
+class Fetcher:
+    """Bytes of images from S3 (unsigned, like Open Images' downloader.py), HTTP(S) or files.
+
+    Transient failures are retried by the libraries' own mechanisms (botocore's retry modes,
+    urllib3's Retry). Every request has timeouts, every body a deadline and a size limit; what
+    still fails raises ImageFailure with a stable reason.
+    """
+
+    def __init__(
+        self,
+        s3_endpoint_url: str | None = None,
+        pool_size: int = 10,
+        timeout: tuple[float, float] | None = None,
+        deadline: float | None = None,
+        max_bytes: int | None = None,
+    ):
+        """None: the configured http_timeout and fetch_deadline, and MAX_IMAGE_BYTES."""
+        settings = current_settings()
+        self._timeout = timeout or settings.http_timeout
+        self._deadline = deadline or settings.fetch_deadline
+        self._max_bytes = max_bytes or MAX_IMAGE_BYTES
+        self._http = http_session(pool_size)
+        self._s3_endpoint_url = s3_endpoint_url
+        self._pool_size = pool_size
+        self._s3_client_lock = threading.Lock()
+
+    @functools.cached_property
+    def _s3(self) -> Any:
+        """An unsigned S3 client, made at the first S3 location: boto3 takes a while to load."""
+        import boto3
+        import botocore.config
+
+        session = boto3.session.Session()
+        return session.client(
+            "s3",
+            endpoint_url=self._s3_endpoint_url,
+            region_name=session.region_name or "us-east-1",
+            config=botocore.config.Config(
+                signature_version=botocore.UNSIGNED,
+                retries={"max_attempts": 5, "mode": "standard"},
+                connect_timeout=self._timeout[0],
+                read_timeout=self._timeout[1],
+                max_pool_connections=self._pool_size,
+            ),
+        )
+
+    def fetch(self, location: str) -> bytes:
+        """The bytes at `location`: s3://bucket/key, http(s)://..., file://... or a path."""
+        parsed = urlparse(location)
+        if parsed.scheme == "s3":
+            data = self._fetch_s3(parsed.netloc, parsed.path.lstrip("/"))
+        elif parsed.scheme in ("http", "https"):
+            data = self._fetch_http(location)
+        else:
+            data = self._fetch_file(parsed.path if parsed.scheme == "file" else location)
+        if not data:
+            raise ImageFailure("empty body")
+        return data
+
+    def _read_body(self, blocks: Iterable[bytes], announced: int | None, began: float) -> bytes:
+        """A response body read block by block, within the deadline and the size limit."""
+        if announced is not None and announced > self._max_bytes:
+            raise ImageFailure("too large")
+        body, size = [], 0
+        for block in blocks:
+            size += len(block)
+            if size > self._max_bytes:
+                raise ImageFailure("too large")
+            if time.monotonic() - began > self._deadline:
+                raise ImageFailure("timeout")
+            body.append(block)
+        return b"".join(body)
+
+    def _fetch_s3(self, bucket: str, key: str) -> bytes:
+        import botocore.exceptions
+
+        with self._s3_client_lock:  # the first S3 fetches wait for one client rather than each make one
+            client = self._s3
+        began = time.monotonic()
+        try:
+            reply = client.get_object(Bucket=bucket, Key=key)
+            with contextlib.closing(reply["Body"]) as body:
+                return self._read_body(body.iter_chunks(1 << 16), reply.get("ContentLength"), began)
+        except botocore.exceptions.ClientError as error:
+            raise ImageFailure(f"s3 {error.response['Error']['Code']}") from None
+        except (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError):
+            raise ImageFailure("timeout") from None
+        except (botocore.exceptions.IncompleteReadError, urllib3.exceptions.ProtocolError):
+            raise ImageFailure("truncated body") from None
+        except botocore.exceptions.BotoCoreError as error:
+            unresolved = (urllib3.exceptions.NameResolutionError, socket.gaierror)
+            resolved = not isinstance(getattr(error, "kwargs", {}).get("error"), unresolved)
+            raise ImageFailure("connection error" if resolved else "cannot resolve") from None
+
+    def _fetch_http(self, url: str) -> bytes:
+        began = time.monotonic()
+        DeadlineRetry.deadlines.at = began + self._deadline  # retries and their waits count too
+        try:
+            with self._http.get(url, timeout=self._timeout, stream=True) as reply:
+                if reply.status_code != 200:
+                    raise ImageFailure(f"http {reply.status_code}")
+                announced = reply.headers.get("Content-Length")
+                announced = int(announced) if announced and announced.isdigit() else None
+                # read1 returns what has arrived, so a body that trickles in meets the deadline
+                blocks = iter(functools.partial(reply.raw.read1, 1 << 16, decode_content=True), b"")
+                return self._read_body(blocks, announced, began)
+        except (requests.Timeout, urllib3.exceptions.ReadTimeoutError):
+            raise ImageFailure("timeout") from None
+        except (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError):
+            raise ImageFailure("truncated body") from None
+        except requests.ConnectionError as error:
+            # a read timeout mid-body, or after the last retry, arrives as a ConnectionError
+            cause = root_cause(error)
+            if isinstance(cause, urllib3.exceptions.NameResolutionError):
+                raise ImageFailure("cannot resolve") from None
+            timed_out = isinstance(cause, urllib3.exceptions.ReadTimeoutError)
+            raise ImageFailure("timeout" if timed_out else "connection error") from None
+        except requests.RequestException as error:
+            raise ImageFailure(f"http error: {type(error).__name__}") from None
+        except PastDeadline as past:
+            raise ImageFailure(f"http {past.status}" if past.status else "timeout") from None
+        finally:
+            DeadlineRetry.deadlines.at = None
+
+    def _fetch_file(self, path: str) -> bytes:
+        try:
+            with open(path, "rb") as file:
+                if os.fstat(file.fileno()).st_size > self._max_bytes:
+                    raise ImageFailure("too large")
+                return file.read()
+        except FileNotFoundError:
+            raise ImageFailure("file not found") from None
+        except OSError as error:
+            raise ImageFailure(f"file unreadable: {error.strerror or type(error).__name__}") from None

@@ -1,0 +1,333 @@
+"""02's third step: a CLIP checkpoint on a device, pixels in, L2-normalised float32 embeddings out.
+
+MODEL resolves to files and an identity (hub commit or weights digest) that every output records;
+`ClipEncoder` queues batches on the device and halves them when a GPU runs out of memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import platform
+import re
+import warnings
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import PIL
+import torch
+
+from .errors import ParameterError, PipelineError
+from .preprocess import OPENAI_MEAN, OPENAI_STD, Preprocessing
+from .settings import prepare_process
+from .workspace import read_json, resolve_path, sha256_of_file
+
+OPENAI_MODELS = {
+    "ViT-B/32": "openai/clip-vit-base-patch32",
+    "ViT-B/16": "openai/clip-vit-base-patch16",
+    "ViT-L/14": "openai/clip-vit-large-patch14",
+    "ViT-L/14@336px": "openai/clip-vit-large-patch14-336",
+}
+_CHECKPOINT_FILES = ["*.json", "*.txt", "*.safetensors"]
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpoint:
+    """Where a model's files are, and what identifies its weights."""
+
+    model_id: str  # a Hugging Face id, or the local directory
+    revision: str  # the hub commit, or 'sha256:...' of a local directory's weight files
+    path: Path
+
+
+def _weights_digest(folder: Path) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(folder.glob("*.safetensors")) + sorted(folder.glob("*.bin")):
+        digest.update(sha256_of_file(path).encode())
+    return "sha256:" + digest.hexdigest()
+
+
+def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
+    """The files of a hub model: from the local Hugging Face cache, or downloaded into it."""
+    import huggingface_hub
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        HfHubHTTPError,
+        LocalEntryNotFoundError,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    download = functools.partial(huggingface_hub.snapshot_download, repo_id, revision=revision)
+    pinned = f" at revision {revision!r}" if revision else ""
+    try:
+        folder = Path(download(allow_patterns=_CHECKPOINT_FILES))
+        if not any(folder.glob("*.safetensors")):
+            folder = Path(download(allow_patterns=["pytorch_model.bin"]))
+    except RevisionNotFoundError:
+        raise PipelineError(
+            f"MODEL_REVISION={revision!r}: the model {repo_id!r} has no such branch, tag or commit on "
+            "the Hugging Face hub. Use one listed on the model's page, or None for main."
+        ) from None
+    except RepositoryNotFoundError:
+        raise PipelineError(
+            f"MODEL={repo_id!r}: the Hugging Face hub has no such model (or it is private). Use an "
+            f"OpenAI name ({', '.join(OPENAI_MODELS)}), a hub id, or a local directory."
+        ) from None
+    except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
+        raise PipelineError(
+            f"Could not get the model {repo_id!r}{pinned}: the Hugging Face hub ({constants.ENDPOINT}) "
+            f"could not be reached ({str(error).splitlines()[0]}) and the model is not in the local "
+            f"cache ({constants.HF_HUB_CACHE}). To work offline, copy a cache that holds it (`hf "
+            f"download {repo_id}{' --revision ' + revision if revision else ''}` where the hub is "
+            "reachable) and point HF_HUB_CACHE at it, or set MODEL to a local directory holding "
+            "config.json, preprocessor_config.json and model.safetensors."
+        ) from None
+    return folder
+
+
+def resolve_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
+    """MODEL as an OpenAI name, a local directory or a Hugging Face id -> its files and identity.
+
+    `revision` pins a hub model to a branch, tag or commit; the checkpoint records the commit.
+    """
+    local = resolve_path(model)
+    if model not in OPENAI_MODELS and local.is_dir():
+        if revision is not None:
+            raise ParameterError(
+                f"MODEL_REVISION={revision!r} applies to hub models, but MODEL={model!r} is a local "
+                "directory (identified by its weights' digest). Set MODEL_REVISION=None."
+            )
+        return Checkpoint(str(local), _weights_digest(local), local)
+    if model.startswith((".", "/", "~")):
+        raise PipelineError(
+            f"MODEL={model!r}: the directory {local} does not exist. Give a directory holding "
+            f"config.json and model.safetensors, an OpenAI name ({', '.join(OPENAI_MODELS)}) or a hub id."
+        )
+    repo_id = OPENAI_MODELS.get(model, model)
+    folder = _hub_snapshot(repo_id, revision)
+    return Checkpoint(repo_id, folder.name, folder)
+
+
+def resolve_device(device: str) -> torch.device:
+    """DEVICE -> a torch device that exists on this machine."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (resolved.index or 0) >= count:
+            raise ParameterError(
+                f"DEVICE={device!r} is not available: torch {torch.__version__} sees {count} CUDA "
+                "GPU(s) here. Use DEVICE='cpu' or 'auto'."
+            )
+    return resolved
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """PRECISION 'auto' is fp16 on CUDA (as OpenAI's own loader) and fp32 elsewhere."""
+    if precision == "auto":
+        return "fp16" if device.type == "cuda" else "fp32"
+    return precision
+
+
+def _checkpoint_preprocessing(folder: Path, image_size: int) -> Preprocessing:
+    """Mean and std from the checkpoint's preprocessor_config.json (OpenAI's when absent)."""
+    config = read_json(folder / "preprocessor_config.json")
+    mean = tuple(config.get("image_mean", OPENAI_MEAN))
+    std = tuple(config.get("image_std", OPENAI_STD))
+    return Preprocessing(image_size, mean, std)
+
+
+def _normalised(features: torch.Tensor) -> torch.Tensor:
+    """L2-normalise in float32, whatever precision the model computed in."""
+    features = features.float()
+    return features / features.norm(dim=-1, keepdim=True)
+
+
+class PendingEmbeddings:
+    """Embeddings queued on the device; `result()` waits for them (on the CPU they are ready)."""
+
+    def __init__(self, parts: list[torch.Tensor], ready: torch.cuda.Event | None):
+        self._parts = parts
+        self._ready = ready
+
+    def result(self) -> np.ndarray:
+        """The (B, D) float32 embeddings, once the device has finished them."""
+        if self._ready is not None:
+            self._ready.synchronize()
+        return np.concatenate([part.numpy() for part in self._parts])
+
+
+class ClipEncoder:
+    """A CLIP model on a device: preprocessed pixels in, L2-normalised float32 embeddings out."""
+
+    def __init__(self, model: Any, checkpoint: Checkpoint, device: torch.device, precision: str):
+        self.model = model
+        self.checkpoint = checkpoint
+        self.device = device
+        self.precision = precision
+        self.dtype = _DTYPES[precision]
+        self.preprocessing = _checkpoint_preprocessing(checkpoint.path, model.config.vision_config.image_size)
+        self.batch_limit: int | None = None  # set when the GPU ran out of memory on a bigger batch
+
+    @property
+    def embedding_size(self) -> int:
+        return self.model.config.projection_dim
+
+    @property
+    def context_length(self) -> int:
+        """Tokens the text model reads (77 for OpenAI's models); longer texts are truncated."""
+        return self.model.config.text_config.max_position_embeddings
+
+    @functools.cached_property
+    def tokenizer(self) -> Any:
+        """The checkpoint's own tokenizer."""
+        from transformers import AutoTokenizer
+
+        folder = self.checkpoint.path
+        # without these files transformers builds an empty tokenizer instead of failing
+        if not ((folder / "tokenizer.json").is_file() or (folder / "vocab.json").is_file()):
+            raise self._no_tokenizer("it has no tokenizer files")
+        try:
+            return AutoTokenizer.from_pretrained(folder)
+        except (OSError, ValueError, TypeError) as error:
+            raise self._no_tokenizer(str(error).splitlines()[0]) from None
+
+    def _no_tokenizer(self, problem: str) -> PipelineError:
+        return PipelineError(
+            f"The model {self.checkpoint.model_id} has no usable tokenizer in {self.checkpoint.path} "
+            f"({problem}): text embeddings need its tokenizer files (tokenizer.json, or vocab.json "
+            "and merges.txt)."
+        )
+
+    def encode(self, pixels: np.ndarray) -> np.ndarray:
+        """Embeddings (B, D) of preprocessed pixels (B, 3, n_px, n_px), normalised in float32."""
+        return self.start_encoding(pixels).result()
+
+    def start_encoding(self, pixels: np.ndarray) -> PendingEmbeddings:
+        """Queue the embeddings of a non-empty batch; on CUDA this returns before the GPU is done.
+
+        A CUDA out-of-memory error halves the batch, warns once, and goes on with the smaller size.
+        """
+        while True:
+            step = min(len(pixels), self.batch_limit or len(pixels))
+            try:
+                parts = [self._launch(pixels[low : low + step]) for low in range(0, len(pixels), step)]
+            except torch.cuda.OutOfMemoryError:
+                self._halve_batch(step)
+                continue
+            ready = torch.cuda.Event() if self.device.type == "cuda" else None
+            if ready is not None:
+                ready.record(torch.cuda.current_stream(self.device))
+            return PendingEmbeddings(parts, ready)
+
+    def _launch(self, pixels: np.ndarray) -> torch.Tensor:
+        """Queue a batch's copy to the device, its forward pass, and the copy of its embeddings back."""
+        batch = torch.from_numpy(pixels)
+        if self.device.type == "cuda":
+            batch = batch.pin_memory()  # page-locked host memory: the copy below is asynchronous
+        batch = batch.to(self.device, self.dtype, non_blocking=True)
+        with torch.inference_mode():
+            features = _normalised(self.model.get_image_features(pixel_values=batch).pooler_output)
+        return features.to("cpu", non_blocking=True)  # into pinned memory from CUDA; ready at the event
+
+    def _halve_batch(self, failed: int) -> None:
+        if failed == 1:
+            raise PipelineError(
+                f"{self.device} ran out of memory on a single image with {self.checkpoint.model_id} in "
+                f"{self.precision}: free the GPU (other processes, other notebooks' models) or use a "
+                "smaller PRECISION such as 'fp16'."
+            )
+        if self.batch_limit is None:
+            warnings.warn(
+                f"{self.device} ran out of memory on a batch of {failed} images: going on with smaller "
+                "batches. Lower GPU_BATCH_SIZE to avoid the retries.",
+                stacklevel=3,
+            )
+        self.batch_limit = (failed + 1) // 2
+        torch.cuda.empty_cache()
+
+    def encode_text(self, texts: str | Sequence[str], batch_size: int = 256) -> np.ndarray:
+        """Embeddings (N, D) of texts, truncated to the context length, normalised in float32."""
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        vectors = [np.zeros((0, self.embedding_size), np.float32)]
+        for low in range(0, len(texts), batch_size):
+            tokens = self.tokenizer(
+                texts[low : low + batch_size],
+                padding=True,
+                truncation=True,
+                max_length=self.context_length,
+                return_tensors="pt",
+            ).to(self.device)
+            with torch.inference_mode():
+                vectors.append(
+                    _normalised(self.model.get_text_features(**tokens).pooler_output).cpu().numpy()
+                )
+        return np.concatenate(vectors)
+
+    def signature(self) -> dict:
+        """What must match for two runs' vectors to be mixed in one file."""
+        return {
+            "model_revision": self.checkpoint.revision,
+            "embedding_size": self.embedding_size,
+            **self.preprocessing.describe(),
+            "precision": self.precision,
+        }
+
+
+_HUB_COMMIT = re.compile(r"[0-9a-f]{40}")
+
+
+def load_encoder(
+    model: str, device: str = "auto", precision: str = "auto", revision: str | None = None
+) -> ClipEncoder:
+    """Load a CLIP checkpoint onto DEVICE in PRECISION (see resolve_checkpoint for MODEL forms)."""
+    torch_device = resolve_device(device)
+    precision = resolve_precision(precision, torch_device)
+    with ThreadPoolExecutor(1, thread_name_prefix="checkpoint") as pool:
+        # hashing a local checkpoint, or reading the hub, leaves a core free for the import
+        located = pool.submit(resolve_checkpoint, model, revision)
+        from transformers import CLIPModel
+
+        checkpoint = located.result()
+    model_type = read_json(checkpoint.path / "config.json").get("model_type")
+    if model_type != "clip":
+        raise PipelineError(
+            f"MODEL={model!r} ({checkpoint.path}) is not a CLIP checkpoint: its config.json says "
+            f"model_type={model_type!r}. Use a CLIP model such as 'ViT-B/32'."
+        )
+    if not any(checkpoint.path.glob("*.safetensors")) and not any(checkpoint.path.glob("*.bin")):
+        raise PipelineError(f"MODEL={model!r}: {checkpoint.path} holds no weights (*.safetensors or *.bin).")
+    clip = CLIPModel.from_pretrained(checkpoint.path, dtype=torch.float32)
+    clip = clip.to(torch_device, _DTYPES[precision]).eval()
+    prepare_process(cpu_inference=torch_device.type == "cpu")
+    return ClipEncoder(clip, checkpoint, torch_device, precision)
+
+
+def recorded_commit(recorded: dict, model: str) -> str | None:
+    """The hub commit that a file made by MODEL records (a chunk's or a merged file's attributes), if any."""
+    recorded_model = recorded.get("model")
+    same_name = OPENAI_MODELS.get(recorded_model, recorded_model) == OPENAI_MODELS.get(model, model)
+    revision = str(recorded.get("model_revision"))
+    return revision if same_name and _HUB_COMMIT.fullmatch(revision) else None
+
+
+def library_versions() -> dict:
+    """Versions of what shapes the vectors, recorded in every file."""
+    import transformers
+
+    return {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "numpy": np.__version__,
+        "pillow": PIL.__version__,
+        "h5py": h5py.__version__,
+    }

@@ -1,0 +1,157 @@
+"""Where files go: the repository root, its shared .cache/, and one collection per OUTPUT_DIR.
+
+Every stage resolves its paths here and writes through `atomic_file`, so a file with its final name
+is always whole; disk space and write permission are checked before work starts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+from .errors import PipelineError
+from .settings import current_settings
+
+DEFAULT_OUTPUT_DIR = "OUTPUT"
+MERGED_FILE_NAME = "Images_Embedded.h5"  # the original notebook's name for the merged file
+
+
+@dataclasses.dataclass(frozen=True)
+class Workspace:
+    """The repository root, and what every collection shares under .cache/ (downloads, thumbnails)."""
+
+    root: Path
+
+    @property
+    def cache(self) -> Path:
+        return self.root / ".cache"
+
+    @property
+    def downloads(self) -> Path:
+        return self.cache / "downloads"
+
+    @property
+    def thumbnails(self) -> Path:
+        return self.cache / "thumbnails"
+
+    @property
+    def earlier_table(self) -> Path:
+        """Where versions without OUTPUT_DIR kept the checkout's one image table (OUTPUT/'s)."""
+        return self.cache / "image_table.parquet"
+
+
+@dataclasses.dataclass(frozen=True)
+class Collection:
+    """One OUTPUT_DIR: all that is made from one dataset (image table, chunks, merged file, runs)."""
+
+    folder: Path
+
+    @property
+    def table(self) -> Path:
+        return self.folder / "image_table.parquet"
+
+    @property
+    def chunks(self) -> Path:
+        return self.folder / "chunks"
+
+    @property
+    def merged_file(self) -> Path:
+        """Where 03 writes and 04 reads when OUTPUT_FILE and EMBEDDINGS are None."""
+        return self.folder / MERGED_FILE_NAME
+
+
+def current_workspace() -> Workspace:
+    """The workspace of the configured repository root (`configure(root=...)`)."""
+    return Workspace(current_settings().root)
+
+
+def resolve_path(path: str | os.PathLike) -> Path:
+    """A user's path: '~' expanded, relative paths taken from the repository root."""
+    path = Path(path).expanduser()
+    return path if path.is_absolute() else current_workspace().root / path
+
+
+def collection(output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR) -> Collection:
+    """The collection in OUTPUT_DIR (a relative path starts at the repository root)."""
+    return Collection(resolve_path(output_dir))
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fsync_and_replace(temporary: Path, final: Path) -> None:
+    """Make `final` appear whole or not at all: flush to disk, rename, flush the directory."""
+    with open(temporary, "rb") as file:
+        os.fsync(file.fileno())
+    os.replace(temporary, final)
+    directory = os.open(final.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)
+
+
+def temporary_path(path: Path) -> Path:
+    """Where `path` is written before it is renamed into place."""
+    return path.with_name(path.name + ".tmp")
+
+
+@contextlib.contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """A temporary path beside `path` that replaces it whole on success and is removed on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = temporary_path(path)
+    try:
+        yield temporary
+        fsync_and_replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_json(path: Path, record: dict) -> None:
+    """Write a JSON record whole or not at all."""
+    with atomic_file(path) as temporary:
+        temporary.write_text(json.dumps(record, indent=1))
+
+
+def read_json(path: Path) -> dict:
+    """A JSON record, or {} when the file is missing or not a whole record."""
+    try:
+        record = json.loads(path.read_text())
+    except (FileNotFoundError, ValueError):
+        return {}
+    return record if isinstance(record, dict) else {}
+
+
+def check_writable(folder: Path) -> None:
+    """Create `folder` if needed and make sure this process can write files in it."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as error:
+        raise PipelineError(
+            f"Cannot write in {folder} ({error.strerror or error}): give this user write permission "
+            "there, or run from a copy of the repository that it owns."
+        ) from None
+
+
+def check_free_space(folder: Path, needed: int, purpose: str) -> None:
+    """An error, before any work, when the disk of `folder` has less than `needed` bytes free."""
+    free = current_settings().disk_usage(folder).free
+    if free < needed:
+        raise PipelineError(
+            f"Not enough disk space for {purpose}: it needs about {needed / 2**30:,.2f} GiB in {folder}, "
+            f"and {free / 2**30:,.2f} GiB is free. Free some space, or make OUTPUT/ a link to a larger disk."
+        )
