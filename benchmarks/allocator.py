@@ -1,4 +1,4 @@
-"""The model alone on the CPU with glibc's default allocator settings, and with lib.keep_freed_memory().
+"""The model alone on the CPU with glibc's default allocator settings, and with keep_freed_memory().
 
     python benchmarks/allocator.py                 # random ViT-B/32, batches of 32, 3 turns each
     python benchmarks/allocator.py --batch-size 64 --batches 4 --repeats 2
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -35,7 +36,7 @@ def model_alone(setting: str, model: str, batch_size: int, batches: int) -> dict
     from transformers import CLIPModel
 
     if setting == "keep_freed_memory":
-        lib.keep_freed_memory()
+        lib.settings.keep_freed_memory()
     clip = CLIPModel.from_pretrained(model_path(model)).eval()
     size = clip.config.vision_config.image_size
     pixels = torch.randn(batch_size, 3, size, size, generator=torch.Generator().manual_seed(0))
@@ -48,12 +49,14 @@ def model_alone(setting: str, model: str, batch_size: int, batches: int) -> dict
     return {
         "img_s": round(batches * batch_size / seconds, 1),
         "page_faults_per_batch": round((minor_page_faults() - faults) / batches),
+        "process": os.getpid(),
+        "freed_memory_kept": lib.settings.keep_freed_memory.cache_info().currsize == 1,
     }
 
 
-def in_a_process(setting: str, args: argparse.Namespace) -> dict:
+def in_a_process(setting: str, model: str, batch_size: int, batches: int) -> dict:
     """model_alone in a fresh process of this script."""
-    options = [f"--model={args.model}", f"--batch-size={args.batch_size}", f"--batches={args.batches}"]
+    options = [f"--model={model}", f"--batch-size={batch_size}", f"--batches={batches}"]
     command = [sys.executable, __file__, f"--setting={setting}", *options]
     finished = subprocess.run(command, capture_output=True, text=True, check=True)
     return json.loads(finished.stdout.splitlines()[-1])
@@ -75,10 +78,10 @@ def main() -> None:
     turns: dict[str, list[dict]] = {setting: [] for setting in SETTINGS}
     for _ in range(args.repeats):
         for setting in SETTINGS:
-            turns[setting].append(in_a_process(setting, args))
+            turns[setting].append(in_a_process(setting, args.model, args.batch_size, args.batches))
     medians = {setting: statistics.median(run["img_s"] for run in runs) for setting, runs in turns.items()}
     report = {
-        "device": lib.describe_device("cpu"),
+        "device": lib.environment.describe_device("cpu"),
         "model": args.model,
         "batch_size": args.batch_size,
         "turns": turns,

@@ -1,6 +1,7 @@
 """The benchmark scripts' building blocks, on the tiny model, so the scripts keep working."""
 
 import io
+import os
 
 import numpy as np
 from PIL import Image
@@ -47,9 +48,11 @@ def test_fast_preprocessing_agreement_reports_cosines_and_speeds(tiny_checkpoint
     assert report["fast_img_s_per_core"] > 0 and report["exact_img_s_per_core"] > 0
 
 
-def test_the_allocator_benchmark_runs_the_model_alone_under_each_setting(tiny_checkpoint):
-    from allocator import SETTINGS, model_alone
+def test_the_allocator_benchmark_runs_each_setting_in_a_fresh_process_of_its_own(tiny_checkpoint):
+    from allocator import SETTINGS, in_a_process
 
-    for setting in SETTINGS:
-        run = model_alone(setting, str(tiny_checkpoint), batch_size=4, batches=2)
-        assert run["img_s"] > 0 and run["page_faults_per_batch"] >= 0
+    runs = {setting: in_a_process(setting, str(tiny_checkpoint), 4, 2) for setting in SETTINGS}
+    assert len({run["process"] for run in runs.values()} | {os.getpid()}) == 3
+    assert not runs["glibc_defaults"]["freed_memory_kept"], "import lib leaves glibc's allocator alone"
+    assert runs["keep_freed_memory"]["freed_memory_kept"]
+    assert all(run["img_s"] > 0 and run["page_faults_per_batch"] >= 0 for run in runs.values())
