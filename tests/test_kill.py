@@ -40,16 +40,14 @@ def descendants(pid: int) -> list[int]:
 
 
 def kill_when(repo: Path, stage: str, parameters: dict, env: dict, condition: Callable[[], bool]) -> None:
-    """Run a stage with papermill and SIGKILL papermill and its kernel as soon as `condition()` holds."""
+    """Run a stage with papermill and SIGKILL papermill and its kernel as soon as `condition()` holds.
+
+    papermill writes the executed notebook to `executed(repo)` after each cell.
+    """
     params_file = repo.parent / f"{stage}-killed.yaml"
     params_file.write_text(yaml.safe_dump(parameters))
-    command = [
-        sys.executable,
-        "-m",
-        "papermill",
-        f"notebooks/{stage}.ipynb",
-        str(repo.parent / "killed.ipynb"),
-    ]
+    executed(repo).unlink(missing_ok=True)
+    command = [sys.executable, "-m", "papermill", f"notebooks/{stage}.ipynb", str(executed(repo))]
     process = subprocess.Popen(
         [*command, "-f", str(params_file)],
         cwd=repo,
@@ -65,6 +63,18 @@ def kill_when(repo: Path, stage: str, parameters: dict, env: dict, condition: Ca
             return
         time.sleep(0.0005)
     pytest.fail(f"{stage} finished before the moment it was to be killed")
+
+
+def executed(repo: Path) -> Path:
+    return repo.parent / "killed.ipynb"
+
+
+def has_printed(repo: Path, text: str) -> bool:
+    """Whether the stage under way has printed `text` in a cell that finished."""
+    try:
+        return text in executed(repo).read_text()
+    except FileNotFoundError:
+        return False
 
 
 def chunk_names(repo: Path, suffix: str = ".h5") -> list[str]:
@@ -110,15 +120,14 @@ def test_sigkill_at_any_point_of_02_and_03_then_a_rerun_gives_the_uninterrupted_
     shutil.copytree(clean / "notebooks", killed / "notebooks")
     (killed / "OUTPUT").mkdir()
     shutil.copy(clean / "OUTPUT" / "image_table.parquet", killed / "OUTPUT")
-    began = time.monotonic()
 
     moments_of_02 = [
-        lambda: time.monotonic() - began > 3,  # starting: the kernel imports, the model loads
+        # starting: the table is read, the model loads, no chunk is claimed yet
+        lambda: has_printed(killed, "image table: ") and not chunk_names(killed, ".h5.lock"),
         lambda: len(chunk_names(killed)) >= 2 and bool(chunk_names(killed, ".h5.lock")),  # mid-chunk
         lambda: bool(chunk_names(killed, ".h5.tmp")),  # a chunk file half written
     ]
     for moment in moments_of_02:
-        began = time.monotonic()
         kill_when(killed, "02_embed", PARAMETERS, kernel_env, moment)
         assert_every_chunk_is_whole(killed)
     papermill(killed, "03_merge", MERGE, kernel_env)  # a merged file of what is done so far
@@ -128,7 +137,7 @@ def test_sigkill_at_any_point_of_02_and_03_then_a_rerun_gives_the_uninterrupted_
 
     merged = killed / MERGE["OUTPUT_FILE"]
     partial_file = merged.stat().st_ino
-    kill_when(killed, "03_merge", MERGE, kernel_env, lambda: lib.temporary_path(merged).exists())
+    kill_when(killed, "03_merge", MERGE, kernel_env, lambda: lib.workspace.temporary_path(merged).exists())
     assert merged.read_bytes() == partial, "a killed merge leaves the previous merged file as it was"
     cleanup = {**MERGE, "CLEANUP": True}
     kill_when(killed, "03_merge", cleanup, kernel_env, lambda: merged.stat().st_ino != partial_file)
