@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import subprocess
 import sys
 import threading
 import time
@@ -23,6 +24,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -259,7 +261,6 @@ def _tiny_tokenizer():
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A randomly initialised CLIPModel (32 px, 16-d embeddings) saved like a hub checkpoint."""
-    import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel
 
     folder = tmp_path_factory.mktemp("tiny-clip")
@@ -288,7 +289,6 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 def retrained(checkpoint: Path, folder: Path, seed: int) -> Path:
     """`checkpoint`'s files with other weights of the same shape in `folder`: another revision of it."""
-    import torch
     from transformers import CLIPModel
 
     shutil.copytree(checkpoint, folder)
@@ -451,3 +451,37 @@ def kernel_env(hub_cache) -> dict:
     env = {**os.environ, "HF_HUB_CACHE": str(hub_cache), "HF_HUB_OFFLINE": "1"}
     env.pop("AWS_ENDPOINT_URL_S3", None)
     return env
+
+
+HOLD_LOCK = """
+import sys, time
+from pathlib import Path
+import conftest, lib
+lib.claims.FileLock(Path(sys.argv[1])).acquire()
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def child(code: str, *arguments) -> subprocess.Popen:
+    """A Python process running `code` with the tests' imports."""
+    return subprocess.Popen(
+        [sys.executable, "-c", code, *map(str, arguments)],
+        cwd=REPO / "tests",
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+@pytest.fixture
+def merged(table, tiny_encoder, collection) -> lib.nearest.EmbeddingsFile:
+    run_embed(table, tiny_encoder)
+    return lib.open_embeddings(collection, lib.merge_chunks(collection, "OUTPUT/Images_Embedded.h5").path)
+
+
+def metadata(dataset, source=None, split="validation", fetch="s3"):
+    return lib.MetadataParams(dataset, split, source, fetch)
+
+
+ROWS = [{"image_id": "007", "url": "http://example.com/a.jpg"}, {"image_id": "8", "url": "img/b.png"}]

@@ -1,11 +1,14 @@
 """Merge: chunks -> one verified file in row order; bad chunk sets refused, gaps reported."""
 
+# The reading snippet of the original notebook's README ("Output Format"), unchanged.
 import json
 import os
 import shutil
 import subprocess
 import sys
 import textwrap
+import threading
+import time
 import types
 from pathlib import Path
 
@@ -13,11 +16,10 @@ import h5py
 import lib
 import numpy as np
 import pytest
-from conftest import read_output, run_embed
+from conftest import HOLD_LOCK, child, read_output, run_embed
 from merged_reading import reading_cells, traced_run
 from workload import merged_layout
 
-# The reading snippet of the original notebook's README ("Output Format"), unchanged.
 ORIGINAL_README_SNIPPET = textwrap.dedent(
     """
     import h5py
@@ -346,3 +348,20 @@ def test_03_reads_the_merged_file_in_bounded_memory(tmp_path):
     assert "Embedding dtype: float32\nFailed images: 0" in printed
     assert namespace["first_rows"]["image_id"].tolist()[:2] == ["0000000000000000", "0000000000000001"]
     assert peak_mib < 16, f"{peak_mib} MiB"
+
+
+def test_a_second_merge_into_the_same_file_waits_for_the_first(workspace, table, tiny_encoder, capsys):
+
+    run_embed(table, tiny_encoder)
+    merged = workspace.root / "OUTPUT" / "merged.h5"
+    holder = child(HOLD_LOCK, lib.claims.lock_path(merged))
+    assert holder.stdout.readline() == "held\n"
+    merge = threading.Thread(target=lib.merge_chunks, args=(lib.collection(), "OUTPUT/merged.h5"))
+    merge.start()
+    time.sleep(1)
+    assert merge.is_alive() and not merged.exists()
+    holder.kill()
+    holder.wait()
+    merge.join(timeout=60)
+    assert not merge.is_alive() and merged.exists() and not lib.claims.lock_path(merged).exists()
+    assert "Waiting for another merge into" in capsys.readouterr().out

@@ -1,27 +1,13 @@
 """Sources: Open Images metadata, user tables and folders -> the normalised image table."""
 
 import hashlib
-import itertools
 import json
-import os
-import pathlib
-from collections.abc import Callable
 
 import lib
 import numpy as np
 import pandas as pd
-import pyarrow.parquet as pq
 import pytest
-from conftest import closed_port_url, md5_base64, official_metadata_csv
-
-
-def metadata(dataset, source=None, split="validation", fetch="s3"):
-    return lib.MetadataParams(dataset, split, source, fetch)
-
-
-# ---------------------------------------------------------------------------------------------
-# Open Images
-# ---------------------------------------------------------------------------------------------
+from conftest import ROWS, md5_base64, metadata, official_metadata_csv
 
 
 def test_openimages_s3_locations_follow_the_bucket_layout(workspace, http_server, images):
@@ -82,52 +68,11 @@ def test_a_split_that_is_not_the_csvs_is_named(workspace, http_server):
         lib.build_image_table(metadata("openimages-v7", source, split="test"))
 
 
-def test_downloads_are_cached_and_checked(workspace, http_server):
-    path = "/metadata/validation-images-with-rotation.csv"
-    before = http_server.hits.get(path, 0)
-    first = lib.downloads.cached_download(http_server.url(path), hint="")
-    second = lib.downloads.cached_download(http_server.url(path), hint="")
-    assert first == second and http_server.hits[path] == before + 1
-    first.write_bytes(first.read_bytes()[:-10])  # a damaged copy is fetched again
-    third = lib.downloads.cached_download(http_server.url(path), hint="")
-    assert http_server.hits[path] == before + 2
-    assert third.read_bytes() == http_server.files[path][0]
-
-
-def test_a_gzip_encoded_download_is_checked_by_the_bytes_that_came(workspace, http_server):
-    """Content-Length counts the encoded body; the file holds it decoded."""
-    path = "/metadata/validation-images-with-rotation.csv"
-    downloaded = lib.downloads.cached_download(http_server.url("/gzip" + path), hint="")
-    assert downloaded.read_bytes() == http_server.files[path][0]
-
-
-def test_unreachable_metadata_names_the_url_and_how_to_point_elsewhere(workspace, fast_retries):
-    url = closed_port_url("/validation-images-with-rotation.csv")
-    with pytest.raises(lib.PipelineError) as error:
-        lib.build_image_table(metadata("openimages-v7", url))
-    message = str(error.value)
-    assert f"Could not download {url}: cannot connect to 127.0.0.1:" in message
-    assert "set SOURCE to its path" in message
-    assert not list(workspace.downloads.glob("*/*")), "no partial download is left behind"
-
-
-def test_an_http_error_on_metadata_is_reported(workspace, http_server):
-    with pytest.raises(lib.PipelineError, match="answered HTTP 404"):
-        lib.build_image_table(metadata("openimages-v7", http_server.url("/metadata/missing.csv")))
-
-
 def test_a_csv_in_another_format_is_refused(workspace, tmp_path):
     listing = tmp_path / "list.csv"
     listing.write_text("image_id,url\na,http://x/a.jpg\n")
     with pytest.raises(lib.PipelineError, match=r"not in the official Open Images format.*DATASET='table'"):
         lib.build_image_table(metadata("openimages-v7", str(listing)))
-
-
-# ---------------------------------------------------------------------------------------------
-# Tables
-# ---------------------------------------------------------------------------------------------
-
-ROWS = [{"image_id": "007", "url": "http://example.com/a.jpg"}, {"image_id": "8", "url": "img/b.png"}]
 
 
 @pytest.mark.parametrize(
@@ -213,30 +158,6 @@ def test_missing_table_file(workspace):
         lib.build_image_table(metadata("table", "nowhere.csv"))
 
 
-def test_google_drive_links_go_through_gdown(workspace, tmp_path, monkeypatch):
-    import gdown
-
-    calls = []
-
-    def fake_download(url, output, quiet, fuzzy):
-        calls.append((url, fuzzy))
-        saved = f"{output}catalogue.csv"
-        pd.DataFrame(ROWS).to_csv(saved, index=False)
-        return saved
-
-    monkeypatch.setattr(gdown, "download", fake_download)
-    link = "https://drive.google.com/file/d/1AbC/view?usp=sharing"
-    table = lib.build_image_table(metadata("table", link))
-    assert calls == [(link, True)] and len(table) == 2
-    lib.build_image_table(metadata("table", link))
-    assert len(calls) == 1, "the second run uses the verified cached copy"
-
-
-# ---------------------------------------------------------------------------------------------
-# Folders
-# ---------------------------------------------------------------------------------------------
-
-
 def test_folder_lists_image_files_recursively_and_sorted(workspace, tmp_path):
     folder = tmp_path / "photos"
     for name in [
@@ -268,128 +189,3 @@ def test_missing_and_empty_folders(workspace, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(lib.PipelineError, match="holds no images"):
         lib.build_image_table(metadata("folder", str(tmp_path / "empty")))
-
-
-# ---------------------------------------------------------------------------------------------
-# The saved table
-# ---------------------------------------------------------------------------------------------
-
-
-def test_saving_an_unchanged_table_does_nothing(collection, tmp_path, capsys):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    (folder / "a.jpg").write_bytes(b"x")
-    params = metadata("folder", str(folder))
-    info = lib.save_image_table(lib.build_image_table(params), params, collection)
-    written = collection.table.stat().st_mtime_ns
-    assert lib.save_image_table(lib.build_image_table(params), params, collection) == info
-    assert collection.table.stat().st_mtime_ns == written
-    assert "already up to date" in capsys.readouterr().out
-    loaded = lib.load_image_table(collection)
-    assert len(loaded) == 1 and loaded.info == info
-    assert loaded.rows(0, 1)["image_id"] == ["a.jpg"]
-
-
-def test_a_changed_table_changes_its_digest(collection, tmp_path):
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    (folder / "a.jpg").write_bytes(b"x")
-    params = metadata("folder", str(folder))
-    first = lib.save_image_table(lib.build_image_table(params), params, collection)
-    (folder / "b.jpg").write_bytes(b"x")
-    second = lib.save_image_table(lib.build_image_table(params), params, collection)
-    assert first["sha256"] != second["sha256"] and second["rows"] == 2
-
-
-def test_checksums_added_to_a_listing_later_are_saved_and_keep_its_chunks(collection, tmp_path, images):
-    keys = sorted(images)[:2]
-    listing = tmp_path / "list.csv"
-    listing.write_text("image_id,url\n" + "".join(f"{key},/x/{key}.jpg\n" for key in keys))
-    params = metadata("table", str(listing))
-    first = lib.save_image_table(lib.build_image_table(params), params, collection)
-    digests = [hashlib.md5(images[key]).hexdigest() for key in keys]
-    listing.write_text(
-        "image_id,url,md5\n" + "".join(f"{k},/x/{k}.jpg,{d}\n" for k, d in zip(keys, digests, strict=True))
-    )
-    second = lib.save_image_table(lib.build_image_table(params), params, collection)
-    assert lib.load_image_table(collection).rows(0, 2)["md5"] == digests
-    assert second["sha256"] == first["sha256"], "the same images: their chunks stay valid"
-
-
-def test_a_few_rows_of_a_large_table_are_read_without_the_rest(collection, monkeypatch):
-    """04's thumbnails need the locations of a few rows of a table of millions."""
-    rows = 300_000
-    paths = [f"/data/{row:06d}.jpg" for row in range(rows)]
-    table = pd.DataFrame({"image_id": paths, "url": paths, "location": paths, "rotation": np.nan, "md5": ""})
-    params = metadata("folder", "/data")
-    lib.save_image_table(table, params, collection)
-    read = []
-    read_row_group = pq.ParquetFile.read_row_group
-    monkeypatch.setattr(
-        pq.ParquetFile,
-        "read_row_group",
-        lambda file, group, **kw: read.append(group) or read_row_group(file, group, **kw),
-    )
-    wanted = [299_999, 3, 131_072, 4]
-    assert lib.table.table_values(collection.table, "location", wanted) == [paths[row] for row in wanted]
-    assert sorted(read) == [0, 2, 4], "only the row groups that hold them"
-
-
-def test_02_without_a_table_says_to_run_01(collection):
-    with pytest.raises(
-        lib.PipelineError,
-        match=r"no image table in .*OUTPUT: run 01_metadata with OUTPUT_DIR='.*OUTPUT' first",
-    ):
-        lib.load_image_table(collection)
-
-
-def test_wherever_a_save_is_interrupted_the_table_and_its_digest_agree(collection, tmp_path, monkeypatch):
-    """A kill between writing a table and its record must never pair a new table with an old digest."""
-    folder = tmp_path / "photos"
-    folder.mkdir()
-    (folder / "a.jpg").write_bytes(b"x")
-    params = metadata("folder", str(folder))
-    lib.save_image_table(lib.build_image_table(params), params, collection)
-    (folder / "b.jpg").write_bytes(b"x")
-    for interrupted_step in itertools.count(1):
-        steps = interrupt_at(interrupted_step, monkeypatch)
-        try:
-            lib.save_image_table(lib.build_image_table(params), params, collection)
-        except KeyboardInterrupt:
-            pass
-        monkeypatch.undo()
-        loaded = lib.load_image_table(collection)
-        assert loaded.info["sha256"] == lib.table.table_sha256(loaded.columns.to_pandas())
-        if steps() < interrupted_step:  # the save ran to its end
-            break
-    assert len(lib.load_image_table(collection)) == 2
-
-
-def interrupt_at(step: int, monkeypatch) -> Callable[[], int]:
-    """Raise KeyboardInterrupt at the `step`-th file write or rename; return a count of those made."""
-    made = 0
-
-    def wrap(write):
-        def interrupted(*args, **kwargs):
-            nonlocal made
-            made += 1
-            if made == step:
-                raise KeyboardInterrupt
-            return write(*args, **kwargs)
-
-        return interrupted
-
-    monkeypatch.setattr(pq, "write_table", wrap(pq.write_table))
-    monkeypatch.setattr(os, "replace", wrap(os.replace))
-    monkeypatch.setattr(pathlib.Path, "write_text", wrap(pathlib.Path.write_text))
-    return lambda: made
-
-
-def test_a_damaged_download_record_means_downloading_again(workspace, http_server):
-    path = "/metadata/validation-images-with-rotation.csv"
-    first = lib.downloads.cached_download(http_server.url(path), hint="")
-    before = http_server.hits[path]
-    record = first.with_name(first.name + ".download.json")
-    record.write_text(record.read_text()[:10])  # cut short by a kill, as a non-atomic write could be
-    again = lib.downloads.cached_download(http_server.url(path), hint="")
-    assert again.read_bytes() == http_server.files[path][0] and http_server.hits[path] == before + 1

@@ -22,6 +22,8 @@ EMBED_DEFAULTS = {
     "RETRY_FAILED": False,
     "STOP_IF_UNREACHABLE": True,
 }
+
+
 METADATA_DEFAULTS = {
     "OUTPUT_DIR": "OUTPUT",
     "DATASET": "openimages-v7",
@@ -29,6 +31,8 @@ METADATA_DEFAULTS = {
     "SOURCE": None,
     "FETCH": "s3",
 }
+
+
 MERGE_DEFAULTS = {"OUTPUT_DIR": "OUTPUT", "OUTPUT_FILE": None, "CLEANUP": False}
 
 

@@ -1,4 +1,4 @@
-"""04_search: exact search streamed in blocks, the approximate index, queries, gallery and exports."""
+"""04's search: exact top-k streamed in blocks, the approximate index, query models and vectors."""
 
 import json
 import shutil
@@ -6,7 +6,6 @@ import shutil
 import h5py
 import lib
 import numpy as np
-import pyarrow.parquet as pq
 import pytest
 import torch
 from conftest import FAKE_COMMIT, retrained, run_embed, save_table
@@ -29,12 +28,6 @@ def embeddings_file(path, vectors: np.ndarray) -> lib.nearest.EmbeddingsFile:
         file["rows"] = np.arange(count, dtype=np.int64)
         file.attrs["chunks"] = "[]"
     return lib.open_embeddings(lib.workspace.Collection(path.parent), path)
-
-
-@pytest.fixture
-def merged(table, tiny_encoder, collection) -> lib.nearest.EmbeddingsFile:
-    run_embed(table, tiny_encoder)
-    return lib.open_embeddings(collection, lib.merge_chunks(collection, "OUTPUT/Images_Embedded.h5").path)
 
 
 def test_an_image_used_as_its_own_query_ranks_first_with_score_1(merged, tiny_encoder, image_folder):
@@ -229,35 +222,6 @@ def test_a_missing_file_and_bad_parameters_are_named(collection):
             lib.SearchParams(**{**values, name: value})
 
 
-def test_the_gallery_shows_cached_thumbnails_and_says_which_are_missing(merged, workspace, image_folder):
-    table = lib.result_table(merged, lib.search(merged, merged.vector(0), 4))
-    (image_folder / table["image_id"][3]).unlink()
-    page = lib.gallery_html(merged, table, "image: first", lib.Fetcher())
-    assert page.count("<img ") == 3 and page.count("(not available)") == 1
-    assert len(list((workspace.cache / "thumbnails").glob("*.jpg"))) == 3
-    assert f"#1 1.000 {table['image_id'][0]}" in page
-
-
-def test_thumbnails_come_from_where_02_fetched_relative_paths_included(
-    collection, image_folder, tiny_encoder, workspace, tmp_path, monkeypatch
-):
-    """A listing's relative urls point next to the listing, whatever folder the kernel runs in."""
-    photos = sorted(path.name for path in image_folder.glob("*.jpg"))[:4]
-    listing = image_folder / "listing.csv"
-    listing.write_text("image_id,url\n" + "".join(f"{name},{name}\n" for name in photos))
-    table = save_table(lib.MetadataParams("table", "validation", str(listing), "s3"), collection)
-    run_embed(table, tiny_encoder)
-    embeddings = lib.open_embeddings(collection, lib.merge_chunks(collection).path)
-    results = lib.result_table(embeddings, lib.search(embeddings, embeddings.vector(0), 4))
-    assert results["url"].tolist()[0] in photos, "the url column keeps the listing's own text"
-    monkeypatch.chdir(tmp_path)  # where a kernel may run: not the listing's folder
-    page = lib.gallery_html(embeddings, results, "image", lib.Fetcher())
-    assert page.count("<img ") == 4 and "(not available)" not in page
-    collection.table.unlink()  # without the image table, urls are what there is
-    without_table = lib.open_embeddings(collection)
-    assert without_table.locations([0], ["images/a.jpg"]) == [str(workspace.root / "images/a.jpg")]
-
-
 def test_a_file_of_another_collection_keeps_its_index_and_exports_in_its_own(
     collection, image_folder, tiny_encoder, workspace
 ):
@@ -276,32 +240,6 @@ def test_a_file_of_another_collection_keeps_its_index_and_exports_in_its_own(
     assert embeddings.locations(results["row"], results["url"])[0] == str(
         image_folder / results["image_id"][0]
     )
-
-
-@pytest.mark.parametrize("pca_dim", [None, 6])
-def test_exports_hold_every_embedding_and_id_in_file_order(merged, pca_dim):
-    with h5py.File(merged.path) as file:
-        vectors, ids = file["embeddings"][:], file["image_ids"].asstr()[:].tolist()
-        urls = file["urls"].asstr()[:].tolist()
-    npy = lib.export_embeddings(merged, "npy", pca_dim)
-    parquet = pq.read_table(lib.export_embeddings(merged, "parquet", pca_dim)[0]).to_pandas()
-    exported = np.load(npy[0])
-    assert np.load(npy[1]).tolist() == ids == parquet["image_id"].tolist()
-    assert np.load(npy[2]).tolist() == urls
-    np.testing.assert_array_equal(np.stack(parquet["embedding"]), exported)
-    if pca_dim is None:
-        np.testing.assert_array_equal(exported, vectors)
-        return
-    components = np.load(npy[-1])
-    centred = vectors.astype(np.float64) - vectors.mean(0)
-    _, singular, directions = np.linalg.svd(centred, full_matrices=False)
-    np.testing.assert_allclose(
-        np.abs(components["components"] @ directions[:pca_dim].T), np.eye(pca_dim), atol=1e-3
-    )
-    ratio = singular[:pca_dim] ** 2 / (singular**2).sum()
-    np.testing.assert_allclose(components["explained_variance_ratio"], ratio, rtol=1e-3)
-    assert exported.shape == (merged.count, pca_dim)
-    np.testing.assert_allclose(np.linalg.norm(exported, axis=1), 1, atol=1e-5)
 
 
 def test_a_file_in_which_every_image_failed_says_so_instead_of_crashing(collection, tmp_path, tiny_encoder):

@@ -1,4 +1,4 @@
-"""Encode: checkpoints by name, hub id or directory; embeddings equal a direct CLIPModel forward."""
+"""The model: checkpoints by name, hub id or directory; embeddings equal a direct CLIPModel forward."""
 
 import json
 import resource
