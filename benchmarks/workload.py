@@ -93,12 +93,8 @@ def random_clip(name: str, cache: Path = CACHE) -> Path:
 @contextlib.contextmanager
 def temporary_workspace() -> Iterator[lib.workspace.Workspace]:
     """lib's repository root (its .cache/ and OUTPUT/) in a temporary folder for the duration."""
-    with tempfile.TemporaryDirectory() as root:
-        before = lib.configure(root=Path(root))
-        try:
-            yield lib.workspace.current_workspace()
-        finally:
-            lib.configure(**vars(before))
+    with tempfile.TemporaryDirectory() as root, lib.settings.configured(root=Path(root)):
+        yield lib.workspace.current_workspace()
 
 
 def embed_rows(

@@ -346,9 +346,8 @@ def read_output(path: Path) -> dict:
 @pytest.fixture
 def configure() -> Iterator[Callable]:
     """lib.configure for one test: the settings it changes are restored after it."""
-    before = lib.configure()
-    yield lib.configure
-    lib.configure(**vars(before))
+    with lib.settings.configured():
+        yield lib.configure
 
 
 @pytest.fixture

@@ -11,7 +11,7 @@ IMPORT_CHANGES_NOTHING = """
 import logging, sys, warnings
 import PIL.Image
 sys.path.insert(0, sys.argv[1])
-pillow_limit, filters = PIL.Image.MAX_IMAGE_PIXELS, len(warnings.filters)
+pillow_limit = PIL.Image.MAX_IMAGE_PIXELS
 import lib
 
 def pillow_filters():
@@ -21,6 +21,10 @@ assert PIL.Image.MAX_IMAGE_PIXELS == pillow_limit, "import lib changed Pillow's 
 assert not pillow_filters(), "import lib filtered Pillow's warnings"
 assert logging.getLogger("urllib3.connectionpool").level == logging.NOTSET
 assert lib.settings.keep_freed_memory.cache_info().currsize == 0, "import lib changed glibc's allocator"
+with warnings.catch_warnings():
+    lib.prepare_process()
+    assert pillow_filters()
+assert not pillow_filters()
 lib.prepare_process()
 lib.prepare_process()
 assert PIL.Image.MAX_IMAGE_PIXELS is None and len(pillow_filters()) == 1, "once, however often it is called"
@@ -65,5 +69,32 @@ def test_configure_changes_what_the_stages_read_and_returns_what_it_replaced(con
 
 
 def test_an_unknown_setting_is_named_with_the_settings_there_are(configure):
-    with pytest.raises(lib.ParameterError, match=r"no setting fetch_dedline: the settings are root, "):
+    with pytest.raises(TypeError, match=r"no setting fetch_dedline: the settings are root, "):
         configure(fetch_dedline=60)
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"http_timeout": 10}, r"http_timeout=10 is not allowed: use \(seconds to connect, seconds between"),
+        ({"fetch_deadline": 0}, r"fetch_deadline=0 is not allowed: use a number > 0"),
+        ({"retry_backoff": -1}, r"retry_backoff=-1 is not allowed: use seconds >= 0"),
+        ({"search_block_bytes": "big"}, r"search_block_bytes='big' is not allowed"),
+    ],
+)
+def test_a_bad_setting_is_refused_with_what_is_allowed(configure, change, message):
+    with pytest.raises(ValueError, match=message):
+        configure(**change)
+
+
+def test_a_root_given_as_text_becomes_a_resolved_path(configure, tmp_path):
+    configure(root=str(tmp_path / "repo" / ".." / "repo"))
+    assert lib.workspace.current_workspace().downloads == tmp_path / "repo" / ".cache" / "downloads"
+
+
+def test_configured_restores_the_settings_after_its_block():
+    before = lib.settings.current_settings()
+    with lib.settings.configured(search_block_bytes=64) as inside:
+        assert inside.search_block_bytes == 64 == lib.settings.current_settings().search_block_bytes
+        lib.configure(fetch_deadline=5)
+    assert lib.settings.current_settings() == before

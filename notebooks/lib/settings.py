@@ -9,6 +9,7 @@ filters, libtiff's and urllib3's messages, glibc's allocator); the stages that n
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import fcntl
@@ -16,26 +17,47 @@ import functools
 import logging
 import shutil
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from PIL import Image
 
-from .errors import ParameterError
-
 
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """What the stages read from where they run; `configure` changes them for this process."""
+    """What the stages read from where they run; `configure` changes them for this process.
+
+    HTTP sessions and Fetchers read the network's settings when they are made; the rest are read at
+    each use. `disk_usage` and `flock` are how the disk and its locks are reached, replaceable to
+    see how the stages meet a full disk or a filesystem without locks.
+    """
 
     root: Path = Path(__file__).resolve().parents[2]  # the repository root: relative paths and .cache/
     http_timeout: tuple[float, float] = (10, 60)  # seconds to connect, seconds between bytes
     fetch_deadline: float = 300  # seconds for one image's fetch, retries and waits included
-    retry_backoff: float = 0.5  # seconds before an HTTP request's second retry, doubling for each next
+    retry_backoff: float = 0.5  # urllib3's backoff_factor: a first retry at once, then 2x, 4x, 8x this (s)
     search_block_bytes: int = 256 << 20  # embeddings 04 reads at once: memory stays bounded whatever N is
     disk_usage: Callable[[Path], Any] = shutil.disk_usage  # how free disk space is measured
     flock: Callable[[int, int], None] = fcntl.flock  # how lock files are locked
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+        timeout = self.http_timeout
+        if not (isinstance(timeout, tuple) and len(timeout) == 2 and all(map(_positive, timeout))):
+            raise ValueError(
+                f"http_timeout={timeout!r} is not allowed: use (seconds to connect, seconds between "
+                "bytes), both > 0, such as (10, 60)."
+            )
+        for name in ("fetch_deadline", "search_block_bytes"):
+            if not _positive(getattr(self, name)):
+                raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: use a number > 0.")
+        if not (_positive(self.retry_backoff) or self.retry_backoff == 0):
+            raise ValueError(f"retry_backoff={self.retry_backoff!r} is not allowed: use seconds >= 0.")
+
+
+def _positive(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and value > 0
 
 
 _settings = Settings()
@@ -47,18 +69,30 @@ def current_settings() -> Settings:
 
 
 def configure(**changes: Any) -> Settings:
-    """Change settings for the rest of this process, e.g. configure(fetch_deadline=60); return those before.
-
-    `configure(**vars(before))` restores them.
-    """
+    """Change settings for the rest of this process (configure(fetch_deadline=60)); return the old ones."""
     global _settings
-    unknown = sorted(set(changes) - {field.name for field in dataclasses.fields(Settings)})
+    known = [field.name for field in dataclasses.fields(Settings)]
+    unknown = sorted(set(changes) - set(known))
     if unknown:
-        names = ", ".join(field.name for field in dataclasses.fields(Settings))
-        raise ParameterError(f"configure() has no setting {', '.join(unknown)}: the settings are {names}.")
+        raise TypeError(
+            f"configure() has no setting {', '.join(unknown)}: the settings are {', '.join(known)}."
+        )
     before = _settings
     _settings = dataclasses.replace(_settings, **changes)
     return before
+
+
+@contextlib.contextmanager
+def configured(**changes: Any) -> Iterator[Settings]:
+    """configure(**changes) for the duration of a block: the settings before it are restored after it."""
+    before = configure(**changes)
+    try:
+        yield current_settings()
+    finally:
+        configure(**vars(before))
+
+
+_PILLOW_MODULES = r"PIL\."  # Pillow warns about each odd file it reads (corrupt EXIF, oversized tags)
 
 
 def prepare_process(cpu_inference: bool = False) -> None:
@@ -68,20 +102,27 @@ def prepare_process(cpu_inference: bool = False) -> None:
     run's MAX_PIXELS, from its header, before decoding); Pillow's warnings about odd files, libtiff's
     messages about corrupt TIFFs and urllib3's about retried requests go quiet (each image that still
     fails is recorded with its reason). With `cpu_inference`, glibc keeps freed memory for reuse.
+    Each call checks what is set, so a warning filter that `warnings.catch_warnings` undid is set again.
     """
-    _quiet_and_unlimited_images()
+    Image.MAX_IMAGE_PIXELS = None
+    if not _pillow_warnings_ignored():
+        warnings.filterwarnings("ignore", category=UserWarning, module=_PILLOW_MODULES)
+    retries = logging.getLogger("urllib3.connectionpool")
+    if retries.level < logging.ERROR:
+        retries.setLevel(logging.ERROR)
+    _quiet_libtiff()
     if cpu_inference:
         keep_freed_memory()
 
 
+def _pillow_warnings_ignored() -> bool:
+    return any(
+        action == "ignore" and category is UserWarning and getattr(module, "pattern", None) == _PILLOW_MODULES
+        for action, _, category, module, _ in warnings.filters
+    )
+
+
 @functools.cache
-def _quiet_and_unlimited_images() -> None:
-    Image.MAX_IMAGE_PIXELS = None
-    warnings.filterwarnings("ignore", category=UserWarning, module=r"PIL\.")
-    _quiet_libtiff()
-    logging.getLogger("urllib3.connectionpool").setLevel(logging.ERROR)
-
-
 def _quiet_libtiff() -> None:
     """Stop libtiff printing each corrupt TIFF's complaints to stderr, which a notebook shows (Linux).
 
