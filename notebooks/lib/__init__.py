@@ -13,9 +13,9 @@ The notebooks' names, stage by stage, in the order each notebook calls them:
                   search, result_table, query_label, image_query_vector, gallery_html,
                   export_embeddings                  -> top-k tables, galleries, exports
     your own code load_encoder (a CLIP model: encode, encode_text), configure (timeouts, the
-                  repository root), prepare_process, PipelineError, ImageFailure
+                  repository root), prepare_process, PipelineError, ParameterError, ImageFailure
 
-Everything else is reached through its module (`lib.fetch.Fetcher`, `lib.claims.FileLock`). One
+Everything else is reached through its module (`lib.embed.ImageLoader`, `lib.claims.FileLock`). One
 module per seam, in the order the data flows through them; each imports only modules above it:
 
     errors       PipelineError (what the user can fix) and ImageFailure (one image, with its reason)

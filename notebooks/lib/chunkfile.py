@@ -1,7 +1,7 @@
 """The chunk file: one HDF5 file per row range, the unit that 02 writes and 03 merges.
 
 Records, attributes, the signature that chunks of one output share, and reading and writing, with
-HDF5's own file-lock errors told plainly. The layout is the output format's (DESIGN.md).
+HDF5's own file-lock errors told plainly. The layout is the merged file's (README, Output format).
 """
 
 from __future__ import annotations

@@ -70,10 +70,6 @@ def http_retry() -> DeadlineRetry:
     )
 
 
-def _is_google_drive(text: str) -> bool:
-    return urlparse(text).hostname in ("drive.google.com", "docs.google.com")
-
-
 def http_session(pool_size: int = 10) -> requests.Session:
     """A requests session that retries transient failures (urllib3's Retry) with backoff."""
     prepare_process()
@@ -137,6 +133,10 @@ def _download_http(url: str, destination: Path) -> None:
         received = reply.raw.tell()  # bytes over the wire, as Content-Length counts a gzip-encoded body
     if expected is not None and received != expected:
         raise OSError(f"received {received} of {expected} bytes")
+
+
+def _is_google_drive(text: str) -> bool:
+    return urlparse(text).hostname in ("drive.google.com", "docs.google.com")
 
 
 def _download_google_drive(url: str, folder: Path) -> Path:

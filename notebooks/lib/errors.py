@@ -1,8 +1,8 @@
-"""What can go wrong, told so that the user knows what to do: the first module, imported by all.
+"""What can go wrong, told so that the user knows what to do: the first module of the flow.
 
 PipelineError is a problem the user can fix (a bad parameter, a missing input, an unreachable server),
 shown in a notebook without a traceback; ImageFailure is one image that cannot be embedded, with the
-short, stable reason that the output files record.
+short, stable reason that the output files record; `counted` gives such reasons with their counts.
 """
 
 from __future__ import annotations
@@ -31,4 +31,5 @@ class ImageFailure(Exception):
 
 
 def counted(counter: collections.Counter) -> str:
+    """Reasons with their counts, commonest first, as messages give them: 'http 404: 12, timeout: 3'."""
     return ", ".join(f"{reason}: {count:,}" for reason, count in counter.most_common())

@@ -20,7 +20,6 @@ from .nearest import EmbeddingsFile, array_blocks
 from .workspace import atomic_file
 
 
-# Exports: the .npy files the other notebooks use, or Parquet; optionally through PCA.
 @dataclasses.dataclass(frozen=True)
 class Pca:
     """A PCA fitted on a file's embeddings: vectors are centred, projected, then made unit length again."""

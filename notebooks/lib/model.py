@@ -282,9 +282,6 @@ class ClipEncoder:
         }
 
 
-_HUB_COMMIT = re.compile(r"[0-9a-f]{40}")
-
-
 def load_encoder(
     model: str, device: str = "auto", precision: str = "auto", revision: str | None = None
 ) -> ClipEncoder:
@@ -309,6 +306,9 @@ def load_encoder(
     clip = clip.to(torch_device, _DTYPES[precision]).eval()
     prepare_process(cpu_inference=torch_device.type == "cpu")
     return ClipEncoder(clip, checkpoint, torch_device, precision)
+
+
+_HUB_COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 def recorded_commit(recorded: dict, model: str) -> str | None:

@@ -210,6 +210,8 @@ def result_table(embeddings: EmbeddingsFile, result: SearchResult, query: int = 
 
 # The approximate index: FAISS's inverted file (IVF-Flat), built from the file in blocks and saved
 # beside it. Search scans the `nprobe` lists nearest the query out of `nlist`.
+
+
 def _ivf_path(embeddings: EmbeddingsFile) -> Path:
     return embeddings.derived(".ivf.faiss")
 

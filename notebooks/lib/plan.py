@@ -223,27 +223,6 @@ def plan_chunks(
     return ChunkPlan(collection.chunks, start, end, done, todo, retry, signature)
 
 
-@dataclasses.dataclass(frozen=True)
-class RunPlan:
-    """What one 02 run does: how it prepares each image, and which chunks it embeds or retries."""
-
-    recipe: ImageRecipe
-    chunks: ChunkPlan
-
-    def __str__(self) -> str:
-        return str(self.chunks)
-
-
-def plan_run(params: EmbedParams, collection: Collection, encoder: ClipEncoder, table: ImageTable) -> RunPlan:
-    """02's plan: the encoder's preprocessing with the run's options, and the chunks of [START, END) to do."""
-    recipe = image_recipe(encoder, params)
-    signature = run_signature(encoder, recipe, table)
-    chunks = plan_chunks(
-        collection, params.start, params.end, params.chunk, signature, len(table), params.retry_failed
-    )
-    return RunPlan(recipe, chunks)
-
-
 def _check_no_earlier_chunks(collection: Collection, table_sha256: str) -> None:
     """Say so when OUTPUT/chunks holds chunks of this table, which a new collection would embed again.
 
@@ -275,3 +254,24 @@ def _check_no_earlier_chunks(collection: Collection, table_sha256: str) -> None:
         f"in {shared.folder}'s (or made there by an earlier version). To reuse them rather than embed their "
         f"rows again, stop now and move them here: {move}"
     )
+
+
+@dataclasses.dataclass(frozen=True)
+class RunPlan:
+    """What one 02 run does: how it prepares each image, and which chunks it embeds or retries."""
+
+    recipe: ImageRecipe
+    chunks: ChunkPlan
+
+    def __str__(self) -> str:
+        return str(self.chunks)
+
+
+def plan_run(params: EmbedParams, collection: Collection, encoder: ClipEncoder, table: ImageTable) -> RunPlan:
+    """02's plan: the encoder's preprocessing with the run's options, and the chunks of [START, END) to do."""
+    recipe = image_recipe(encoder, params)
+    signature = run_signature(encoder, recipe, table)
+    chunks = plan_chunks(
+        collection, params.start, params.end, params.chunk, signature, len(table), params.retry_failed
+    )
+    return RunPlan(recipe, chunks)
