@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 from conftest import ROWS, md5_base64, metadata, official_metadata_csv
+from PIL import Image
 
 
 def test_openimages_s3_locations_follow_the_bucket_layout(workspace, http_server, images):
@@ -174,6 +175,15 @@ def test_folder_lists_image_files_recursively_and_sorted(workspace, tmp_path):
     table = lib.build_image_table(metadata("folder", str(folder)))
     assert table["image_id"].tolist() == ["a.PNG", "b.jpg", "sub/c.webp", "sub/deeper/d.tif"]
     assert table["location"][2] == str(folder / "sub/c.webp") == table["url"][2]
+
+
+def test_folder_lists_multi_picture_jpegs_which_pillow_opens_through_its_jpeg_plugin(workspace, tmp_path):
+    (tmp_path / "stereo").mkdir()
+    left, right = Image.new("RGB", (8, 8)), Image.new("RGB", (8, 8), "white")
+    left.save(tmp_path / "stereo" / "left-right.mpo", "MPO", save_all=True, append_images=[right])
+    assert Image.open(tmp_path / "stereo" / "left-right.mpo").format == "MPO"
+    table = lib.build_image_table(metadata("folder", str(tmp_path / "stereo")))
+    assert table["image_id"].tolist() == ["left-right.mpo"]
 
 
 def test_folder_paths_are_relative_to_the_repository_root(workspace):

@@ -217,9 +217,13 @@ def _rotation_column(frame: pd.DataFrame) -> pd.Series | float:
     return frame["rotation"].replace("", np.nan)  # checked with the rest of the table
 
 
+_OPENED_AS_JPEG = {"MPO"}  # multi-picture JPEGs, which Pillow's JPEG plugin opens
+
+
 def _image_extensions() -> set[str]:
     """File extensions of every format Pillow can open."""
-    return {ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.OPEN}
+    extensions = Image.registered_extensions()  # first: this registers the plugins
+    return {ext for ext, fmt in extensions.items() if fmt in Image.OPEN or fmt in _OPENED_AS_JPEG}
 
 
 def _folder_table(params: MetadataParams) -> pd.DataFrame:
