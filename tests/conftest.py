@@ -319,6 +319,19 @@ def offline_hub(hub_cache, monkeypatch):
 
 
 @pytest.fixture(scope="session")
+def openai_checkpoints(tmp_path_factory) -> dict[str, Path]:
+    """One small random CLIP from OpenAI's own model code, in each form clip.load reads (form -> file)."""
+    from reference import OPENAI_FORMS, openai_clip_model, save_openai_checkpoint
+
+    folder = tmp_path_factory.mktemp("openai-clip")
+    model = openai_clip_model()
+    paths = {form: folder / f"{form.replace(' ', '-')}.pt" for form in OPENAI_FORMS}
+    for form, path in paths.items():
+        save_openai_checkpoint(model, path, form)
+    return paths
+
+
+@pytest.fixture(scope="session")
 def tiny_encoder(tiny_checkpoint):
     return lib.load_encoder(str(tiny_checkpoint), "cpu", "fp32")
 

@@ -71,7 +71,7 @@ def test_a_model_missing_from_an_unreachable_hub_says_how_to_work_offline(offlin
 
 
 def test_missing_directory(tmp_path):
-    with pytest.raises(lib.PipelineError, match="the directory .*nope does not exist"):
+    with pytest.raises(lib.PipelineError, match=r"MODEL='.*nope': .*nope does not exist. Give an OpenAI .pt"):
         lib.load_encoder(str(tmp_path / "nope"), "cpu")
 
 

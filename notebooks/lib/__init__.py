@@ -28,6 +28,7 @@ module per seam, in the order the data flows through them; each imports only mod
     table        the image table file that 01 writes and 02, 03 and 04 read
     fetch        02: an image's bytes from S3, HTTP(S) or disk
     preprocess   02: bytes -> decoded, oriented, OpenAI-preprocessed pixels
+    openai_checkpoint  02: OpenAI .pt files, read as data only -> transformers folders in .cache/models/
     model        02: CLIP checkpoints, devices, precision; pixels -> normalised embeddings
     chunkfile    the chunk file format: records, attributes, signature, read and write
     claims       locks: one writer per chunk and per merged file, across processes
@@ -55,6 +56,7 @@ from . import (
     merge,
     model,
     nearest,
+    openai_checkpoint,
     params,
     plan,
     preprocess,
@@ -125,6 +127,7 @@ __all__ = [
     "merge_chunks",
     "model",
     "nearest",
+    "openai_checkpoint",
     "open_embeddings",
     "params",
     "plan",

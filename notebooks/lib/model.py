@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import html
 import platform
 import re
 import warnings
@@ -23,6 +24,13 @@ import PIL
 import torch
 
 from .errors import ParameterError, PipelineError
+from .openai_checkpoint import (
+    RESNET_NAMES,
+    VIT_NAMES,
+    cached_openai_file,
+    convert_openai_checkpoint,
+    converted_folder,
+)
 from .preprocess import OPENAI_MEAN, OPENAI_STD, Preprocessing
 from .settings import prepare_process
 from .workspace import read_json, resolve_path, sha256_of_file
@@ -41,9 +49,10 @@ _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 class Checkpoint:
     """Where a model's files are, and what identifies its weights."""
 
-    model_id: str  # a Hugging Face id, or the local directory
-    revision: str  # the hub commit, or 'sha256:...' of a local directory's weight files
-    path: Path
+    model_id: str  # a Hugging Face id, the local directory, or the OpenAI .pt file
+    revision: str  # the hub commit, or 'sha256:...' of the local weight files
+    path: Path  # the transformers directory (an OpenAI file's converted copy)
+    openai_file: Path | None = None  # the OpenAI .pt file that `path` is converted from
 
 
 def _weights_digest(folder: Path) -> str:
@@ -78,7 +87,7 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
     except RepositoryNotFoundError:
         raise PipelineError(
             f"MODEL={repo_id!r}: the Hugging Face hub has no such model (or it is private). Use an "
-            f"OpenAI name ({', '.join(OPENAI_MODELS)}), a hub id, or a local directory."
+            f"OpenAI name ({', '.join(OPENAI_MODELS)}), a hub id, a local directory or an OpenAI .pt file."
         ) from None
     except (LocalEntryNotFoundError, HfHubHTTPError, OSError) as error:
         raise PipelineError(
@@ -93,26 +102,56 @@ def _hub_snapshot(repo_id: str, revision: str | None) -> Path:
 
 
 def resolve_checkpoint(model: str, revision: str | None = None) -> Checkpoint:
-    """MODEL as an OpenAI name, a local directory or a Hugging Face id -> its files and identity.
+    """MODEL as an OpenAI name, a local directory, an OpenAI .pt file or a Hugging Face id -> its files.
 
-    `revision` pins a hub model to a branch, tag or commit; the checkpoint records the commit.
+    An OpenAI name reads the original notebook's cached `~/.cache/clip/<name>.pt` when that is OpenAI's
+    file and no revision is pinned, the hub's copy otherwise. `revision` pins a hub model to a branch,
+    tag or commit; the checkpoint records the commit (a local model: the SHA-256 of its weights).
     """
+    return _converted(_located(model, revision))
+
+
+def _converted(checkpoint: Checkpoint) -> Checkpoint:
+    """The checkpoint, its OpenAI file converted first if it has one (this imports transformers)."""
+    if checkpoint.openai_file:
+        convert_openai_checkpoint(checkpoint.openai_file, checkpoint.path)
+    return checkpoint
+
+
+def _located(model: str, revision: str | None) -> Checkpoint:
+    """Where MODEL's files are and what identifies them: hashing and the hub, nothing converted yet."""
+    if model in RESNET_NAMES.values():
+        raise ParameterError(
+            f"MODEL={model!r} is OpenAI's ResNet CLIP, whose image tower transformers' CLIPModel does not "
+            f"have. Use a ViT model ({VIT_NAMES})."
+        )
     local = resolve_path(model)
-    if model not in OPENAI_MODELS and local.is_dir():
+    if model not in OPENAI_MODELS and local.exists():
         if revision is not None:
             raise ParameterError(
                 f"MODEL_REVISION={revision!r} applies to hub models, but MODEL={model!r} is a local "
-                "directory (identified by its weights' digest). Set MODEL_REVISION=None."
+                f"{'directory' if local.is_dir() else 'file'} (identified by its weights' digest). Set "
+                "MODEL_REVISION=None."
             )
-        return Checkpoint(str(local), _weights_digest(local), local)
-    if model.startswith((".", "/", "~")):
+        if local.is_dir():
+            return Checkpoint(str(local), _weights_digest(local), local)
+        return _openai_checkpoint(local, sha256_of_file(local))
+    if model.startswith((".", "/", "~")) or local.suffix == ".pt":
         raise PipelineError(
-            f"MODEL={model!r}: the directory {local} does not exist. Give a directory holding "
+            f"MODEL={model!r}: {local} does not exist. Give an OpenAI .pt checkpoint, a directory holding "
             f"config.json and model.safetensors, an OpenAI name ({', '.join(OPENAI_MODELS)}) or a hub id."
         )
+    cached = cached_openai_file(model) if model in OPENAI_MODELS and revision is None else None
+    if cached:
+        return _openai_checkpoint(*cached)
     repo_id = OPENAI_MODELS.get(model, model)
     folder = _hub_snapshot(repo_id, revision)
     return Checkpoint(repo_id, folder.name, folder)
+
+
+def _openai_checkpoint(path: Path, digest: str) -> Checkpoint:
+    """An OpenAI .pt file, identified by its SHA-256, read from its converted directory."""
+    return Checkpoint(str(path), f"sha256:{digest}", converted_folder(digest), openai_file=path)
 
 
 def resolve_device(device: str) -> torch.device:
@@ -256,7 +295,7 @@ class ClipEncoder:
 
     def encode_text(self, texts: str | Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Embeddings (N, D) of texts, truncated to the context length, normalised in float32."""
-        texts = [texts] if isinstance(texts, str) else list(texts)
+        texts = [openai_text_cleaning(text) for text in ([texts] if isinstance(texts, str) else texts)]
         vectors = [np.zeros((0, self.embedding_size), np.float32)]
         for low in range(0, len(texts), batch_size):
             tokens = self.tokenizer(
@@ -282,6 +321,15 @@ class ClipEncoder:
         }
 
 
+def openai_text_cleaning(text: str) -> str:
+    """A text as OpenAI's tokenizer cleans it before BPE: ftfy's fixes, HTML entities, spaces, lower case."""
+    import ftfy
+    import regex
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return regex.sub(r"\s+", " ", text).strip().lower()
+
+
 def load_encoder(
     model: str, device: str = "auto", precision: str = "auto", revision: str | None = None
 ) -> ClipEncoder:
@@ -290,10 +338,10 @@ def load_encoder(
     precision = resolve_precision(precision, torch_device)
     with ThreadPoolExecutor(1, thread_name_prefix="checkpoint") as pool:
         # hashing a local checkpoint, or reading the hub, leaves a core free for the import
-        located = pool.submit(resolve_checkpoint, model, revision)
+        located = pool.submit(_located, model, revision)
         from transformers import CLIPModel
 
-        checkpoint = located.result()
+        checkpoint = _converted(located.result())  # after the import: transformers' is not thread-safe
     model_type = read_json(checkpoint.path / "config.json").get("model_type")
     if model_type != "clip":
         raise PipelineError(

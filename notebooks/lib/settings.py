@@ -1,7 +1,8 @@
 """What the stages read from where they run, and what they set in their process.
 
-`Settings` holds the repository root, the network's timeouts and backoff, the block size of 04's reads
-and the system calls that measure free space and lock files; `configure` changes them for the process.
+`Settings` holds the repository root, where OpenAI's `clip` keeps its downloads, the network's timeouts
+and backoff, the block size of 04's reads and the system calls that measure free space and lock files;
+`configure` changes them for the process.
 `prepare_process` is the one call that changes libraries process-wide (Pillow's pixel limit, warning
 filters, libtiff's and urllib3's messages, glibc's allocator); the stages that need it make it, so
 `import lib` changes nothing.
@@ -34,6 +35,7 @@ class Settings:
     """
 
     root: Path = Path(__file__).resolve().parents[2]  # the repository root: relative paths and .cache/
+    clip_cache: Path = Path("~/.cache/clip")  # where OpenAI's clip.load keeps its downloads
     http_timeout: tuple[float, float] = (10, 60)  # seconds to connect, seconds between bytes
     fetch_deadline: float = 300  # seconds for one image's fetch, retries and waits included
     retry_backoff: float = 0.5  # urllib3's backoff_factor: a first retry at once, then 2x, 4x, 8x this (s)
@@ -43,6 +45,7 @@ class Settings:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
+        object.__setattr__(self, "clip_cache", Path(self.clip_cache).expanduser())
         timeout = self.http_timeout
         if not (isinstance(timeout, tuple) and len(timeout) == 2 and all(map(_positive, timeout))):
             raise ValueError(

@@ -24,7 +24,7 @@ MERGED_FILE_NAME = "Images_Embedded.h5"  # the original notebook's name for the 
 
 @dataclasses.dataclass(frozen=True)
 class Workspace:
-    """The repository root, and what every collection shares under .cache/ (downloads, thumbnails)."""
+    """The repository root, and what collections share under .cache/ (downloads, thumbnails, models)."""
 
     root: Path
 
@@ -39,6 +39,11 @@ class Workspace:
     @property
     def thumbnails(self) -> Path:
         return self.cache / "thumbnails"
+
+    @property
+    def models(self) -> Path:
+        """Checkpoints converted into transformers' format (OpenAI .pt files)."""
+        return self.cache / "models"
 
     @property
     def earlier_table(self) -> Path:
