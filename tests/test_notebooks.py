@@ -21,7 +21,7 @@ import pytest
 import yaml
 from conftest import REPO, TINY_IMAGE_SIZE, read_output
 from PIL import Image
-from reference import reference_embeddings
+from reference import openai_image_embeddings, openai_text_embeddings, reference_embeddings
 
 pytestmark = pytest.mark.notebooks
 STAGES = ["00_setup", "01_metadata", "02_embed", "03_merge", "04_search"]
@@ -219,6 +219,33 @@ def test_folder_chain_from_the_notebooks_folder(repo, kernel_env, images, tmp_pa
     merged = read_output(repo / "OUTPUT" / "photos.h5")
     assert len(merged["image_ids"]) == 10 and merged["image_ids"][0] == f"{sorted(images)[0]}.jpg"
     assert merged["image_ids"][-1].startswith("nested/")
+
+
+@pytest.mark.parametrize("form", ["state dict", "TorchScript archive"])
+def test_an_openai_checkpoint_runs_the_chain_with_openai_clips_vectors(
+    form, repo, kernel_env, images, openai_checkpoints, tmp_path
+):
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    files = {f"{key}.jpg": folder / f"{key}.jpg" for key in list(images)[:12]}
+    for name, path in files.items():
+        path.write_bytes(images[name.removesuffix(".jpg")])
+    (repo / "models").mkdir()
+    shutil.copy(openai_checkpoints[form], repo / "models" / "ViT-B-32.pt")
+    papermill(repo, "01_metadata", {"DATASET": "folder", "SOURCE": str(folder)}, kernel_env)
+    printed = papermill(repo, "02_embed", {**EMBED, "MODEL": "models/ViT-B-32.pt", "CHUNK": 5}, kernel_env)
+    assert f"Converting {repo / 'models' / 'ViT-B-32.pt'} ({form})" in printed
+    assert "embedded: 12, failed: 0" in printed
+    papermill(repo, "03_merge", {"OUTPUT_FILE": None, "CLEANUP": False}, kernel_env)
+    merged = read_output(repo / "OUTPUT" / "Images_Embedded.h5")
+    expected = openai_image_embeddings(openai_checkpoints[form], files)
+    np.testing.assert_allclose(merged["embeddings"], [expected[i] for i in merged["image_ids"]], atol=1e-5)
+
+    printed = papermill(repo, "04_search", {"QUERIES": ["a red square"], "TOP_K": 3}, kernel_env)
+    assert f"12 embeddings of 32 dimensions from {repo / 'models' / 'ViT-B-32.pt'}" in printed
+    query = openai_text_embeddings(openai_checkpoints[form], ["a red square"])[0]
+    best = merged["image_ids"][int(np.argmax(merged["embeddings"] @ query))]
+    assert re.search(rf"'a red square'\n +rank +score +image_id .*\n +1 +\S+ +{re.escape(best)} ", printed)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -62,7 +62,7 @@ def test_defaults_are_valid():
         ("MODEL", "", "non-empty string"),
         ("MODEL", None, "non-empty string"),
         ("MODEL_REVISION", "", "non-empty string or None"),
-        ("PREPROCESS", "quick", "'exact', 'fast'"),
+        ("PREPROCESS", "quick", "'exact', 'fast', 'pad'"),
         ("EXIF_TRANSPOSE", "yes", "True or False"),
         ("APPLY_ROTATION", 1, "True or False"),
         ("MAX_PIXELS", 0, "integer >= 1"),

@@ -27,6 +27,7 @@ from conftest import (
         ("exif_transpose", True, "EXIF_TRANSPOSE: False recorded, True requested"),
         ("apply_rotation", True, "APPLY_ROTATION: False recorded, True requested"),
         ("preprocess", "fast", "PREPROCESS: 'exact' recorded, 'fast' requested"),
+        ("preprocess", "pad", "PREPROCESS: 'exact' recorded, 'pad' requested"),
     ],
 )
 def test_chunks_made_with_other_image_options_are_never_reused(

@@ -262,3 +262,26 @@ def test_fast_preprocessing_leaves_other_formats_exact():
     np.testing.assert_array_equal(
         lib.preprocess.ImageRecipe(lib.preprocess.Preprocessing(N_PX), preprocess="fast")(data), exact
     )
+
+
+@pytest.mark.parametrize("size", [(40, 24), (24, 40), (33, 33)])
+@pytest.mark.parametrize("mode", ["RGB", "L", "P", "RGBA"])
+def test_pad_preprocessing_centres_the_image_on_a_black_square_as_imgbeddings_does(size, mode):
+    image = pil_image(*size, seed=5).convert(mode)
+    rgb = np.asarray(image.convert("RGB"))
+    side = max(size)
+    square = np.zeros((side, side, 3), np.uint8)
+    top, left = (side - size[1]) // 2, (side - size[0]) // 2
+    square[top : top + size[1], left : left + size[0]] = rgb
+    expected = openai_preprocess(
+        Image.fromarray(square), N_PX, lib.preprocess.OPENAI_MEAN, lib.preprocess.OPENAI_STD
+    )
+    padded = lib.preprocess.ImageRecipe(lib.preprocess.Preprocessing(N_PX), preprocess="pad")
+    np.testing.assert_array_equal(padded(encoded(image, "PNG")), expected.numpy())
+
+
+def test_pad_preprocessing_records_itself_and_refuses_modes_without_rgb():
+    padded = lib.preprocess.ImageRecipe(lib.preprocess.Preprocessing(N_PX), preprocess="pad")
+    assert padded.describe()["preprocess"] == "pad"
+    with pytest.raises(lib.ImageFailure, match="decode: unsupported mode La"):
+        lib.preprocess.pad_to_square(Image.new("La", (40, 30)))

@@ -23,7 +23,7 @@ DATASETS = ("openimages-v7", "table", "folder")
 SPLITS = ("train", "validation", "test")
 FETCH_MODES = ("s3", "url")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16")
-PREPROCESS_MODES = ("exact", "fast")
+PREPROCESS_MODES = ("exact", "fast", "pad")
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 _PARAMETER_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 

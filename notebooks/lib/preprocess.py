@@ -1,7 +1,7 @@
 """02's second step per image: bytes -> decoded, oriented, OpenAI-preprocessed float32 pixels.
 
 The transform reproduces OpenAI CLIP's `preprocess` bit for bit without torchvision; `ImageRecipe`
-adds the run's options (orientation, the pixel limit, PREPROCESS='fast').
+adds the run's options (orientation, the pixel limit, PREPROCESS='fast' or 'pad').
 """
 
 from __future__ import annotations
@@ -90,6 +90,21 @@ def to_8_bits(image: Image.Image) -> Image.Image:
     return Image.fromarray(values.astype(np.uint8), "L")
 
 
+def pad_to_square(image: Image.Image) -> Image.Image:
+    """imgbeddings' padding: the image in RGB, centred on a black square as wide as its long side."""
+    try:
+        image = to_8_bits(image).convert("RGB")
+    except ValueError:
+        raise ImageFailure(f"decode: unsupported mode {image.mode}") from None
+    width, height = image.size
+    side = max(width, height)
+    if width == height:
+        return image
+    square = Image.new("RGB", (side, side))
+    square.paste(image, ((side - width) // 2, (side - height) // 2))
+    return square
+
+
 def _resize_shortest_side(image: Image.Image, size: int) -> Image.Image:
     """torchvision's Resize(size) on a PIL image: bicubic, long side int(size * long / short)."""
     width, height = image.size
@@ -157,7 +172,7 @@ class ImageRecipe:
     max_pixels: int = DEFAULT_MAX_PIXELS
     exif_transpose: bool = False
     apply_rotation: bool = False
-    preprocess: str = "exact"  # or "fast": JPEGs decoded in draft mode
+    preprocess: str = "exact"  # or "fast": JPEGs decoded in draft mode; "pad": padded to a square
 
     def __call__(self, data: bytes, rotation: float | None = None) -> np.ndarray:
         draft_size = self.preprocessing.image_size if self.preprocess == "fast" else None
@@ -166,6 +181,8 @@ class ImageRecipe:
             image = ImageOps.exif_transpose(image)
         if self.apply_rotation:
             image = rotate(image, rotation)
+        if self.preprocess == "pad":
+            image = pad_to_square(image)  # so that the center crop keeps the whole image
         return self.preprocessing(image)
 
     def describe(self) -> dict:
