@@ -56,3 +56,12 @@ def test_the_allocator_benchmark_runs_each_setting_in_a_fresh_process_of_its_own
     assert not runs["glibc_defaults"]["freed_memory_kept"], "import lib leaves glibc's allocator alone"
     assert runs["keep_freed_memory"]["freed_memory_kept"]
     assert all(run["img_s"] > 0 and run["page_faults_per_batch"] >= 0 for run in runs.values())
+
+
+def test_the_openai_checkpoint_benchmark_reports_load_times_and_agrees_with_clip_load(openai_checkpoints):
+    from openai_checkpoint import openai_agreement
+
+    report = openai_agreement(openai_checkpoints["TorchScript archive"], 3, ["a dog", "a cat"])
+    assert report["images"] == 3 and report["texts"] == 2
+    assert report["image_max_abs_difference"] < 1e-5 and report["text_max_abs_difference"] < 1e-5
+    assert report["first_load_seconds"] > 0 and report["later_load_seconds"] > 0

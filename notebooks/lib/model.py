@@ -190,6 +190,15 @@ def _normalised(features: torch.Tensor) -> torch.Tensor:
     return features / features.norm(dim=-1, keepdim=True)
 
 
+def openai_text_cleaning(text: str) -> str:
+    """A text as OpenAI's tokenizer cleans it before BPE: ftfy's fixes, HTML entities, spaces, lower case."""
+    import ftfy
+    import regex
+
+    text = html.unescape(html.unescape(ftfy.fix_text(text)))
+    return regex.sub(r"\s+", " ", text).strip().lower()
+
+
 class PendingEmbeddings:
     """Embeddings queued on the device; `result()` waits for them (on the CPU they are ready)."""
 
@@ -319,15 +328,6 @@ class ClipEncoder:
             **self.preprocessing.describe(),
             "precision": self.precision,
         }
-
-
-def openai_text_cleaning(text: str) -> str:
-    """A text as OpenAI's tokenizer cleans it before BPE: ftfy's fixes, HTML entities, spaces, lower case."""
-    import ftfy
-    import regex
-
-    text = html.unescape(html.unescape(ftfy.fix_text(text)))
-    return regex.sub(r"\s+", " ", text).strip().lower()
 
 
 def load_encoder(
