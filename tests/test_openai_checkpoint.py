@@ -4,10 +4,15 @@ The checkpoints come from OpenAI's model code (tests/reference.py), in each form
 expected vectors come from clip.load itself.
 """
 
+import collections
+import copyreg
+import io
 import json
 import os
 import pickle
 import shutil
+import sys
+import types
 import zipfile
 from pathlib import Path
 
@@ -15,6 +20,7 @@ import lib
 import numpy as np
 import pytest
 import torch
+import torch.jit._pickle
 from conftest import FAKE_COMMIT, metadata, read_output, run_embed, save_table
 from PIL import Image
 from reference import (
@@ -106,7 +112,7 @@ def test_both_forms_hold_the_same_weights(openai_checkpoints):
     }
     assert [form for _, form in read.values()] == ["state dict", "TorchScript archive", "state dict"]
     state_dict, archive = read["state dict"][0], read["TorchScript archive"][0]
-    assert set(state_dict) <= set(archive)
+    assert set(state_dict) == set(archive)
     for name, tensor in state_dict.items():
         assert torch.equal(archive[name], tensor), name
 
@@ -122,13 +128,17 @@ def test_a_converted_checkpoint_is_read_from_the_cache_afterwards(openai_checkpo
     assert again.preprocessing == lib.preprocess.Preprocessing(32)
 
 
-def test_a_folder_left_without_its_source_record_is_converted_again(openai_checkpoints, workspace):
+@pytest.mark.parametrize("damage", ["no source record", "a truncated weights file"])
+def test_a_converted_folder_that_is_not_whole_is_converted_again(damage, openai_checkpoints, workspace):
     path = openai_checkpoints["state dict"]
     folder = lib.model.resolve_checkpoint(str(path)).path
-    (folder / "source.json").unlink()
-    (folder / "model.safetensors").write_bytes(b"half a file")
+    weights = (folder / "model.safetensors").read_bytes()
+    (folder / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    if damage == "no source record":
+        (folder / "source.json").unlink()
     lib.model.resolve_checkpoint(str(path))
-    assert (folder / "source.json").is_file() and not list(workspace.models.glob(".*"))
+    assert (folder / "model.safetensors").read_bytes() == weights
+    assert not list(workspace.models.glob(".*")), "no staging or damaged folder is left behind"
     lib.load_encoder(str(path), "cpu", "fp32")
 
 
@@ -273,7 +283,7 @@ def test_extra_or_misshapen_tensors_are_named(openai_checkpoints, workspace, tmp
     with pytest.raises(lib.PipelineError, match=r"it has unknown tensors visual.head.weight"):
         lib.load_encoder(str(tmp_path / "extra.pt"), "cpu")
     torch.save({**weights, "ln_final.bias": torch.zeros(3)}, tmp_path / "misshapen.pt")
-    with pytest.raises(lib.PipelineError, match=r"it has misshapen text_model.final_layer_norm.bias"):
+    with pytest.raises(lib.PipelineError, match=r"it has misshapen ln_final.bias"):
         lib.load_encoder(str(tmp_path / "misshapen.pt"), "cpu")
 
 
@@ -326,5 +336,157 @@ def test_the_vocabulary_file_is_openais(tmp_path, monkeypatch):
 
 def test_reading_the_archive_needs_no_torchscript(openai_checkpoints, monkeypatch):
     monkeypatch.setattr(torch.jit, "load", pytest.fail)
+    monkeypatch.setattr(torch, "load", pytest.fail)
     weights, form = lib.openai_checkpoint.read_openai_weights(openai_checkpoints["TorchScript archive"])
     assert form == "TorchScript archive" and weights["visual.proj"].shape == (64, 32)
+
+
+# Archives as other versions of torch write them, and crafted ones, built with Python's pickler
+
+
+class Call:
+    """Pickles as a call of `function` on `args` (then `state` set on the result): pickle's REDUCE."""
+
+    def __init__(self, function, *args, state=None):
+        self.function, self.args, self.state = function, args, state
+
+    def __reduce_ex__(self, protocol):
+        return (self.function, self.args) if self.state is None else (self.function, self.args, self.state)
+
+
+class StorageRecord:
+    """A record of the archive's data/ folder, pickled as a persistent id."""
+
+    def __init__(self, key: str, tensor: torch.Tensor, location: str = "cuda:0"):
+        self.key, self.tensor, self.location = key, tensor, location
+
+
+class ArchivePickler(pickle.Pickler):
+    def persistent_id(self, obj):
+        if isinstance(obj, StorageRecord):
+            storage_class = {torch.float16: torch.HalfStorage, torch.float32: torch.FloatStorage}
+            return "storage", storage_class[obj.tensor.dtype], obj.key, obj.location, obj.tensor.numel()
+        return None
+
+
+@pytest.fixture
+def script_class(monkeypatch):
+    """A class that pickles as __torch__.clip.model.CLIP, the name of a TorchScript module's class."""
+
+    def reduce(self, protocol):
+        return copyreg.__newobj__, (type(self),), self.attributes
+
+    cls = type("CLIP", (), {"__module__": "__torch__.clip.model", "__reduce_ex__": reduce})
+    for name in ("__torch__", "__torch__.clip", "__torch__.clip.model"):
+        monkeypatch.setitem(sys.modules, name, types.ModuleType(name))
+    sys.modules["__torch__.clip.model"].CLIP = cls
+    return cls
+
+
+def old_tensor(record: StorageRecord, size=None, stride=None, state=None) -> Call:
+    """A tensor as older torch pickles it: sizes through build_intlist, wrapped by _rebuild_parameter."""
+    size = list(record.tensor.shape if size is None else size)
+    stride = list(record.tensor.stride() if stride is None else stride)
+    build_intlist = torch.jit._pickle.build_intlist
+    view = Call(
+        torch._utils._rebuild_tensor_v2,
+        record,
+        0,
+        Call(build_intlist, size),
+        tuple(stride),
+        False,
+        collections.OrderedDict(),
+        state=state,
+    )
+    return Call(torch._utils._rebuild_parameter, view, False, collections.OrderedDict())
+
+
+def forged_archive(path: Path, script_class, attributes: dict, records: list[StorageRecord], **zip_options):
+    """A TorchScript archive of one module with `attributes`, laid out as torch 1.x wrote them."""
+
+    def module(tree: dict):
+        instance = script_class()
+        instance.attributes = {
+            key: module(value) if isinstance(value, dict) else value for key, value in tree.items()
+        }
+        return instance
+
+    buffer = io.BytesIO()
+    ArchivePickler(buffer, protocol=2).dump(module(attributes))
+    with zipfile.ZipFile(path, "w", **zip_options) as archive:  # no byteorder record, as torch 1.7
+        archive.writestr("ViT-B-32/data.pkl", buffer.getvalue())
+        archive.writestr("ViT-B-32/code/__torch__/clip/model.py", "# the archive's code, never read\n")
+        archive.writestr("ViT-B-32/version", "3\n")
+        for record in records:
+            archive.writestr(f"ViT-B-32/data/{record.key}", record.tensor.numpy().tobytes())
+    return path
+
+
+def test_an_archive_as_older_torch_wrote_it_reads_to_the_same_weights(
+    openai_checkpoints, script_class, workspace, tmp_path
+):
+    weights = torch.load(openai_checkpoints["state dict"], weights_only=True)
+    records, tree = [], {}
+    for index, (name, tensor) in enumerate(weights.items()):
+        records.append(StorageRecord(str(index), tensor.contiguous()))
+        *parents, leaf = name.split(".")
+        node = tree
+        for parent in parents:
+            node = node.setdefault(parent, {})
+        node[leaf] = old_tensor(records[-1])
+    tree["input_resolution"] = Call(torch.jit._pickle.restore_type_tag, 32, "int")
+    path = forged_archive(tmp_path / "ViT-B-32.pt", script_class, tree, records)
+    with zipfile.ZipFile(path) as archive:
+        pickled = archive.read("ViT-B-32/data.pkl")
+    assert all(name in pickled for name in (b"build_intlist", b"_rebuild_parameter", b"restore_type_tag"))
+    assert b"cuda:0" in pickled and "ViT-B-32/byteorder" not in archive.namelist()
+
+    read, form = lib.openai_weights.read_openai_weights(path)
+    assert form == "TorchScript archive" and set(read) == set(weights)
+    assert all(torch.equal(read[name], tensor) for name, tensor in weights.items())
+    ours = lib.load_encoder(str(path), "cpu", "fp32").encode_text(TEXTS)
+    np.testing.assert_allclose(
+        ours, openai_text_embeddings(openai_checkpoints["state dict"], TEXTS), atol=1e-5
+    )
+
+
+def test_setting_the_state_of_a_tensor_is_refused(script_class, tmp_path):
+    record = StorageRecord("0", torch.zeros(4))
+    attributes = {"weight": old_tensor(record, state=(None, [10**9], [1], False))}  # would grow storage
+    path = forged_archive(tmp_path / "grows.pt", script_class, attributes, [record])
+    with pytest.raises(lib.PipelineError, match=r"cannot be read .*data.pkl sets the state of a Tensor"):
+        lib.openai_weights.read_openai_weights(path)
+
+
+@pytest.mark.parametrize("views", ["one stride-0 view", "one record viewed 1,000 times"])
+def test_tensors_that_claim_more_than_the_file_holds_are_refused(views, script_class, tmp_path):
+    record = StorageRecord("0", torch.zeros(1 << 16))
+    if views == "one stride-0 view":
+        attributes = {"weight": old_tensor(record, size=[1 << 20, 1 << 20], stride=[0, 0])}
+    else:
+        attributes = {f"weight{i}": old_tensor(record) for i in range(1000)}
+    path = forged_archive(tmp_path / "claims.pt", script_class, attributes, [record])
+    with pytest.raises(lib.PipelineError, match=r"is refused: its tensors claim [\d,]+ bytes, more than"):
+        lib.openai_weights.read_openai_weights(path)
+
+
+def test_a_compressed_record_is_refused_before_it_is_inflated(script_class, tmp_path):
+    record = StorageRecord("0", torch.zeros(1 << 16))
+    attributes = {"weight": old_tensor(record)}
+    path = forged_archive(
+        tmp_path / "deflated.pt", script_class, attributes, [record], compression=zipfile.ZIP_DEFLATED
+    )
+    with pytest.raises(lib.PipelineError, match=r"record ViT-B-32/data.pkl is compressed, which torch never"):
+        lib.openai_weights.read_openai_weights(path)
+
+
+def test_a_damaged_tensor_record_is_named(openai_checkpoints, workspace, tmp_path):
+    data = bytearray(openai_checkpoints["TorchScript archive"].read_bytes())
+    with zipfile.ZipFile(openai_checkpoints["TorchScript archive"]) as archive:
+        info = next(info for info in archive.infolist() if info.filename.endswith("/data/0"))
+    data[info.header_offset + 30 + len(info.filename) + 100] ^= 0xFF  # a byte inside the record
+    (tmp_path / "damaged.pt").write_bytes(bytes(data))
+    with pytest.raises(
+        lib.PipelineError, match=r"cannot be read .*\(Bad CRC-32 for file 'TorchScript-archive/data/0'\)"
+    ):
+        lib.load_encoder(str(tmp_path / "damaged.pt"), "cpu")

@@ -19,6 +19,7 @@ FLOW = [
     "table",
     "fetch",
     "preprocess",
+    "openai_weights",
     "openai_checkpoint",
     "model",
     "chunkfile",

@@ -28,7 +28,8 @@ module per seam, in the order the data flows through them; each imports only mod
     table        the image table file that 01 writes and 02, 03 and 04 read
     fetch        02: an image's bytes from S3, HTTP(S) or disk
     preprocess   02: bytes -> decoded, oriented, OpenAI-preprocessed pixels
-    openai_checkpoint  02: OpenAI .pt files, read as data only -> transformers folders in .cache/models/
+    openai_weights     02: the tensors of OpenAI .pt files, read as data only
+    openai_checkpoint  02: OpenAI weights -> transformers CLIP folders in .cache/models/
     model        02: CLIP checkpoints, devices, precision; pixels -> normalised embeddings
     chunkfile    the chunk file format: records, attributes, signature, read and write
     claims       locks: one writer per chunk and per merged file, across processes
@@ -57,6 +58,7 @@ from . import (
     model,
     nearest,
     openai_checkpoint,
+    openai_weights,
     params,
     plan,
     preprocess,
@@ -128,6 +130,7 @@ __all__ = [
     "model",
     "nearest",
     "openai_checkpoint",
+    "openai_weights",
     "open_embeddings",
     "params",
     "plan",

@@ -196,7 +196,7 @@ def openai_text_cleaning(text: str) -> str:
     import regex
 
     text = html.unescape(html.unescape(ftfy.fix_text(text)))
-    return regex.sub(r"\s+", " ", text).strip().lower()
+    return regex.sub(r"\s+", " ", text).strip().lower()  # regex's \s, as OpenAI's: Unicode white space
 
 
 class PendingEmbeddings:
@@ -302,9 +302,18 @@ class ClipEncoder:
         self.batch_limit = (failed + 1) // 2
         torch.cuda.empty_cache()
 
+    @functools.cached_property
+    def cleans_like_openai(self) -> bool:
+        """Whether texts are cleaned as OpenAI's tokenizer cleans them: for CLIP's own BPE tokenizer."""
+        from transformers import CLIPTokenizer
+
+        return isinstance(self.tokenizer, CLIPTokenizer)
+
     def encode_text(self, texts: str | Sequence[str], batch_size: int = 256) -> np.ndarray:
         """Embeddings (N, D) of texts, truncated to the context length, normalised in float32."""
-        texts = [openai_text_cleaning(text) for text in ([texts] if isinstance(texts, str) else texts)]
+        texts = [texts] if isinstance(texts, str) else list(texts)
+        if self.cleans_like_openai:
+            texts = [openai_text_cleaning(text) for text in texts]
         vectors = [np.zeros((0, self.embedding_size), np.float32)]
         for low in range(0, len(texts), batch_size):
             tokens = self.tokenizer(

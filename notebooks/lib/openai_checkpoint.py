@@ -1,35 +1,39 @@
 """OpenAI's own CLIP checkpoints (`.pt` files, as `clip.load` reads them) as transformers directories.
 
 02's model step (model.resolve_checkpoint) hands a `.pt` file here, or the original notebook's cached
-`~/.cache/clip/<name>.pt` when its SHA-256 is the one OpenAI publishes. The weights are read as data
-only, never running pickled code; they are mapped onto transformers' `CLIPModel`, its configuration
-derived from their shapes, and written once under .cache/models/ with CLIP's own BPE vocabulary and
-OpenAI's preprocessing, so that later loads read the converted directory.
+`~/.cache/clip/<name>.pt` when its SHA-256 is the one OpenAI publishes. Its tensors, read as data only
+(openai_weights), are mapped onto transformers' `CLIPModel`, its configuration derived from their
+shapes, and written once under .cache/models/ with CLIP's own BPE vocabulary and OpenAI's
+preprocessing, so that later loads read the converted directory.
 """
 
 from __future__ import annotations
 
-import collections
 import gzip
 import importlib.util
-import io
 import os
-import pickle
 import re
 import shutil
-import tempfile
+import time
+import uuid
 import warnings
-import zipfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .errors import PipelineError
+from .openai_weights import read_openai_weights
 from .preprocess import OPENAI_MEAN, OPENAI_STD
 from .settings import current_settings
-from .workspace import check_free_space, check_writable, current_workspace, sha256_of_file, write_json
+from .workspace import (
+    check_free_space,
+    check_writable,
+    current_workspace,
+    read_json,
+    sha256_of_file,
+    write_json,
+)
 
 OPENAI_FILES = {  # each name's file in clip.load's cache, and the SHA-256 its download URL names
     "ViT-B/32": ("ViT-B-32.pt", "40d365715913c9da98579312b702a82c18be219cc2a73407c4526f58eba950af"),
@@ -80,153 +84,14 @@ def converted_folder(digest: str) -> Path:
 
 def convert_openai_checkpoint(path: Path, folder: Path) -> None:
     """Convert an OpenAI `.pt` file into `folder` (its converted_folder) unless that is there, whole."""
-    if (folder / "source.json").is_file():
+    if _is_whole(folder):
         return
     weights, form = read_openai_weights(path)
     config = clip_config(weights, path)
     state = transformers_weights(weights, config, path)
     print(f"Converting {path} ({form}) into {folder} once; later loads read that folder.")
-    _write_folder(folder, config, state, {"source": str(path), "sha256": folder.name[-64:], "form": form})
-
-
-# Reading a .pt file as data
-
-
-def read_openai_weights(path: Path) -> tuple[dict[str, torch.Tensor], str]:
-    """The tensors of a `.pt` file, a TorchScript archive or a state dict, and which form it was.
-
-    Nothing in the file runs: state dicts go through torch's weights-only unpickler, and archives
-    through one that knows only modules, tensors and dictionaries (torch.jit.load would run their code).
-    """
-    if path.stat().st_size == 0:
-        raise PipelineError(f"MODEL={str(path)!r} is an empty file: copy or download the checkpoint again.")
-    try:
-        if zipfile.is_zipfile(path):
-            with zipfile.ZipFile(path) as archive:
-                if _is_torchscript(archive):
-                    return _torchscript_tensors(archive), "TorchScript archive"
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as error:
-        raise _unreadable(path, error) from None
-    except (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError, zipfile.BadZipFile) as error:
-        raise _unreadable(path, error) from None
-    return _state_dict(loaded, path), "state dict"
-
-
-def _unreadable(path: Path, error: Exception) -> PipelineError:
-    refused = re.search(r"GLOBAL (\S+)|data\.pkl refers to (\S+)", str(error))
-    if refused:
-        return PipelineError(
-            f"MODEL={str(path)!r} is refused: it holds more than plain weights "
-            f"({refused.group(1) or refused.group(2)}), and reading that could run code. Only plain "
-            "weights are read: a state dict, or OpenAI's TorchScript archive."
-        )
-    return PipelineError(
-        f"MODEL={str(path)!r} cannot be read as a PyTorch checkpoint ({_first_line(error)}). It may "
-        "be truncated (compare its size with the original's) or not a checkpoint at all."
-    )
-
-
-def _first_line(error: Exception) -> str:
-    """What went wrong, without torch's advice on weights_only (which is not for users to follow here)."""
-    message = str(error)
-    detail = re.search(r"WeightsUnpickler error: \s*(.+)", message)
-    first = detail.group(1) if detail else message.splitlines()[0] if message else type(error).__name__
-    return first.split(". ")[0][:200]
-
-
-def _state_dict(loaded: Any, path: Path) -> dict[str, torch.Tensor]:
-    """A loaded object that must be a flat mapping of names to tensors."""
-    if isinstance(loaded, dict) and all(isinstance(value, torch.Tensor) for value in loaded.values()):
-        return {str(name): tensor for name, tensor in loaded.items()}
-    if isinstance(loaded, dict):
-        keys = ", ".join(map(str, list(loaded)[:8]))
-        raise PipelineError(
-            f"MODEL={str(path)!r} holds a dictionary of more than tensors (keys {keys}), such as a "
-            "training checkpoint: save its model's state_dict() alone and use that file."
-        )
-    raise PipelineError(
-        f"MODEL={str(path)!r} holds a {type(loaded).__name__}, not a CLIP state dict or TorchScript archive."
-    )
-
-
-def _is_torchscript(archive: zipfile.ZipFile) -> bool:
-    return any("/code/" in name or name.endswith("/constants.pkl") for name in archive.namelist())
-
-
-_STORAGE_DTYPES = {
-    "FloatStorage": torch.float32,
-    "HalfStorage": torch.float16,
-    "BFloat16Storage": torch.bfloat16,
-    "DoubleStorage": torch.float64,
-    "LongStorage": torch.int64,
-    "IntStorage": torch.int32,
-    "ByteStorage": torch.uint8,
-    "BoolStorage": torch.bool,
-}
-
-
-class _ScriptModule:
-    """A module of a TorchScript archive: the attributes its data.pkl lists, and none of its code."""
-
-    def __setstate__(self, state: Any) -> None:
-        self.attributes = state if isinstance(state, dict) else {}
-
-
-def _rebuild_tensor(storage: torch.Tensor, offset: int, size: tuple, stride: tuple, *_: Any) -> torch.Tensor:
-    """torch._utils._rebuild_tensor_v2 over a storage read as a flat tensor."""
-    return torch.as_strided(storage, size, stride, offset)
-
-
-class _DataOnlyUnpickler(pickle.Unpickler):
-    """Unpickles a TorchScript archive's data.pkl into modules and tensors; every other global is refused."""
-
-    _ALLOWED = {
-        ("torch._utils", "_rebuild_tensor_v2"): _rebuild_tensor,
-        ("collections", "OrderedDict"): collections.OrderedDict,
-    }
-
-    def __init__(self, archive: zipfile.ZipFile, prefix: str):
-        super().__init__(io.BytesIO(archive.read(prefix + "data.pkl")))
-        self._archive = archive
-        self._prefix = prefix
-
-    def find_class(self, module: str, name: str) -> Any:
-        if module.startswith("__torch__."):
-            return _ScriptModule
-        if module == "torch" and name in _STORAGE_DTYPES:
-            return _STORAGE_DTYPES[name]
-        if (module, name) in self._ALLOWED:
-            return self._ALLOWED[module, name]
-        raise pickle.UnpicklingError(f"data.pkl refers to {module}.{name}")
-
-    def persistent_load(self, pid: Any) -> torch.Tensor:
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == "storage"):
-            raise pickle.UnpicklingError(f"data.pkl refers to an unknown record {pid!r}")
-        _, dtype, key, _location, count = pid
-        data = self._archive.read(f"{self._prefix}data/{key}")
-        if not isinstance(dtype, torch.dtype) or len(data) != count * dtype.itemsize:
-            raise ValueError(f"the tensor record data/{key} holds {len(data)} bytes, not {count} values")
-        return torch.frombuffer(bytearray(data), dtype=dtype) if data else torch.empty(0, dtype=dtype)
-
-
-def _torchscript_tensors(archive: zipfile.ZipFile) -> dict[str, torch.Tensor]:
-    """Every tensor attribute of an archive's modules, named by its path as state_dict() names it."""
-    prefix = next(name for name in archive.namelist() if name.endswith("data.pkl"))[: -len("data.pkl")]
-    if archive.read(prefix + "byteorder").strip() not in (b"", b"little"):
-        raise ValueError("the archive was written on a big-endian machine")
-    root = _DataOnlyUnpickler(archive, prefix).load()
-    if not isinstance(root, _ScriptModule):
-        raise ValueError("its data.pkl holds no TorchScript module")
-    return dict(_module_tensors(root))
-
-
-def _module_tensors(module: _ScriptModule, prefix: str = "") -> Iterator[tuple[str, torch.Tensor]]:
-    for name, value in module.attributes.items():
-        if isinstance(value, torch.Tensor):
-            yield prefix + name, value
-        elif isinstance(value, _ScriptModule):
-            yield from _module_tensors(value, f"{prefix}{name}.")
+    source = {"source": str(path), "sha256": folder.name.removeprefix(f"{CONVERSION}-"), "form": form}
+    _write_folder(folder, config, state, source)
 
 
 # OpenAI's names and shapes -> transformers' CLIPModel
@@ -248,7 +113,8 @@ def clip_config(weights: dict[str, torch.Tensor], path: Path) -> Any:
     if vocabulary != VOCABULARY_SIZE:
         raise PipelineError(
             f"MODEL={str(path)!r}: its text tower has {vocabulary} tokens, but CLIP's BPE vocabulary, the "
-            f"only tokenizer of OpenAI checkpoints, has {VOCABULARY_SIZE}."
+            f"only tokenizer of OpenAI checkpoints, has {VOCABULARY_SIZE}. Save the model as a "
+            "transformers directory with its own tokenizer, and set MODEL to that directory."
         )
     text = _tower(weights, "text", text_width, path)
     text.update(vocab_size=vocabulary, max_position_embeddings=context_length)
@@ -263,7 +129,9 @@ def _tower(weights: dict[str, torch.Tensor], tower: str, width: int, path: Path)
     """One transformer's configuration: width, depth, heads (width / 64, as OpenAI's), MLP size."""
     blocks = _TOWERS[tower]
     depth = len({name[len(blocks) :].split(".")[0] for name in weights if name.startswith(blocks)})
-    if width % 64 or not depth:
+    if f"{blocks}0.mlp.c_fc.weight" not in weights:
+        raise _not_clip(path, f"it has no {blocks}0.mlp.c_fc.weight")
+    if width % 64:
         raise _not_clip(
             path, f"its {tower} transformer ({depth} blocks of width {width}) has no 64-wide heads"
         )
@@ -287,6 +155,12 @@ def _refuse_other_architectures(weights: dict[str, torch.Tensor], path: Path) ->
         raise PipelineError(
             f"MODEL={str(path)!r} is OpenAI's ResNet CLIP {name}: its image tower is a modified ResNet, "
             f"which transformers' CLIPModel does not have. Use a ViT checkpoint ({VIT_NAMES})."
+        )
+    if weights and all(name.startswith("module.") for name in weights):
+        raise _not_clip(
+            path,
+            "its names start with 'module.', as a DataParallel wrapper saves them; save "
+            "model.module.state_dict() instead",
         )
     if any(name.startswith(("vision_model.", "text_model.")) for name in weights):
         raise PipelineError(
@@ -331,7 +205,8 @@ _LAYERS = {
     "visual.transformer.resblocks.": "vision_model.encoder.layers.",
     "transformer.resblocks.": "text_model.encoder.layers.",
 }
-_NOT_WEIGHTS = re.compile(r"input_resolution|context_length|vocab_size|(.*\.)?attn_mask")  # OpenAI's extras
+# what OpenAI's TorchScript files hold besides weights, and a scripted model's text mask
+_NOT_WEIGHTS = re.compile(r"input_resolution|context_length|vocab_size|(.*\.)?attn_mask")
 
 
 def transformers_weights(
@@ -340,25 +215,24 @@ def transformers_weights(
     """OpenAI's tensors under CLIPModel's names, checked against the model `config` describes."""
     from transformers import CLIPModel
 
-    mapped, unknown = {}, []
+    mapped, origin, unknown = {}, {}, []
     for name, tensor in weights.items():
-        if _NOT_WEIGHTS.fullmatch(name):
-            continue
-        renamed = _renamed(name, tensor)
+        renamed = {} if _NOT_WEIGHTS.fullmatch(name) else _renamed(name, tensor)
         mapped.update(renamed)
-        if not renamed:
+        origin.update(dict.fromkeys(renamed, name))
+        if not renamed and not _NOT_WEIGHTS.fullmatch(name):
             unknown.append(name)
     with torch.device("meta"):
         expected = {name: tuple(tensor.shape) for name, tensor in CLIPModel(config).state_dict().items()}
     missing = sorted(set(expected) - set(mapped))
     misshapen = sorted(
-        name for name in set(expected) & set(mapped) if tuple(mapped[name].shape) != expected[name]
+        origin[name] for name in set(expected) & set(mapped) if tuple(mapped[name].shape) != expected[name]
     )
-    for problem, names in (("unknown tensors", unknown), ("no", missing), ("misshapen", misshapen)):
+    problems = [("unknown tensors", unknown), ("misshapen", misshapen), ("nothing for CLIPModel's", missing)]
+    for problem, names in problems:
         if names:
-            raise _not_clip(
-                path, f"it has {problem} {', '.join(names[:5])}{' ...' if len(names) > 5 else ''}"
-            )
+            listed = ", ".join(names[:5]) + (" ..." if len(names) > 5 else "")
+            raise _not_clip(path, f"it has {problem} {listed}")
     return {name: tensor.contiguous().clone() for name, tensor in mapped.items()}
 
 
@@ -429,31 +303,73 @@ def _preprocessor_config(image_size: int) -> dict:
     }
 
 
+def _is_whole(folder: Path) -> bool:
+    """Whether `folder` holds every file its source.json lists, each of the size it lists."""
+    sizes = read_json(folder / "source.json").get("sizes")
+    if not isinstance(sizes, dict):
+        return False
+    return all(
+        (folder / name).is_file() and (folder / name).stat().st_size == size for name, size in sizes.items()
+    )
+
+
+_STAGING_LIFETIME = 24 * 3600  # seconds: a staging folder this old belongs to a conversion that died
+
+
 def _write_folder(folder: Path, config: Any, state: dict[str, torch.Tensor], source: dict) -> None:
     """Write a converted checkpoint beside `folder` and rename it into place; source.json marks it whole."""
     from safetensors.torch import save_file
 
     check_writable(folder.parent)
+    _remove_dead_staging(folder.parent)
     needed = sum(tensor.nbytes for tensor in state.values()) + (8 << 20)
     check_free_space(folder.parent, needed, f"the converted checkpoint {folder.name}")
-    staging = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", dir=folder.parent))
+    staging = folder.parent / f".{folder.name}.{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    staging.mkdir()
     try:
         save_file(state, staging / "model.safetensors", metadata={"format": "pt"})
         config.save_pretrained(staging)
-        write_json(
-            staging / "preprocessor_config.json", _preprocessor_config(config.vision_config.image_size)
-        )
+        image_size = config.vision_config.image_size
+        write_json(staging / "preprocessor_config.json", _preprocessor_config(image_size))
         openai_tokenizer(config.text_config.max_position_embeddings).save_pretrained(staging)
         for written in staging.iterdir():
             with open(written, "rb") as file:
                 os.fsync(file.fileno())
-        write_json(staging / "source.json", source)
-        if folder.exists() and not (folder / "source.json").is_file():
-            shutil.rmtree(folder)  # not whole: a copy or an edit by hand, never a rename of this code
-        try:
-            staging.rename(folder)
-        except OSError:
-            if not (folder / "source.json").is_file():  # else another process converted it first
-                raise
+        sizes = {path.name: path.stat().st_size for path in staging.iterdir()}
+        write_json(staging / "source.json", {**source, "sizes": sizes})
+        _set_aside(folder)
+        _rename_into_place(staging, folder)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_dead_staging(models: Path) -> None:
+    for staging in models.glob(f".{CONVERSION}-*"):
+        if time.time() - staging.stat().st_mtime > _STAGING_LIFETIME:
+            shutil.rmtree(staging, ignore_errors=True)
+
+
+def _set_aside(folder: Path) -> None:
+    """Remove a folder that is not whole (damaged, or edited by hand), renaming it first, so that a
+    whole one another process renames into place meanwhile is never the one removed."""
+    if folder.exists() and not _is_whole(folder):
+        aside = folder.parent / f".{folder.name}.damaged-{uuid.uuid4().hex[:8]}"
+        try:
+            folder.rename(aside)
+        except FileNotFoundError:  # another process set it aside first
+            return
+        shutil.rmtree(aside, ignore_errors=True)
+
+
+def _rename_into_place(staging: Path, folder: Path) -> None:
+    try:
+        staging.rename(folder)
+    except OSError:
+        if not _is_whole(folder):  # else another process converted the same file first
+            raise
+        return
+    directory = os.open(folder.parent, os.O_RDONLY)
+    try:
+        os.fsync(directory)
+    finally:
+        os.close(directory)

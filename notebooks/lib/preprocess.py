@@ -97,9 +97,9 @@ def pad_to_square(image: Image.Image) -> Image.Image:
     except ValueError:
         raise ImageFailure(f"decode: unsupported mode {image.mode}") from None
     width, height = image.size
-    side = max(width, height)
     if width == height:
         return image
+    side = max(width, height)
     square = Image.new("RGB", (side, side))
     square.paste(image, ((side - width) // 2, (side - height) // 2))
     return square
