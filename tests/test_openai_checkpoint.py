@@ -490,3 +490,12 @@ def test_a_damaged_tensor_record_is_named(openai_checkpoints, workspace, tmp_pat
         lib.PipelineError, match=r"cannot be read .*\(Bad CRC-32 for file 'TorchScript-archive/data/0'\)"
     ):
         lib.load_encoder(str(tmp_path / "damaged.pt"), "cpu")
+
+
+def test_an_unreadable_pt_file_is_named(openai_checkpoints, monkeypatch):
+    def denied(path):
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(lib.model, "sha256_of_file", denied)
+    with pytest.raises(lib.PipelineError, match=r"state-dict.pt cannot be read \(Permission denied\)"):
+        lib.model.resolve_checkpoint(str(openai_checkpoints["state dict"]))

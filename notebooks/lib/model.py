@@ -135,7 +135,10 @@ def _located(model: str, revision: str | None) -> Checkpoint:
             )
         if local.is_dir():
             return Checkpoint(str(local), _weights_digest(local), local)
-        return _openai_checkpoint(local, sha256_of_file(local))
+        try:
+            return _openai_checkpoint(local, sha256_of_file(local))
+        except OSError as error:
+            raise PipelineError(f"MODEL={model!r}: {local} cannot be read ({error.strerror}).") from None
     if model.startswith((".", "/", "~")) or local.suffix == ".pt":
         raise PipelineError(
             f"MODEL={model!r}: {local} does not exist. Give an OpenAI .pt checkpoint, a directory holding "
