@@ -217,11 +217,13 @@ def transformers_weights(
 
     mapped, origin, unknown = {}, {}, []
     for name, tensor in weights.items():
-        renamed = {} if _NOT_WEIGHTS.fullmatch(name) else _renamed(name, tensor)
+        if _NOT_WEIGHTS.fullmatch(name):
+            continue
+        renamed = _renamed(name, tensor)
+        if not renamed:
+            unknown.append(name)
         mapped.update(renamed)
         origin.update(dict.fromkeys(renamed, name))
-        if not renamed and not _NOT_WEIGHTS.fullmatch(name):
-            unknown.append(name)
     with torch.device("meta"):
         expected = {name: tuple(tensor.shape) for name, tensor in CLIPModel(config).state_dict().items()}
     missing = sorted(set(expected) - set(mapped))

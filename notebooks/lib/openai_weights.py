@@ -161,6 +161,15 @@ def _same(value: Any, *_: Any) -> Any:
     return value
 
 
+_JIT_BUILDERS = (
+    "restore_type_tag",
+    "build_intlist",
+    "build_doublelist",
+    "build_boollist",
+    "build_tensorlist",
+)
+
+
 class _DataOnlyUnpickler(pickle.Unpickler):
     """Unpickles a TorchScript archive's data.pkl into modules and tensors; every other global is refused."""
 
@@ -168,9 +177,7 @@ class _DataOnlyUnpickler(pickle.Unpickler):
         ("torch._utils", "_rebuild_tensor_v2"): _Tensor,
         ("torch._utils", "_rebuild_parameter"): _same,
         ("collections", "OrderedDict"): collections.OrderedDict,
-        **{("torch.jit._pickle", name): _same for name in ("restore_type_tag", "build_intlist")},
-        **{("torch.jit._pickle", name): _same for name in ("build_doublelist", "build_boollist")},
-        ("torch.jit._pickle", "build_tensorlist"): _same,
+        **{("torch.jit._pickle", name): _same for name in _JIT_BUILDERS},
     }
 
     def __init__(self, archive: zipfile.ZipFile, prefix: str):
