@@ -2,6 +2,7 @@
 
     python benchmarks/precision.py                          # random ViT-B/32, this machine's device
     python benchmarks/precision.py --device cuda --images 500
+    python benchmarks/precision.py --device cpu --precisions int8     # ONNX Runtime, dynamic int8
     python benchmarks/precision.py --model ViT-B/32         # OpenAI's weights, where the hub is reachable
 
 Prints one JSON object: for each precision, the minimum and mean cosine with fp32 over the images,
@@ -66,7 +67,7 @@ def main() -> None:
     parser.add_argument("--model", default="random", help=MODEL_HELP)
     parser.add_argument("--device", default="auto", help="'auto', 'cpu', 'cuda' or 'cuda:N'")
     parser.add_argument("--images", type=int, default=300, help="synthetic 1024x768 photos to compare on")
-    parser.add_argument("--precisions", nargs="+", default=["fp16", "bf16"], choices=["fp16", "bf16"])
+    parser.add_argument("--precisions", nargs="+", default=["fp16", "bf16"], choices=["fp16", "bf16", "int8"])
     parser.add_argument("--batch-size", type=int, default=64)
     args = parser.parse_args()
     report = precision_agreement(

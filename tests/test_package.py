@@ -21,6 +21,7 @@ FLOW = [
     "preprocess",
     "openai_weights",
     "openai_checkpoint",
+    "onnx_tower",
     "model",
     "chunkfile",
     "claims",

@@ -30,6 +30,7 @@ module per seam, in the order the data flows through them; each imports only mod
     preprocess   02: bytes -> decoded, oriented, OpenAI-preprocessed pixels
     openai_weights     02: the tensors of OpenAI .pt files, read as data only
     openai_checkpoint  02: OpenAI weights -> transformers CLIP folders in .cache/models/
+    onnx_tower   02: the image tower exported to ONNX (and int8) in .cache/onnx/, run by ONNX Runtime
     model        02: CLIP checkpoints, devices, precision; pixels -> normalised embeddings
     chunkfile    the chunk file format: records, attributes, signature, read and write
     claims       locks: one writer per chunk and per merged file, across processes
@@ -57,6 +58,7 @@ from . import (
     merge,
     model,
     nearest,
+    onnx_tower,
     openai_checkpoint,
     openai_weights,
     params,
@@ -129,6 +131,7 @@ __all__ = [
     "merge_chunks",
     "model",
     "nearest",
+    "onnx_tower",
     "openai_checkpoint",
     "openai_weights",
     "open_embeddings",

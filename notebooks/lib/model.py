@@ -24,6 +24,7 @@ import PIL
 import torch
 
 from .errors import ParameterError, PipelineError
+from .onnx_tower import ONNX_PRECISIONS, OnnxImageTower, cached_tower
 from .openai_checkpoint import (
     RESNET_NAMES,
     VIT_NAMES,
@@ -32,7 +33,7 @@ from .openai_checkpoint import (
     converted_folder,
 )
 from .preprocess import OPENAI_MEAN, OPENAI_STD, Preprocessing
-from .settings import prepare_process
+from .settings import cpu_cores, prepare_process
 from .workspace import read_json, resolve_path, sha256_of_file
 
 OPENAI_MODELS = {
@@ -42,7 +43,8 @@ OPENAI_MODELS = {
     "ViT-L/14@336px": "openai/clip-vit-large-patch14-336",
 }
 _CHECKPOINT_FILES = ["*.json", "*.txt", "*.safetensors"]
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16, "int8": torch.float32}
+# int8: the image tower on ONNX Runtime; the torch model (texts, and the export) stays in float32
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,9 +175,14 @@ def resolve_device(device: str) -> torch.device:
 
 
 def resolve_precision(precision: str, device: torch.device) -> str:
-    """PRECISION 'auto' is fp16 on CUDA (as OpenAI's own loader) and fp32 elsewhere."""
+    """PRECISION 'auto' is fp16 on CUDA (as OpenAI's own loader) and fp32 elsewhere; int8 is the CPU's."""
     if precision == "auto":
         return "fp16" if device.type == "cuda" else "fp32"
+    if precision in ONNX_PRECISIONS and device.type != "cpu":
+        raise ParameterError(
+            f"PRECISION={precision!r} runs on the CPU (ONNX Runtime), and DEVICE is {device}: set "
+            "DEVICE='cpu' for it, or PRECISION='fp16' on the GPU."
+        )
     return precision
 
 
@@ -219,18 +226,31 @@ class PendingEmbeddings:
 class ClipEncoder:
     """A CLIP model on a device: preprocessed pixels in, L2-normalised float32 embeddings out."""
 
-    def __init__(self, model: Any, checkpoint: Checkpoint, device: torch.device, precision: str):
+    def __init__(
+        self,
+        model: Any,
+        checkpoint: Checkpoint,
+        device: torch.device,
+        precision: str,
+        image_tower: OnnxImageTower | None = None,
+    ):
         self.model = model
         self.checkpoint = checkpoint
         self.device = device
         self.precision = precision
         self.dtype = _DTYPES[precision]
+        self.image_tower = image_tower  # images through ONNX Runtime instead of the torch model
         self.preprocessing = _checkpoint_preprocessing(checkpoint.path, model.config.vision_config.image_size)
         self.batch_limit: int | None = None  # set when the GPU ran out of memory on a bigger batch
 
     @property
     def embedding_size(self) -> int:
         return self.model.config.projection_dim
+
+    @property
+    def runtime(self) -> str:
+        """What computes the image embeddings, with its version."""
+        return self.image_tower.runtime if self.image_tower else f"torch {torch.__version__}"
 
     @property
     def context_length(self) -> int:
@@ -281,6 +301,8 @@ class ClipEncoder:
 
     def _launch(self, pixels: np.ndarray) -> torch.Tensor:
         """Queue a batch's copy to the device, its forward pass, and the copy of its embeddings back."""
+        if self.image_tower:
+            return _normalised(torch.from_numpy(self.image_tower(pixels)))
         batch = torch.from_numpy(pixels)
         if self.device.type == "cuda":
             batch = batch.pin_memory()  # page-locked host memory: the copy below is asynchronous
@@ -365,7 +387,17 @@ def load_encoder(
     clip = CLIPModel.from_pretrained(checkpoint.path, dtype=torch.float32)
     clip = clip.to(torch_device, _DTYPES[precision]).eval()
     prepare_process(cpu_inference=torch_device.type == "cpu")
-    return ClipEncoder(clip, checkpoint, torch_device, precision)
+    tower = None
+    if precision in ONNX_PRECISIONS:
+        tower = OnnxImageTower(cached_tower(clip, weights_digest(checkpoint), precision), cpu_cores())
+    return ClipEncoder(clip, checkpoint, torch_device, precision, tower)
+
+
+def weights_digest(checkpoint: Checkpoint) -> str:
+    """The SHA-256 of a checkpoint's weights: its revision, or its weight files' digest for a hub model."""
+    if checkpoint.revision.startswith("sha256:"):
+        return checkpoint.revision
+    return _weights_digest(checkpoint.path)
 
 
 _HUB_COMMIT = re.compile(r"[0-9a-f]{40}")

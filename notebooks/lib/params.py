@@ -22,7 +22,7 @@ from .workspace import DEFAULT_OUTPUT_DIR
 DATASETS = ("openimages-v7", "table", "folder")
 SPLITS = ("train", "validation", "test")
 FETCH_MODES = ("s3", "url")
-PRECISIONS = ("auto", "fp32", "fp16", "bf16")
+PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 PREPROCESS_MODES = ("exact", "fast", "pad")
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 _PARAMETER_NAME = re.compile(r"[A-Z][A-Z0-9_]*")

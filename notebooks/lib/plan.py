@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -27,6 +26,7 @@ from .model import (
 )
 from .params import EmbedParams
 from .preprocess import ImageRecipe
+from .settings import cpu_cores
 from .table import ImageTable
 from .workspace import DEFAULT_OUTPUT_DIR, Collection, current_workspace, resolve_path
 
@@ -101,11 +101,6 @@ def with_machine_sizes(params: EmbedParams, encoder: ClipEncoder) -> EmbedParams
     return dataclasses.replace(params, gpu_batch_size=batch, num_workers=workers)
 
 
-def cpu_cores() -> int:
-    """The CPU cores this process may run on (its affinity, which containers and schedulers set)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
 def cuda_batch_size(encoder: ClipEncoder, probe: int = 16) -> int:
     """The largest power of two up to CUDA_BATCH_LIMIT whose forward pass fits in half the free memory."""
     size = encoder.preprocessing.image_size
@@ -143,6 +138,7 @@ def run_attributes(encoder: ClipEncoder, recipe: ImageRecipe, table: ImageTable)
         "table_sha256": table.info["sha256"],
         "model_id": encoder.checkpoint.model_id,
         "device": encoder.device.type,
+        "runtime": encoder.runtime,
         "library_versions": json.dumps(library_versions()),
     }
 

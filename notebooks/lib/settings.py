@@ -16,6 +16,7 @@ import dataclasses
 import fcntl
 import functools
 import logging
+import os
 import shutil
 import warnings
 from collections.abc import Callable, Iterator
@@ -93,6 +94,11 @@ def configured(**changes: Any) -> Iterator[Settings]:
         yield current_settings()
     finally:
         configure(**vars(before))
+
+
+def cpu_cores() -> int:
+    """The CPU cores this process may run on (its affinity, which containers and schedulers set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 _PILLOW_MODULES = r"PIL\."  # Pillow warns about each odd file it reads (corrupt EXIF, oversized tags)
