@@ -434,3 +434,17 @@ def test_an_output_folder_without_write_permission_is_named(table, tiny_encoder,
             run_embed(table, tiny_encoder)
     finally:
         collection.folder.chmod(0o755)
+
+
+def test_the_summary_says_where_the_run_s_time_went(collection, table, tiny_encoder):
+    summary = run_embed(table, tiny_encoder)
+    assert 0 < summary.first_batch_seconds <= summary.waited_seconds < summary.seconds
+    assert 0 < summary.write_seconds < summary.seconds
+    assert re.search(
+        r"^time: \d+\.\d s; the model waited \d+\.\d s for images \(\d+\.\d s for the first batch\); "
+        r"writing chunk files took \d+\.\d s$",
+        str(summary),
+        re.MULTILINE,
+    )
+    stats = [json.loads(info.attrs["stats"]) for info in lib.find_chunks(collection.chunks)]
+    assert sum(chunk["waited_seconds"] for chunk in stats) == pytest.approx(summary.waited_seconds, abs=0.01)

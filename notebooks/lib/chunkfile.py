@@ -84,6 +84,7 @@ class ChunkResult:
     fetched_bytes: int = 0
     seconds: float = 0.0
     retried: int = 0  # failed rows attempted again (RETRY_FAILED)
+    image_waits: list[float] = dataclasses.field(default_factory=list)  # per batch: seconds the model waited
 
     def embeddings(self) -> np.ndarray:
         if not self.vectors:
@@ -99,6 +100,7 @@ class ChunkResult:
             "failed_by_reason": dict(collections.Counter(self.reasons).most_common()),
             "bytes": self.fetched_bytes,
             "seconds": round(self.seconds, 3),
+            "waited_seconds": round(sum(self.image_waits), 3),
             "retried": self.retried,
         }
 

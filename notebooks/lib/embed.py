@@ -104,6 +104,20 @@ class ImageLoader:
             yield pending.popleft().result()
 
 
+def _timed(items: Iterator, waits: list[float]) -> Iterator:
+    """The items, with the seconds spent waiting for each appended to `waits`."""
+    while True:
+        began = time.perf_counter()
+        item = next(items, _END)
+        if item is _END:
+            return
+        waits.append(time.perf_counter() - began)
+        yield item
+
+
+_END = object()
+
+
 def _batches(items: Iterable, size: int) -> Iterator[list]:
     batch: list = []
     for item in items:
@@ -164,7 +178,7 @@ def _embed_rows(
 
     on_device = None  # the batch the device works on while the next one is stacked and queued
     loaded = loader.load(columns["location"], columns["rotation"], columns["md5"])
-    for batch in _batches(enumerate(loaded), batch_size):
+    for batch in _timed(_batches(enumerate(loaded), batch_size), result.image_waits):
         pixels = [item.pixels for _, item in batch if item.pixels is not None]
         queued = (batch, encoder.start_encoding(np.stack(pixels)) if pixels else None)
         if on_device:

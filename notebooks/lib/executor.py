@@ -62,8 +62,15 @@ class RunSummary:
     retried: int = 0
     recovered: int = 0
     seconds: float = 0.0
+    waited_seconds: float = 0.0  # the encoder waiting for images (fetched, decoded, preprocessed)
+    first_batch_seconds: float | None = None  # of which for the first batch: the pipeline filling up
+    write_seconds: float = 0.0  # writing chunk files
 
-    def add(self, stats: dict) -> None:
+    def add(self, result: ChunkResult) -> None:
+        stats = result.stats()
+        if self.first_batch_seconds is None and result.image_waits:
+            self.first_batch_seconds = result.image_waits[0]
+        self.waited_seconds += stats["waited_seconds"]
         self.chunks_written += 1
         self.attempted += stats["attempted"]
         self.embedded += stats["embedded"]
@@ -88,6 +95,12 @@ class RunSummary:
             lines.append(
                 f"failed images retried: {self.retried:,} in {self.chunks_retried} chunk(s), "
                 f"recovered: {self.recovered:,}, still failed: {self.retried - self.recovered:,}"
+            )
+        if self.first_batch_seconds is not None:
+            lines.append(
+                f"time: {self.seconds:,.1f} s; the model waited {self.waited_seconds:,.1f} s for images "
+                f"({self.first_batch_seconds:.1f} s for the first batch); writing chunk files took "
+                f"{self.write_seconds:.1f} s"
             )
         return "\n".join(lines)
 
@@ -116,6 +129,7 @@ def embed_chunks(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params:
     fetcher = Fetcher(params.s3_endpoint_url, pool_size=fetch_threads)
     lookahead = 2 * params.gpu_batch_size + fetch_threads
     began = time.perf_counter()
+    summary = RunSummary(len(chunks.done))
     with (
         ImageLoader(fetcher, plan.recipe, params.num_workers, lookahead) as loader,
         RunProgress(chunks.rows_to_do) as progress,
@@ -130,7 +144,7 @@ def embed_chunks(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params:
             attrs,
             progress,
             reach,
-            RunSummary(len(chunks.done)),
+            summary,
         )
         todo = chunks.todo
         while todo:
@@ -139,8 +153,8 @@ def embed_chunks(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params:
             todo = _after_other_runs(busy, chunks, params.chunk, progress)
         for info in chunks.retry:
             run.retry(info)
-    run.summary.seconds = time.perf_counter() - began
-    return run.summary
+    summary.seconds = time.perf_counter() - began
+    return summary
 
 
 UNREACHABLE_REASONS = ("connection error", "timeout", "cannot resolve", "s3 AccessDenied", "s3 NoSuchBucket")
@@ -253,9 +267,14 @@ class _ChunkWriter:
 
     def _write(self, result: ChunkResult) -> None:
         path = chunk_path(self.folder, result.start, result.end)
-        write_chunk(path, result, self.attrs)
-        self.summary.add(result.stats())
+        self._write_file(path, result, self.attrs)
+        self.summary.add(result)
         self.progress.chunk_written(path.name)
+
+    def _write_file(self, path: Path, result: ChunkResult, attrs: dict) -> None:
+        began = time.perf_counter()
+        write_chunk(path, result, attrs)
+        self.summary.write_seconds += time.perf_counter() - began
 
     def _observe(self, locations: list[str], reasons: list[str | None]) -> None:
         self.progress.add(reasons)
@@ -287,7 +306,7 @@ class _ChunkWriter:
             result = retry_chunk(
                 current, self.table, self.encoder, self.loader, self.batch_size, self._count_retried
             )
-            write_chunk(info.path, result, current.attrs)
+            self._write_file(info.path, result, current.attrs)
         self.summary.add_retry(current, result)
         self.progress.chunk_written(info.path.name)
 
