@@ -4,7 +4,9 @@ They use a randomly initialised model of ViT-B/32's shape (benchmarks/workload.p
 never download weights, and print the figures they measure (`pytest -m gpu -s` shows them).
 """
 
+import dataclasses
 import json
+import shutil
 
 import lib
 import numpy as np
@@ -12,7 +14,7 @@ import pytest
 import torch
 from conftest import read_output, run_embed
 from precision import encode_all, precision_agreement, preprocessed
-from workload import random_clip
+from workload import random_clip, synthetic_images
 
 pytestmark = [
     pytest.mark.gpu,
@@ -71,3 +73,28 @@ def test_the_auto_batch_on_cuda_fits_the_gpu(vit_b_32):
     assert batch & (batch - 1) == 0 and 64 <= batch <= lib.plan.CUDA_BATCH_LIMIT
     encoder.encode(preprocessed(batch, encoder.preprocessing))
     assert encoder.batch_limit is None, "the batch ran whole, without halving for memory"
+
+
+def test_fast_on_cuda_decodes_jpegs_on_the_gpu_and_agrees_with_exact(collection, table, tiny_checkpoint):
+    encoder = lib.load_encoder(str(tiny_checkpoint), "cuda", "fp32")
+    run_embed(table, encoder, device="cuda", precision="fp32", preprocess="fast")
+    fast = read_output(lib.find_chunks(collection.chunks)[0].path)
+    assert fast["attrs"]["preprocessing"] == lib.device_jpeg.DEVICE_PREPROCESSING_RULE
+    shutil.rmtree(collection.chunks)
+    run_embed(table, encoder, device="cuda", precision="fp32", preprocess="exact")
+    exact = read_output(lib.find_chunks(collection.chunks)[0].path)
+    assert fast["rows"] == exact["rows"] and fast["reasons"] == exact["reasons"]
+    cosines = np.sum(fast["embeddings"] * exact["embeddings"], axis=1)
+    print(f"fast on cuda vs exact: min cosine {cosines.min():.6f}")
+    assert cosines.min() >= 0.99
+
+
+def test_the_device_decoder_matches_the_cpu_decoder_on_photos():
+    photos = synthetic_images(16)
+    recipe = lib.device_jpeg.DeviceJpegRecipe(lib.preprocess.Preprocessing(224), preprocess="fast")
+    on_gpu, reasons = recipe.stack([recipe(data) for data in photos])
+    on_cpu, _ = dataclasses.replace(recipe, device="cpu").stack([recipe(data) for data in photos])
+    assert reasons == [None] * 16 and on_gpu.device.type == "cuda"
+    difference = (on_gpu.cpu() - on_cpu).abs()
+    print(f"nvJPEG vs libjpeg, preprocessed: mean {difference.mean():.4f}, max {difference.max():.4f}")
+    assert difference.mean() < 0.02

@@ -19,6 +19,7 @@ FLOW = [
     "table",
     "fetch",
     "preprocess",
+    "device_jpeg",
     "openai_weights",
     "openai_checkpoint",
     "onnx_tower",

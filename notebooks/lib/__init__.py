@@ -28,6 +28,7 @@ module per seam, in the order the data flows through them; each imports only mod
     table        the image table file that 01 writes and 02, 03 and 04 read
     fetch        02: an image's bytes from S3, HTTP(S) or disk
     preprocess   02: bytes -> decoded, oriented, OpenAI-preprocessed pixels
+    device_jpeg  02: PREPROCESS='fast' on CUDA: JPEGs decoded and preprocessed on the GPU, by batch
     openai_weights     02: the tensors of OpenAI .pt files, read as data only
     openai_checkpoint  02: OpenAI weights -> transformers CLIP folders in .cache/models/
     onnx_tower   02: the image tower exported to ONNX (and int8) in .cache/onnx/, run by ONNX Runtime
@@ -47,6 +48,7 @@ module per seam, in the order the data flows through them; each imports only mod
 from . import (
     chunkfile,
     claims,
+    device_jpeg,
     display,
     downloads,
     embed,
@@ -112,6 +114,7 @@ __all__ = [
     "configure",
     "describe_environment",
     "describe_query_model",
+    "device_jpeg",
     "display",
     "downloads",
     "embed",

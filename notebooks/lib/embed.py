@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from .chunkfile import ChunkInfo, ChunkResult, Records, combine_results, read_chunk_result
+from .device_jpeg import EncodedJpeg
 from .errors import ImageFailure
 from .fetch import Fetcher
 from .model import ClipEncoder, PendingEmbeddings
@@ -31,7 +32,7 @@ from .table import ImageTable
 class Loaded:
     """One image after fetch and preprocessing: its pixels, or the reason it failed."""
 
-    pixels: np.ndarray | None
+    pixels: np.ndarray | EncodedJpeg | None  # an EncodedJpeg is decoded with its batch, on the device
     reason: str | None
     size: int
 
@@ -77,6 +78,7 @@ class ImageLoader:
 
     def __init__(self, fetcher: Fetcher, recipe: ImageRecipe, workers: int, lookahead: int):
         slots = threading.Semaphore(workers)
+        self.recipe = recipe
         self._load = functools.partial(load_image, fetcher=fetcher, recipe=recipe, decode_slots=slots)
         self._pool = ThreadPoolExecutor(FETCH_THREADS_PER_WORKER * workers, thread_name_prefix="load")
         self._lookahead = lookahead
@@ -179,14 +181,30 @@ def _embed_rows(
     on_device = None  # the batch the device works on while the next one is stacked and queued
     loaded = loader.load(columns["location"], columns["rotation"], columns["md5"])
     for batch in _timed(_batches(enumerate(loaded), batch_size), result.image_waits):
-        pixels = [item.pixels for _, item in batch if item.pixels is not None]
-        queued = (batch, encoder.start_encoding(np.stack(pixels)) if pixels else None)
+        queued = (batch, _start_encoding([item for _, item in batch], encoder, loader.recipe))
         if on_device:
             finish(*on_device)
         on_device = queued
     if on_device:
         finish(*on_device)
     result.seconds += time.perf_counter() - began
+
+
+def _start_encoding(
+    items: list[Loaded], encoder: ClipEncoder, recipe: ImageRecipe
+) -> PendingEmbeddings | None:
+    """Stack the batch's images (decoding those left to the device) and queue them on the encoder.
+
+    An image that fails in the stacking gets its reason here, before the batch is recorded.
+    """
+    ready = [item for item in items if item.reason is None]
+    if not ready:
+        return None
+    pixels, reasons = recipe.stack([item.pixels for item in ready])
+    for item, reason in zip(ready, reasons, strict=True):
+        if reason is not None:
+            item.pixels, item.reason = None, reason
+    return encoder.start_encoding(pixels) if len(pixels) else None
 
 
 def _record_batch(

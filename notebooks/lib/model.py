@@ -278,11 +278,11 @@ class ClipEncoder:
             "and merges.txt)."
         )
 
-    def encode(self, pixels: np.ndarray) -> np.ndarray:
+    def encode(self, pixels: np.ndarray | torch.Tensor) -> np.ndarray:
         """Embeddings (B, D) of preprocessed pixels (B, 3, n_px, n_px), normalised in float32."""
         return self.start_encoding(pixels).result()
 
-    def start_encoding(self, pixels: np.ndarray) -> PendingEmbeddings:
+    def start_encoding(self, pixels: np.ndarray | torch.Tensor) -> PendingEmbeddings:
         """Queue the embeddings of a non-empty batch; on CUDA this returns before the GPU is done.
 
         A CUDA out-of-memory error halves the batch, warns once, and goes on with the smaller size.
@@ -299,12 +299,15 @@ class ClipEncoder:
                 ready.record(torch.cuda.current_stream(self.device))
             return PendingEmbeddings(parts, ready)
 
-    def _launch(self, pixels: np.ndarray) -> torch.Tensor:
-        """Queue a batch's copy to the device, its forward pass, and the copy of its embeddings back."""
+    def _launch(self, pixels: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Queue a batch's copy to the device, its forward pass, and the copy of its embeddings back.
+
+        A tensor may already be on the device (JPEGs decoded there).
+        """
         if self.image_tower:
-            return _normalised(torch.from_numpy(self.image_tower(pixels)))
-        batch = torch.from_numpy(pixels)
-        if self.device.type == "cuda":
+            return _normalised(torch.from_numpy(self.image_tower(np.asarray(pixels))))
+        batch = torch.from_numpy(pixels) if isinstance(pixels, np.ndarray) else pixels
+        if self.device.type == "cuda" and batch.device.type == "cpu":
             batch = batch.pin_memory()  # page-locked host memory: the copy below is asynchronous
         batch = batch.to(self.device, self.dtype, non_blocking=True)
         with torch.inference_mode():

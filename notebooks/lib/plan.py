@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from .chunkfile import ChunkInfo, chunk_files, describe_difference, find_chunks, read_chunk_info, signature_of
+from .device_jpeg import DeviceJpegRecipe
 from .errors import ParameterError, PipelineError
 from .model import (
     ClipEncoder,
@@ -120,14 +121,14 @@ def batch_for_memory(budget: float, per_image: float, limit: int) -> int:
 
 
 def image_recipe(encoder: ClipEncoder, params: EmbedParams) -> ImageRecipe:
-    """The encoder's preprocessing with the run's orientation options and pixel limit."""
-    return ImageRecipe(
-        encoder.preprocessing,
-        params.max_pixels,
-        params.exif_transpose,
-        params.apply_rotation,
-        params.preprocess,
-    )
+    """The encoder's preprocessing with the run's orientation options and pixel limit.
+
+    PREPROCESS='fast' on CUDA decodes JPEGs on the GPU; on the CPU it is Pillow's draft mode.
+    """
+    options = (encoder.preprocessing, params.max_pixels, params.exif_transpose, params.apply_rotation)
+    if params.preprocess == "fast" and encoder.device.type == "cuda":
+        return DeviceJpegRecipe(*options, params.preprocess, device=str(encoder.device))
+    return ImageRecipe(*options, params.preprocess)
 
 
 def run_attributes(encoder: ClipEncoder, recipe: ImageRecipe, table: ImageTable) -> dict:

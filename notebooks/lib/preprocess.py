@@ -11,6 +11,7 @@ import functools
 import io
 import math
 import struct
+from collections.abc import Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -184,6 +185,10 @@ class ImageRecipe:
         if self.preprocess == "pad":
             image = pad_to_square(image)  # so that the center crop keeps the whole image
         return self.preprocessing(image)
+
+    def stack(self, prepared: Sequence[np.ndarray]) -> tuple[np.ndarray, list[str | None]]:
+        """A batch of prepared images for the encoder, and each one's failure reason (none fail here)."""
+        return np.stack(prepared), [None] * len(prepared)
 
     def describe(self) -> dict:
         """The recipe's own options, as chunk files record them (the preprocessing is the encoder's)."""
