@@ -29,10 +29,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
 from embed_folder import add_run_arguments, embed_params
 from process_stats import peak_rss_mb
-from workload import embed_rows, lib, loopback_s3, model_path, photo_folder, temporary_workspace
+from workload import (
+    embed_rows,
+    lib,
+    location_table,
+    loopback_s3,
+    model_path,
+    photo_folder,
+    temporary_workspace,
+)
 
 HERE = Path(__file__).resolve().parent
 
@@ -60,19 +67,8 @@ def preprocess_per_core(recipe: lib.preprocess.ImageRecipe, photos: list[bytes])
 
 def end_to_end(locations: list[str], encoder: lib.model.ClipEncoder, params: lib.EmbedParams) -> float:
     """Images per second of 02's embed_chunks over `locations`, written to a temporary workspace."""
-    ids = [str(index) for index in range(len(locations))]
-    columns = pa.table(
-        {
-            "image_id": ids,
-            "url": locations,
-            "location": locations,
-            "rotation": [None] * len(ids),
-            "md5": [""] * len(ids),
-        }
-    )
-    table = lib.table.ImageTable(columns, {"sha256": "benchmark"})
     with temporary_workspace():
-        summary = embed_rows(table, encoder, params)
+        summary = embed_rows(location_table(locations), encoder, params)
     if summary.embedded != len(locations):
         raise RuntimeError(f"only {summary.embedded} of {len(locations)} embedded: {summary}")
     return summary.attempted / summary.seconds

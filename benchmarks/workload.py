@@ -8,11 +8,14 @@ saved once under .cache/benchmarks/ and loaded through lib like any local checkp
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
+import multiprocessing
 import sys
 import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -53,13 +56,30 @@ def synthetic_images(count: int, seed: int = 0) -> list[bytes]:
 
 
 def photo_folder(count: int, width: int = 1024, height: int = 768) -> Path:
-    """A folder of `count` synthetic photos, written once under .cache/benchmarks/."""
+    """A folder of `count` synthetic photos, written once under .cache/benchmarks/ by all cores."""
     folder = CACHE / f"photos-{width}x{height}-{count}"
     if len(list(folder.glob("*.jpg"))) != count:
         folder.mkdir(parents=True, exist_ok=True)
-        for index in range(count):
-            (folder / f"{index:06d}.jpg").write_bytes(synthetic_jpeg(index, width, height))
+        write = functools.partial(_write_photo, folder, width, height)
+        with ProcessPoolExecutor(
+            lib.settings.cpu_cores(), mp_context=multiprocessing.get_context("spawn")
+        ) as pool:
+            list(pool.map(write, range(count), chunksize=16))
     return folder
+
+
+def _write_photo(folder: Path, width: int, height: int, index: int) -> None:
+    (folder / f"{index:06d}.jpg").write_bytes(synthetic_jpeg(index, width, height))
+
+
+def location_table(locations: list[str]) -> lib.table.ImageTable:
+    """An image table of these locations (paths or URLs), ids their positions, as 01 would make it."""
+    import pyarrow as pa
+
+    ids = [str(index) for index in range(len(locations))]
+    columns = {"image_id": ids, "url": locations, "location": locations}
+    columns |= {"rotation": [None] * len(ids), "md5": [""] * len(ids)}
+    return lib.table.ImageTable(pa.table(columns), {"sha256": "benchmark"})
 
 
 SMALL_LAYERS = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2}

@@ -1,7 +1,11 @@
 """The benchmark scripts' building blocks, on the tiny model, so the scripts keep working."""
 
 import io
+import json
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 from PIL import Image
@@ -65,3 +69,17 @@ def test_the_openai_checkpoint_benchmark_reports_load_times_and_agrees_with_clip
     assert report["images"] == 3 and report["texts"] == 2
     assert report["image_max_abs_difference"] < 1e-5 and report["text_max_abs_difference"] < 1e-5
     assert report["first_load_seconds"] > 0 and report["later_load_seconds"] > 0
+
+
+def test_the_gpu_check_runs_end_to_end_and_writes_its_report(tiny_checkpoint, tmp_path):
+    """On the CPU here: the same script and report, without GPU figures."""
+    report_file = tmp_path / "gpu_check.json"
+    options = ["--device", "cpu", "--images", "12", "--agreement", "12", "--model", str(tiny_checkpoint)]
+    script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
+    env = {**os.environ, "PYTHON": sys.executable}
+    subprocess.run([str(script), str(report_file), *options], check=True, capture_output=True, env=env)
+    report = json.loads(report_file.read_text())
+    assert report["pytest_gpu"]["status"] == 0 and "skipped" in report["pytest_gpu"]["summary"]
+    for mode in ("exact", "fast"):
+        assert report[mode]["img_s"] > 0 and report[mode]["gpu_busy_mean_percent"] is None
+    assert report["fast_vs_exact"]["photos"] == 12 and 0.99 < report["fast_vs_exact"]["min_cosine"] <= 1
