@@ -53,8 +53,11 @@ def test_the_export_is_made_once_per_weights(workspace, tiny_checkpoint, tmp_pat
     quantised = lib.onnx_tower.tower_file(digest, "int8")
     made = quantised.stat().st_mtime_ns
     copy = shutil.copytree(tiny_checkpoint, tmp_path / "same-weights")
-    assert lib.load_encoder(str(copy), "cpu", "int8").image_tower is not None
+    again = lib.load_encoder(str(copy), "cpu", "int8")
     assert "Exporting" not in capsys.readouterr().out and quantised.stat().st_mtime_ns == made
+    assert "model" not in vars(again), "the torch model is not loaded for images on ONNX Runtime"
+    assert again.encode(pixels_of(again, 2)).shape == (2, 16) and "model" not in vars(again)
+    assert again.encode_text("a dog").shape == (1, 16) and "model" in vars(again)  # texts load it
     assert sorted(path.name for path in quantised.parent.iterdir()) == ["image-fp32.onnx", "image-int8.onnx"]
 
 

@@ -224,28 +224,39 @@ class PendingEmbeddings:
 
 
 class ClipEncoder:
-    """A CLIP model on a device: preprocessed pixels in, L2-normalised float32 embeddings out."""
+    """A CLIP model on a device: preprocessed pixels in, L2-normalised float32 embeddings out.
+
+    Without a `model`, the torch model is loaded when first needed: an encoder whose images go
+    through an ONNX `image_tower` needs it only for texts.
+    """
 
     def __init__(
         self,
-        model: Any,
         checkpoint: Checkpoint,
         device: torch.device,
         precision: str,
+        model: Any | None = None,
         image_tower: OnnxImageTower | None = None,
     ):
-        self.model = model
+        if model is not None:
+            self.model = model
         self.checkpoint = checkpoint
         self.device = device
         self.precision = precision
         self.dtype = _DTYPES[precision]
         self.image_tower = image_tower  # images through ONNX Runtime instead of the torch model
-        self.preprocessing = _checkpoint_preprocessing(checkpoint.path, model.config.vision_config.image_size)
+        self.config = model.config if model is not None else _clip_config(checkpoint.path)
+        self.preprocessing = _checkpoint_preprocessing(checkpoint.path, self.config.vision_config.image_size)
         self.batch_limit: int | None = None  # set when the GPU ran out of memory on a bigger batch
+
+    @functools.cached_property
+    def model(self) -> Any:
+        """The transformers CLIPModel, on the device in the precision's dtype."""
+        return _clip_model(self.checkpoint.path, self.device, self.dtype)
 
     @property
     def embedding_size(self) -> int:
-        return self.model.config.projection_dim
+        return self.config.projection_dim
 
     @property
     def runtime(self) -> str:
@@ -255,7 +266,7 @@ class ClipEncoder:
     @property
     def context_length(self) -> int:
         """Tokens the text model reads (77 for OpenAI's models); longer texts are truncated."""
-        return self.model.config.text_config.max_position_embeddings
+        return self.config.text_config.max_position_embeddings
 
     @functools.cached_property
     def tokenizer(self) -> Any:
@@ -373,27 +384,58 @@ def load_encoder(
     """Load a CLIP checkpoint onto DEVICE in PRECISION (see resolve_checkpoint for MODEL forms)."""
     torch_device = resolve_device(device)
     precision = resolve_precision(precision, torch_device)
+    on_onnx = precision in ONNX_PRECISIONS
     with ThreadPoolExecutor(1, thread_name_prefix="checkpoint") as pool:
         # hashing a local checkpoint, or reading the hub, leaves a core free for the import
         located = pool.submit(_located, model, revision)
-        from transformers import CLIPModel
-
+        _import_transformers(models=not on_onnx)
         checkpoint = _converted(located.result())  # after the import: transformers' is not thread-safe
-    model_type = read_json(checkpoint.path / "config.json").get("model_type")
+    _check_clip_folder(model, checkpoint.path)
+    prepare_process(cpu_inference=torch_device.type == "cpu")
+    if on_onnx:
+        return _onnx_encoder(checkpoint, torch_device, precision)
+    return ClipEncoder(
+        checkpoint, torch_device, precision, _clip_model(checkpoint.path, torch_device, _DTYPES[precision])
+    )
+
+
+def _import_transformers(models: bool) -> None:
+    """Import what the encoder needs of transformers: its models, or its configuration alone."""
+    if models:
+        from transformers import CLIPModel  # noqa: F401
+    else:
+        from transformers import CLIPConfig  # noqa: F401
+
+
+def _check_clip_folder(model: str, folder: Path) -> None:
+    model_type = read_json(folder / "config.json").get("model_type")
     if model_type != "clip":
         raise PipelineError(
-            f"MODEL={model!r} ({checkpoint.path}) is not a CLIP checkpoint: its config.json says "
+            f"MODEL={model!r} ({folder}) is not a CLIP checkpoint: its config.json says "
             f"model_type={model_type!r}. Use a CLIP model such as 'ViT-B/32'."
         )
-    if not any(checkpoint.path.glob("*.safetensors")) and not any(checkpoint.path.glob("*.bin")):
-        raise PipelineError(f"MODEL={model!r}: {checkpoint.path} holds no weights (*.safetensors or *.bin).")
-    clip = CLIPModel.from_pretrained(checkpoint.path, dtype=torch.float32)
-    clip = clip.to(torch_device, _DTYPES[precision]).eval()
-    prepare_process(cpu_inference=torch_device.type == "cpu")
-    tower = None
-    if precision in ONNX_PRECISIONS:
-        tower = OnnxImageTower(cached_tower(clip, weights_digest(checkpoint), precision), cpu_cores())
-    return ClipEncoder(clip, checkpoint, torch_device, precision, tower)
+    if not any(folder.glob("*.safetensors")) and not any(folder.glob("*.bin")):
+        raise PipelineError(f"MODEL={model!r}: {folder} holds no weights (*.safetensors or *.bin).")
+
+
+def _clip_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Any:
+    from transformers import CLIPModel
+
+    return CLIPModel.from_pretrained(folder, dtype=torch.float32).to(device, dtype).eval()
+
+
+def _clip_config(folder: Path) -> Any:
+    from transformers import CLIPConfig
+
+    return CLIPConfig.from_pretrained(folder)
+
+
+def _onnx_encoder(checkpoint: Checkpoint, device: torch.device, precision: str) -> ClipEncoder:
+    """An encoder whose images go through ONNX Runtime; the torch model loads only to export, or for texts."""
+    encoder = ClipEncoder(checkpoint, device, precision)
+    tower = cached_tower(lambda: encoder.model, weights_digest(checkpoint), precision)
+    encoder.image_tower = OnnxImageTower(tower, cpu_cores())
+    return encoder
 
 
 def weights_digest(checkpoint: Checkpoint) -> str:

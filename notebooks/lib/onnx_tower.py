@@ -12,6 +12,7 @@ import contextlib
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -33,10 +34,11 @@ def tower_file(weights_digest: str, precision: str) -> Path:
     return folder / f"image-{precision}.onnx"
 
 
-def cached_tower(clip: Any, weights_digest: str, precision: str) -> Path:
-    """The ONNX file of `clip`'s image tower in `precision` ('fp32' or 'int8'), made once and then reused.
+def cached_tower(load_clip: Callable[[], Any], weights_digest: str, precision: str) -> Path:
+    """The ONNX file of a CLIP image tower in `precision` ('fp32' or 'int8'), made once and then reused.
 
-    `clip` is the transformers CLIPModel of those weights, in float32 on the CPU.
+    `load_clip` gives the transformers CLIPModel of those weights, in float32 on the CPU; it is
+    called only when the tower has to be exported.
     """
     path = tower_file(weights_digest, precision)
     if path.is_file():
@@ -44,6 +46,7 @@ def cached_tower(clip: Any, weights_digest: str, precision: str) -> Path:
     exported = tower_file(weights_digest, "fp32")
     if not exported.is_file():
         print(f"Exporting the image tower to ONNX, once for these weights: {exported.parent}")
+        clip = load_clip()
         _write_whole(exported, lambda staging: _export(clip, staging))
     if precision == "int8":
         print("Quantising it to int8 (dynamic quantisation of its weights), once")
