@@ -133,8 +133,8 @@ class OnnxImageTower:
     """An exported image tower run by ONNX Runtime on the CPU: pixels (B, 3, n, n) in, features out.
 
     Each image is a run of its own, `threads` of them at once, one core each: dynamic quantisation
-    scales activations over the whole input, so only an image alone gets the same vector in any batch.
-    On two cores this is also faster than one run of a batch of 32 on both (benchmarks/RESULTS.md).
+    scales activations over the whole input, so only an image alone gets the same vector in any batch
+    (benchmarks/int8_runs.py measures what that costs against batches).
     """
 
     def __init__(self, path: Path, threads: int):
