@@ -26,9 +26,9 @@ import sys
 import time
 from pathlib import Path
 
+from throughput import whole_process
 from workload import CACHE, REPO, lib, model_path, photo_folder
 
-HERE = Path(__file__).resolve().parent
 NOTEBOOK = REPO / "notebooks" / "02_embed.ipynb"
 CELL_STEPS = {  # a code cell of 02 -> the step it is, by what it calls
     "import lib": "import lib",
@@ -53,13 +53,13 @@ def prepared_collection(folder: Path) -> Path:
     return output_dir
 
 
-def timed_process(command: list[str]) -> tuple[float, float, str]:
-    """Run `command` from the repository root: (its start, as a Unix time; its wall seconds; its stdout)."""
+def timed_process(command: list[str]) -> tuple[float, float]:
+    """Run `command` from the repository root: its start, as a Unix time, and its wall seconds."""
     started, began = time.time(), time.perf_counter()
     finished = subprocess.run(command, cwd=REPO, capture_output=True, text=True)
     if finished.returncode:
         raise RuntimeError(f"{command[:4]} failed ({finished.returncode}):\n{finished.stderr[-3000:]}")
-    return started, time.perf_counter() - began, finished.stdout
+    return started, time.perf_counter() - began
 
 
 def papermill_02(output_dir: Path, model: str, precision: str) -> dict:
@@ -70,7 +70,7 @@ def papermill_02(output_dir: Path, model: str, precision: str) -> dict:
     parameters = {"OUTPUT_DIR": str(output_dir), "MODEL": model, "DEVICE": "cpu", "PRECISION": precision}
     options = [item for name, value in parameters.items() for item in ("-p", name, value)]
     command = [sys.executable, "-m", "papermill", str(NOTEBOOK), str(executed), *options]
-    started, wall, _ = timed_process([*command, "--log-level", "WARNING"])
+    started, wall = timed_process([*command, "--log-level", "WARNING"])
     return {"wall_seconds": round(wall, 2), **notebook_steps(json.loads(executed.read_text()), started, wall)}
 
 
@@ -106,18 +106,13 @@ def _text(source: str | list[str]) -> str:
 
 def script_path(folder: Path, model: str, precision: str) -> dict:
     """01 and 02 through lib in one process (embed_folder.py), with 02's defaults for the sizes."""
-    options = [f"--model={model}", "--device=cpu", f"--precision={precision}", "--batch-size=auto"]
-    command = [sys.executable, str(HERE / "embed_folder.py"), str(folder), *options, "--workers=auto"]
-    _, wall, printed = timed_process(command)
-    return {"wall_seconds": round(wall, 2), **json.loads(printed.splitlines()[-1])}
+    options = [f"--model={model}", "--device=cpu", f"--precision={precision}"]
+    return whole_process("embed_folder.py", folder, [*options, "--batch-size=auto", "--workers=auto"])
 
 
 def naive_loop(folder: Path, model: str) -> dict:
     """The original notebooks' loop as its own process, in fp32 with torch, as they ran it."""
-    _, wall, printed = timed_process(
-        [sys.executable, str(HERE / "naive_loop.py"), str(folder), f"--model={model}"]
-    )
-    return {"wall_seconds": round(wall, 2), **json.loads(printed.splitlines()[-1])}
+    return whole_process("naive_loop.py", folder, [f"--model={model}"])
 
 
 def main() -> None:

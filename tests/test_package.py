@@ -23,6 +23,7 @@ FLOW = [
     "openai_weights",
     "openai_checkpoint",
     "onnx_tower",
+    "onednn",
     "model",
     "chunkfile",
     "claims",

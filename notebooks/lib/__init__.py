@@ -32,6 +32,7 @@ module per seam, in the order the data flows through them; each imports only mod
     openai_weights     02: the tensors of OpenAI .pt files, read as data only
     openai_checkpoint  02: OpenAI weights -> transformers CLIP folders in .cache/models/
     onnx_tower   02: the image tower exported to ONNX (and int8) in .cache/onnx/, run by ONNX Runtime
+    onednn       02: fp32 on the CPU: the model's Linear layers through oneDNN's matrix product
     model        02: CLIP checkpoints, devices, precision; pixels -> normalised embeddings
     chunkfile    the chunk file format: records, attributes, signature, read and write
     claims       locks: one writer per chunk and per merged file, across processes
@@ -60,6 +61,7 @@ from . import (
     merge,
     model,
     nearest,
+    onednn,
     onnx_tower,
     openai_checkpoint,
     openai_weights,
@@ -134,6 +136,7 @@ __all__ = [
     "merge_chunks",
     "model",
     "nearest",
+    "onednn",
     "onnx_tower",
     "openai_checkpoint",
     "openai_weights",

@@ -24,6 +24,7 @@ import PIL
 import torch
 
 from .errors import ParameterError, PipelineError
+from .onednn import uses_onednn, with_onednn_linears
 from .onnx_tower import ONNX_PRECISIONS, OnnxImageTower, cached_tower
 from .openai_checkpoint import (
     RESNET_NAMES,
@@ -236,7 +237,6 @@ class ClipEncoder:
         device: torch.device,
         precision: str,
         model: Any | None = None,
-        image_tower: OnnxImageTower | None = None,
     ):
         if model is not None:
             self.model = model
@@ -244,7 +244,7 @@ class ClipEncoder:
         self.device = device
         self.precision = precision
         self.dtype = _DTYPES[precision]
-        self.image_tower = image_tower  # images through ONNX Runtime instead of the torch model
+        self.image_tower: OnnxImageTower | None = None  # images through ONNX Runtime, not the torch model
         self.config = model.config if model is not None else _clip_config(checkpoint.path)
         self.preprocessing = _checkpoint_preprocessing(checkpoint.path, self.config.vision_config.image_size)
         self.batch_limit: int | None = None  # set when the GPU ran out of memory on a bigger batch
@@ -261,7 +261,10 @@ class ClipEncoder:
     @property
     def runtime(self) -> str:
         """What computes the image embeddings, with its version."""
-        return self.image_tower.runtime if self.image_tower else f"torch {torch.__version__}"
+        if self.image_tower:
+            return self.image_tower.runtime
+        linears = ", Linear layers on oneDNN" if uses_onednn(self.device, self.dtype) else ""
+        return f"torch {torch.__version__}{linears}"
 
     @property
     def context_length(self) -> int:
@@ -418,10 +421,12 @@ def _check_clip_folder(model: str, folder: Path) -> None:
         raise PipelineError(f"MODEL={model!r}: {folder} holds no weights (*.safetensors or *.bin).")
 
 
-def _clip_model(folder: Path, device: torch.device, dtype: torch.dtype) -> Any:
+def _clip_model(folder: Path, device: torch.device, dtype: torch.dtype, onednn: bool = True) -> Any:
+    """The transformers CLIPModel on `device` in `dtype`; fp32 on a CPU with oneDNN's Linear layers."""
     from transformers import CLIPModel
 
-    return CLIPModel.from_pretrained(folder, dtype=torch.float32).to(device, dtype).eval()
+    clip = CLIPModel.from_pretrained(folder, dtype=torch.float32).to(device, dtype).eval()
+    return with_onednn_linears(clip) if onednn and uses_onednn(device, dtype) else clip
 
 
 def _clip_config(folder: Path) -> Any:
@@ -433,7 +438,8 @@ def _clip_config(folder: Path) -> Any:
 def _onnx_encoder(checkpoint: Checkpoint, device: torch.device, precision: str) -> ClipEncoder:
     """An encoder whose images go through ONNX Runtime; the torch model loads only to export, or for texts."""
     encoder = ClipEncoder(checkpoint, device, precision)
-    tower = cached_tower(lambda: encoder.model, weights_digest(checkpoint), precision)
+    exportable = functools.partial(_clip_model, checkpoint.path, device, torch.float32, onednn=False)
+    tower = cached_tower(exportable, weights_digest(checkpoint), precision)
     encoder.image_tower = OnnxImageTower(tower, cpu_cores())
     return encoder
 

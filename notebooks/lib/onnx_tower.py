@@ -54,7 +54,7 @@ def cached_tower(load_clip: Callable[[], Any], weights_digest: str, precision: s
     return path
 
 
-def _write_whole(path: Path, write: Any) -> None:
+def _write_whole(path: Path, write: Callable[[Path], None]) -> None:
     """write(staging) makes a file beside `path`, then renamed to it: a file of that name is whole."""
     path.parent.mkdir(parents=True, exist_ok=True)
     handle, staging = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}-", suffix=".onnx")
@@ -105,7 +105,7 @@ def _unit(features: np.ndarray) -> np.ndarray:
 
 
 def _quantise(exported: Path, path: Path) -> None:
-    """Dynamic int8 quantisation: int8 weights, activations scaled per batch as they come."""
+    """Dynamic int8 quantisation: int8 weights; activations scaled by each input's own range as it comes."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     # onnxruntime logs advice to run its shape pre-processing, which a transformer export does not need
