@@ -2,7 +2,7 @@
 
 `Settings` holds the repository root, where OpenAI's `clip` keeps its downloads, the network's timeouts
 and backoff, the block size of 04's reads and the system calls that measure free space and lock files;
-`configure` changes them for the process.
+`configure` changes them for the process. `cpu_cores` is how many cores this process may use.
 `prepare_process` is the one call that changes libraries process-wide (Pillow's pixel limit, warning
 filters, libtiff's and urllib3's messages, glibc's allocator); the stages that need it make it, so
 `import lib` changes nothing.
