@@ -52,7 +52,7 @@ class UtilisationSampler:
         while not self._stop.wait(SAMPLE_SECONDS):
             try:
                 self.samples.append(torch.cuda.utilization(self.device))
-            except Exception as error:  # no NVML (pynvml) here: say so in the report
+            except Exception as error:  # no NVML (nvidia-ml-py) here: say so in the report
                 self.error = f"{type(error).__name__}: {error}"
                 return
 
@@ -151,6 +151,8 @@ def main() -> None:
     parser.add_argument("--pytest-status", type=int, help="the exit status of `pytest -m gpu`")
     parser.add_argument("--pytest-log", type=Path, help="its output, whose last line goes in the report")
     args = parser.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error(f"--device {args.device}: torch {torch.__version__} sees no CUDA GPU here")
     began = time.perf_counter()
     report = gpu_check(model_path(args.model), args.device, args.images, args.agreement)
     if args.pytest_log:

@@ -7,13 +7,17 @@
 #
 # PYTHON is the interpreter that has requirements-test.txt (default: .venv/bin/python, else python3).
 set -uo pipefail
-out=$(realpath -m "${1:-benchmarks/gpu_check.json}")
+repo=$(realpath "$(dirname "$0")/..")
+out=$(realpath -m "${1:-$repo/benchmarks/gpu_check.json}")  # a path given is taken from where you are
 shift || true
-cd "$(dirname "$0")/.."
-if [ -z "${PYTHON:-}" ]; then
+if [ -n "${PYTHON:-}" ]; then
+    PYTHON=$(command -v "$PYTHON") || { echo "PYTHON=$PYTHON: no such interpreter" >&2; exit 2; }
+elif [ -x "$repo/.venv/bin/python" ]; then
+    PYTHON=$repo/.venv/bin/python
+else
     PYTHON=python3
-    [ -x .venv/bin/python ] && PYTHON=.venv/bin/python
 fi
+cd "$repo"
 export PYTHONUNBUFFERED=1
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT

@@ -77,7 +77,9 @@ def test_the_gpu_check_runs_end_to_end_and_writes_its_report(tiny_checkpoint, tm
     options = ["--device", "cpu", "--images", "12", "--agreement", "12", "--model", str(tiny_checkpoint)]
     script = Path(__file__).parents[1] / "benchmarks" / "gpu_check.sh"
     env = {**os.environ, "PYTHON": sys.executable}
-    subprocess.run([str(script), str(report_file), *options], check=True, capture_output=True, env=env)
+    subprocess.run(
+        [str(script), str(report_file), *options], check=True, capture_output=True, env=env, cwd=tmp_path
+    )
     report = json.loads(report_file.read_text())
     assert report["pytest_gpu"]["status"] == 0 and "skipped" in report["pytest_gpu"]["summary"]
     for mode in ("exact", "fast"):

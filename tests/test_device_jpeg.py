@@ -77,7 +77,9 @@ def test_failures_have_the_cpu_path_s_reasons(data, reason):
     assert failure.value.reason == reason
 
 
-def test_a_batch_is_decoded_and_preprocessed_on_its_device_close_to_exact():
+@pytest.mark.parametrize("per_decode", [64, 3])  # one call, or calls of 3 images
+def test_a_batch_is_decoded_and_preprocessed_on_its_device_close_to_exact(per_decode, monkeypatch):
+    monkeypatch.setattr(lib.device_jpeg, "IMAGES_PER_DECODE", per_decode)
     photos = [rgb_jpeg(seed, size) for seed, size in enumerate([(120, 90), (90, 120), (120, 90), (64, 64)])]
     pixels, reasons = recipe().stack([recipe()(data) for data in photos])
     assert reasons == [None] * 4 and pixels.shape == (4, 3, N_PX, N_PX) and pixels.dtype == torch.float32
@@ -87,14 +89,32 @@ def test_a_batch_is_decoded_and_preprocessed_on_its_device_close_to_exact():
         assert difference.mean() < 0.05 and difference.max() < 0.5  # normalised units: 0.05 is 3.4 of 255
 
 
-def test_a_jpeg_the_device_cannot_decode_takes_the_cpu_path_with_its_reason():
-    good, other = rgb_jpeg(1), rgb_jpeg(2)
-    header_only = good[: len(good) // 2]  # a header that promises an RGB JPEG, then too little data
-    prepared = [recipe()(good), lib.device_jpeg.EncodedJpeg(header_only), recipe()(other)]
+def test_a_jpeg_without_its_end_marker_takes_the_cpu_path():
+    good = rgb_jpeg(1)
+    assert isinstance(recipe()(good + b"\0" * 8), lib.device_jpeg.EncodedJpeg)  # padding after the marker
+    np.testing.assert_array_equal(recipe()(good + b"trailer"), cpu_fast(good + b"trailer"))
+    with pytest.raises(lib.ImageFailure, match="decode: truncated file"):
+        recipe()(good[: len(good) - 100])
+
+
+def test_a_jpeg_the_device_cannot_decode_takes_the_cpu_path_and_the_rest_stay_on_the_device(monkeypatch):
+    calls = []
+    decode = lib.device_jpeg._decoded_halves
+
+    def counted(tensors, device):
+        calls.append(len(tensors))
+        return decode(tensors, device)
+
+    monkeypatch.setattr(lib.device_jpeg, "_decoded_halves", counted)
+    photos = [rgb_jpeg(seed) for seed in range(8)]
+    header_only = photos[5][: len(photos[5]) // 2]  # a header that promises an RGB JPEG, then too little data
+    prepared = [recipe()(data) for data in photos]
+    prepared[5] = lib.device_jpeg.EncodedJpeg(header_only)
     pixels, reasons = recipe().stack(prepared)
-    assert reasons == [None, "decode: truncated file", None] and len(pixels) == 2
-    alone, _ = recipe().stack([recipe()(other)])
-    torch.testing.assert_close(pixels[1], alone[0])
+    assert reasons == [None] * 5 + ["decode: truncated file"] + [None] * 2 and len(pixels) == 7
+    assert len(calls) <= 1 + 2 * 3, "halves, not each image alone"
+    alone, _ = recipe().stack([recipe()(photos[6])])
+    torch.testing.assert_close(pixels[5], alone[0])
 
 
 def test_a_batch_mixes_device_and_cpu_images_in_their_order():

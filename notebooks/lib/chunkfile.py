@@ -208,6 +208,7 @@ def combine_results(first: ChunkResult, second: ChunkResult) -> ChunkResult:
         first.fetched_bytes + second.fetched_bytes,
         first.seconds + second.seconds,
         second.retried,
+        second.image_waits,
     )
 
 

@@ -27,7 +27,7 @@ DEVICE_PREPROCESSING_RULE = (
     "CenterCrop(n_px) at int(round((size - n_px) / 2)); /255; normalise with mean and std"
 )
 EXIF_ORIENTATION = 0x0112
-IMAGES_PER_RESIZE = 64  # decoded images converted to float at once: bounds the device memory of a batch
+IMAGES_PER_DECODE = 64  # JPEGs decoded and preprocessed at once: bounds the device memory of a batch
 _DECODE_DEPRECATION = "The image decoding and encoding capabilities of TorchVision are deprecated"
 
 
@@ -63,6 +63,8 @@ class DeviceJpegRecipe(ImageRecipe):
             return False
         if header.format != "JPEG" or header.mode != "RGB" or header.width * header.height > self.max_pixels:
             return False
+        if not data.rstrip(b"\0").endswith(b"\xff\xd9"):  # truncated, or data after the image: Pillow's call
+            return False
         if self.exif_transpose and header.getexif().get(EXIF_ORIENTATION, 1) != 1:
             return False
         return not (self.apply_rotation and rotation in (90, 180, 270))
@@ -70,23 +72,27 @@ class DeviceJpegRecipe(ImageRecipe):
     def stack(self, prepared: Sequence[Prepared]) -> tuple[torch.Tensor, list[str | None]]:
         """A batch on the device, (n, 3, n_px, n_px) float32, and each image's failure reason or None.
 
-        The batch holds the images that did not fail, in order. JPEGs the device cannot decode take
-        the CPU path, which gives the reason of those that fail there too.
+        The batch holds the images that did not fail, in order. JPEGs are decoded and preprocessed
+        IMAGES_PER_DECODE at a time; those the device cannot decode take the CPU path, which gives
+        the reason of those that fail there too.
         """
         device = torch.device(self.device)
-        encoded = {index: item.data for index, item in enumerate(prepared) if isinstance(item, EncodedJpeg)}
-        decoded = dict(zip(encoded, _decoded(list(encoded.values()), device), strict=True))
         pixels: dict[int, torch.Tensor] = {}
         reasons: list[str | None] = [None] * len(prepared)
+        encoded = [index for index, item in enumerate(prepared) if isinstance(item, EncodedJpeg)]
+        for low in range(0, len(encoded), IMAGES_PER_DECODE):
+            group = encoded[low : low + IMAGES_PER_DECODE]
+            decoded = _decoded([prepared[index].data for index in group], device)
+            on_device = [
+                (index, image) for index, image in zip(group, decoded, strict=True) if image is not None
+            ]
+            preprocessed = self._preprocessed([image for _, image in on_device])
+            pixels.update(zip([index for index, _ in on_device], preprocessed, strict=True))
         for index, item in enumerate(prepared):
-            if index in encoded and decoded[index] is None:
-                item, reasons[index] = self._on_the_cpu(encoded[index])
+            if isinstance(item, EncodedJpeg) and index not in pixels:
+                item, reasons[index] = self._on_the_cpu(item.data)
             if isinstance(item, np.ndarray):
                 pixels[index] = torch.from_numpy(item).to(device)
-        on_device = [index for index, image in decoded.items() if image is not None]
-        pixels.update(
-            zip(on_device, self._preprocessed([decoded[index] for index in on_device]), strict=True)
-        )
         size = self.preprocessing.image_size
         batch = [pixels[index] for index in sorted(pixels)]
         return torch.stack(batch) if batch else torch.empty(0, 3, size, size, device=device), reasons
@@ -97,21 +103,23 @@ class DeviceJpegRecipe(ImageRecipe):
             return ImageRecipe.__call__(self, data), None
         except ImageFailure as failure:
             return None, failure.reason
+        except (
+            Exception
+        ) as error:  # as load_image: one image, whatever is wrong with it, must not stop the run
+            return None, f"error: {type(error).__name__}"
 
     def _preprocessed(self, images: list[torch.Tensor]) -> list[torch.Tensor]:
         """Decoded (3, h, w) uint8 images -> normalised (3, n_px, n_px) float32, on their device, in order.
 
-        Images of one size are resized together, IMAGES_PER_RESIZE at a time.
+        Images of one size are resized together.
         """
         by_shape = collections.defaultdict(list)
         for index, image in enumerate(images):
             by_shape[tuple(image.shape[1:])].append(index)
         out: dict[int, torch.Tensor] = {}
         for (height, width), indices in by_shape.items():
-            for low in range(0, len(indices), IMAGES_PER_RESIZE):
-                group = indices[low : low + IMAGES_PER_RESIZE]
-                pixels = self._resized_and_cropped(torch.stack([images[i] for i in group]), height, width)
-                out.update(zip(group, self._normalised(pixels), strict=True))
+            pixels = self._resized_and_cropped(torch.stack([images[i] for i in indices]), height, width)
+            out.update(zip(indices, self._normalised(pixels), strict=True))
         return [out[index] for index in range(len(images))]
 
     def _resized_and_cropped(self, batch: torch.Tensor, height: int, width: int) -> torch.Tensor:
@@ -141,23 +149,27 @@ class DeviceJpegRecipe(ImageRecipe):
 def _decoded(jpegs: list[bytes], device: torch.device) -> list[torch.Tensor | None]:
     """Each JPEG decoded to (3, h, w) uint8 RGB on `device`, or None where it cannot be.
 
-    One call decodes the batch; it fails whole when one image does, and then each is decoded alone.
+    A call fails whole when one of its images does; then each half is decoded apart, so a bad JPEG
+    costs about 2 log2(n) calls. On CUDA the device's queued work is waited for first: the decoder
+    writes on a stream of its own, into memory that work, freed but not yet done, may still read.
     """
     if not jpegs:
         return []
-    from torchvision.io import ImageReadMode, decode_jpeg
-
     tensors = [torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs]
+    if device.type == "cuda":
+        torch.cuda.current_stream(device).synchronize()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", _DECODE_DEPRECATION, DeprecationWarning)
-        try:
-            return list(decode_jpeg(tensors, ImageReadMode.RGB, device))
-        except RuntimeError:
-            pass
-        decoded: list[torch.Tensor | None] = []
-        for tensor in tensors:
-            try:
-                decoded.append(decode_jpeg(tensor, ImageReadMode.RGB, device))
-            except RuntimeError:
-                decoded.append(None)
-        return decoded
+        return _decoded_halves(tensors, device)
+
+
+def _decoded_halves(tensors: list[torch.Tensor], device: torch.device) -> list[torch.Tensor | None]:
+    from torchvision.io import ImageReadMode, decode_jpeg
+
+    try:
+        return list(decode_jpeg(tensors, ImageReadMode.RGB, device))
+    except RuntimeError:
+        if len(tensors) == 1:
+            return [None]
+    half = len(tensors) // 2
+    return _decoded_halves(tensors[:half], device) + _decoded_halves(tensors[half:], device)

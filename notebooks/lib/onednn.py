@@ -8,6 +8,8 @@ oneDNN, also in torch, reaches on the same layers; the two agree to float32 roun
 
 from __future__ import annotations
 
+import platform
+
 import torch
 
 
@@ -41,5 +43,9 @@ def with_onednn_linears(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def uses_onednn(device: torch.device, dtype: torch.dtype) -> bool:
-    """Whether a model on this device in this dtype gets oneDNN's Linear layers: fp32 on a CPU with oneDNN."""
-    return device.type == "cpu" and dtype == torch.float32 and torch.backends.mkldnn.is_available()
+    """Whether a model on this device in this dtype gets oneDNN's Linear layers: fp32 on an x86-64 CPU.
+
+    Only x86-64 was measured; elsewhere (Arm) torch's own Linear layers stay.
+    """
+    on_x86 = platform.machine().lower() in ("x86_64", "amd64")
+    return device.type == "cpu" and dtype == torch.float32 and on_x86 and torch.backends.mkldnn.is_available()
