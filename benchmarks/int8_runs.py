@@ -12,19 +12,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 
 import numpy as np
-from workload import MODEL_HELP, lib, model_path
-
-
-def per_second(run, pixels: np.ndarray, batch_size: int) -> float:
-    """Images per second of run(batch) over `pixels`, after one warm-up batch."""
-    run(pixels[:batch_size])
-    began = time.perf_counter()
-    for low in range(0, len(pixels), batch_size):
-        run(pixels[low : low + batch_size])
-    return len(pixels) / (time.perf_counter() - began)
+from workload import MODEL_HELP, images_per_second, lib, model_path
 
 
 def unit(features: np.ndarray) -> np.ndarray:
@@ -59,10 +49,10 @@ def main() -> None:
         "runtime": encoder.runtime,
         "images": args.images,
         "each image alone, one core each (lib)": round(
-            per_second(encoder.image_tower, pixels, args.batch_size), 1
+            images_per_second(encoder.image_tower, pixels, args.batch_size), 1
         ),
         f"batches of {args.batch_size}, {cores} threads": round(
-            per_second(run_batch, pixels, args.batch_size), 1
+            images_per_second(run_batch, pixels, args.batch_size), 1
         ),
         "largest difference, in a batch vs alone": round(float(np.abs(in_batch - alone).max()), 5),
         "min cosine, in a batch vs alone": round(float(np.sum(in_batch * alone, axis=1).min()), 6),

@@ -12,20 +12,10 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import time
 
 import numpy as np
 import torch
-from workload import MODEL_HELP, lib, model_path
-
-
-def per_second(encode, pixels: np.ndarray, batch_size: int) -> float:
-    """Images per second of encode(batch) over `pixels`, after one warm-up batch."""
-    encode(pixels[:batch_size])
-    began = time.perf_counter()
-    for low in range(0, len(pixels), batch_size):
-        encode(pixels[low : low + batch_size])
-    return len(pixels) / (time.perf_counter() - began)
+from workload import MODEL_HELP, images_per_second, lib, model_path
 
 
 def main() -> None:
@@ -60,7 +50,10 @@ def main() -> None:
     size = onednn.preprocessing.image_size
     pixels = np.random.default_rng(0).standard_normal((args.images, 3, size, size), dtype=np.float32)
     rounds = [
-        {name: round(per_second(encode, pixels, args.batch_size), 1) for name, encode in runtimes.items()}
+        {
+            name: round(images_per_second(encode, pixels, args.batch_size), 1)
+            for name, encode in runtimes.items()
+        }
         for _ in range(args.rounds)
     ]
     reference = torch_plain(pixels[: args.batch_size])

@@ -14,6 +14,7 @@ import json
 import multiprocessing
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -140,6 +141,15 @@ def merged_layout(path: Path, rows: int, dimension: int = 16) -> None:
         for name in ("image_ids", "urls", "reasons"):
             failed.create_dataset(name, shape=(0,), dtype=h5py.string_dtype())
         failed["rows"] = np.zeros(0, np.int64)
+
+
+def images_per_second(encode: Any, pixels: np.ndarray, batch_size: int) -> float:
+    """Images per second of encode(batch) over `pixels`, `batch_size` at a time, after a warm-up batch."""
+    encode(pixels[:batch_size])
+    began = time.perf_counter()
+    for low in range(0, len(pixels), batch_size):
+        encode(pixels[low : low + batch_size])
+    return len(pixels) / (time.perf_counter() - began)
 
 
 def model_path(model: str) -> str:
