@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from embed_folder import embed_params
 from workload import embed_rows, lib, location_table, model_path, photo_folder, temporary_workspace
 
 WARM_UP_IMAGES = 256
@@ -90,23 +91,9 @@ def embedded(
 
 def mode_params(mode: str, device: str) -> lib.EmbedParams:
     """02's parameters for one PREPROCESS mode at fp16 (fp32 on a CPU), sizes 'auto', one chunk."""
-    return lib.EmbedParams(
-        start=0,
-        end=None,
-        chunk=1_000_000,
-        gpu_batch_size="auto",
-        num_workers="auto",
-        model="random",
-        model_revision=None,
-        device=device,
-        precision="fp16" if device.startswith("cuda") else "fp32",
-        preprocess=mode,
-        exif_transpose=False,
-        apply_rotation=False,
-        max_pixels=lib.preprocess.DEFAULT_MAX_PIXELS,
-        s3_endpoint_url=None,
-        retry_failed=False,
-    )
+    precision = "fp16" if device.startswith("cuda") else "fp32"
+    options = {"model": "random", "device": device, "precision": precision, "preprocess": mode}
+    return embed_params(argparse.Namespace(**options, chunk=1_000_000, batch_size="auto", workers="auto"))
 
 
 def gpu_check(model: str, device: str, images: int, agreement: int) -> dict:
