@@ -129,8 +129,8 @@ def interrupt_at_call(step: int, callers: list, cleanup: list) -> Callable[[], i
 def test_an_interrupt_anywhere_in_a_claim_leaves_no_claim_behind(collection, table, tiny_encoder):
     """The stop button of a notebook, at any moment between claiming a chunk and releasing it."""
     claiming = [
-        lib.executor._ChunkWriter.embed,
-        lib.executor._ChunkWriter.retry,
+        lib.executor.ChunkWriter.embed,
+        lib.executor.ChunkWriter.retry,
         lib.claims.claim_chunk,
         lib.claims.FileLock.acquire,
     ]
@@ -178,7 +178,7 @@ def test_a_chunk_that_waited_for_proof_and_meets_another_runs_claim_is_waited_fo
     collection, table, tiny_encoder
 ):
     """Not dropped: the other run may not finish those rows, and 02's last check counts every row."""
-    writer = lib.executor._ChunkWriter(
+    writer = lib.executor.ChunkWriter(
         collection.chunks,
         table,
         tiny_encoder,

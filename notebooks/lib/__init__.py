@@ -6,8 +6,9 @@ The notebooks' names, stage by stage, in the order each notebook calls them:
     00_setup      SetupParams, describe_environment
     01_metadata   MetadataParams, build_image_table, save_image_table
                                                      -> OUTPUT_DIR/image_table.parquet
-    02_embed      EmbedParams, load_image_table, run_encoder, with_machine_sizes, plan_run,
-                  embed_chunks, find_chunks          -> OUTPUT_DIR/chunks/chunk_<start>_<end>.h5
+    02_embed      EmbedParams, load_image_table, run_encoder, with_machine_sizes, describe_sizes,
+                  plan_run, embed_chunks, find_chunks
+                                                     -> OUTPUT_DIR/chunks/chunk_<start>_<end>.h5
     03_merge      MergeParams, merge_chunks          -> OUTPUT_DIR/Images_Embedded.h5
     04_search     SearchParams, open_embeddings, Fetcher, query_encoder, describe_query_model,
                   search, result_table, query_label, image_query_vector, gallery_html,
@@ -34,11 +35,13 @@ module per seam, in the order the data flows through them; each imports only mod
     onnx_tower   02: the image tower exported to ONNX (and int8) in .cache/onnx/, run by ONNX Runtime
     onednn       02: fp32 on the CPU: the model's Linear layers through oneDNN's matrix product
     model        02: CLIP checkpoints, devices, precision; pixels -> normalised embeddings
+    cluster      02: EXECUTOR='ray': the Ray instance or cluster, and the workers it has room for
     chunkfile    the chunk file format: records, attributes, signature, read and write
     claims       locks: one writer per chunk and per merged file, across processes
     plan         02: the run's encoder and sizes, and the chunks left to embed
     embed        02: one chunk's rows through fetch -> preprocess -> encode, in threads
     executor     02: a run on this machine: claim, embed and write each chunk; the summary
+    ray_executor 02: a run on Ray workers, one per GPU (or per CPUS_PER_WORKER cores), chunk by chunk
     merge        03: chunk files -> one verified merged file
     nearest      04: the merged file, exact and IVF top-k, query vectors
     display      04: galleries of thumbnails
@@ -49,6 +52,7 @@ module per seam, in the order the data flows through them; each imports only mod
 from . import (
     chunkfile,
     claims,
+    cluster,
     device_jpeg,
     display,
     downloads,
@@ -69,6 +73,7 @@ from . import (
     plan,
     preprocess,
     progress,
+    ray_executor,
     settings,
     sources,
     table,
@@ -78,7 +83,6 @@ from .chunkfile import find_chunks
 from .display import gallery_html
 from .environment import describe_environment
 from .errors import ImageFailure, ParameterError, PipelineError
-from .executor import embed_chunks
 from .export import export_embeddings
 from .fetch import Fetcher
 from .merge import merge_chunks
@@ -93,7 +97,8 @@ from .nearest import (
     search,
 )
 from .params import EmbedParams, MergeParams, MetadataParams, SearchParams, SetupParams, read_parameters
-from .plan import plan_run, run_encoder, with_machine_sizes
+from .plan import describe_sizes, plan_run, run_encoder, with_machine_sizes
+from .ray_executor import embed_chunks
 from .settings import configure, prepare_process
 from .sources import build_image_table
 from .table import load_image_table, save_image_table
@@ -112,10 +117,12 @@ __all__ = [
     "build_image_table",
     "chunkfile",
     "claims",
+    "cluster",
     "collection",
     "configure",
     "describe_environment",
     "describe_query_model",
+    "describe_sizes",
     "device_jpeg",
     "display",
     "downloads",
@@ -149,6 +156,7 @@ __all__ = [
     "progress",
     "query_encoder",
     "query_label",
+    "ray_executor",
     "read_parameters",
     "result_table",
     "run_encoder",

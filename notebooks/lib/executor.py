@@ -44,6 +44,7 @@ from .plan import (
     uncovered,
     with_machine_sizes,
 )
+from .preprocess import ImageRecipe
 from .progress import RunProgress
 from .table import ImageTable
 from .workspace import check_free_space, check_writable
@@ -81,6 +82,14 @@ class RunSummary:
         self.retried += after.retried
         self.recovered += before.failed - len(after.failed.rows)
 
+    def absorb(self, other: RunSummary) -> None:
+        """Add what another part of the run did (a Ray worker's chunks); `seconds` stays the run's."""
+        if self.first_batch_seconds is None:
+            self.first_batch_seconds = other.first_batch_seconds
+        self.failed_by_reason.update(other.failed_by_reason)
+        for name in _ADDED_UP:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
     def __str__(self) -> str:
         attempted = self.attempted + self.retried
         rate = attempted / self.seconds if self.seconds else 0.0
@@ -105,56 +114,85 @@ class RunSummary:
         return "\n".join(lines)
 
 
+_ADDED_UP = (
+    "chunks_skipped",
+    "chunks_written",
+    "attempted",
+    "embedded",
+    "chunks_retried",
+    "retried",
+    "recovered",
+    "waited_seconds",
+    "write_seconds",
+)
+
+
 def embed_chunks(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params: EmbedParams) -> RunSummary:
     """Embed every chunk the plan has to do, writing each chunk file as soon as it is complete.
 
     Each chunk is claimed first (a lock file beside it), so runs that share OUTPUT_DIR never write
     the same rows: a chunk claimed by another run is left to it, and waited for at the end.
     """
-    chunks = plan.chunks
-    check_writable(chunks.folder)
     params = with_machine_sizes(params, encoder)
-    needed = estimated_bytes(table, chunks.todo, encoder.embedding_size)
+    summary = prepare_chunk_folder(table, plan.chunks, encoder.embedding_size)
+    attrs = chunk_attributes(encoder, plan.recipe, table, params.model)
+    began = time.perf_counter()
+    with (
+        image_loader(plan.recipe, params) as loader,
+        RunProgress(plan.chunks.rows_to_do) as progress,
+    ):
+        reach = SourceCheck(enabled=params.stop_if_unreachable)
+        writer = ChunkWriter(
+            plan.chunks.folder, table, encoder, loader, params.gpu_batch_size, attrs, progress, reach, summary
+        )
+        run_chunk_plan(writer, plan.chunks, params.chunk, progress)
+    summary.seconds = time.perf_counter() - began
+    return summary
+
+
+def prepare_chunk_folder(table: ImageTable, chunks: ChunkPlan, embedding_size: int) -> RunSummary:
+    """Check that the chunk folder takes the run's files and clear what interrupted runs left there.
+
+    The run's summary starts with the chunks found done.
+    """
+    check_writable(chunks.folder)
+    needed = estimated_bytes(table, chunks.todo, embedding_size)
     check_free_space(chunks.folder, needed, f"{row_count(chunks.todo):,} rows of chunk files")
     removed = remove_stale_files(chunks.folder)
     if removed:
         print(f"Removed {len(removed)} file(s) that an interrupted run left in {chunks.folder}")
-    attrs = {
-        **run_attributes(encoder, plan.recipe, table),
+    return RunSummary(len(chunks.done))
+
+
+def chunk_attributes(encoder: ClipEncoder, recipe: ImageRecipe, table: ImageTable, model: str) -> dict:
+    """What each chunk file records of how it was made: the run's attributes, MODEL and the table's source."""
+    return {
+        **run_attributes(encoder, recipe, table),
         "format_version": FORMAT_VERSION,
-        "model": params.model,
+        "model": model,
         "source": json.dumps(table.info),
     }
+
+
+def image_loader(recipe: ImageRecipe, params: EmbedParams) -> ImageLoader:
+    """The run's loader: NUM_WORKERS decoding threads, fetching through S3_ENDPOINT_URL's client."""
     fetch_threads = FETCH_THREADS_PER_WORKER * params.num_workers
     fetcher = Fetcher(params.s3_endpoint_url, pool_size=fetch_threads)
     lookahead = 2 * params.gpu_batch_size + fetch_threads
-    began = time.perf_counter()
-    summary = RunSummary(len(chunks.done))
-    with (
-        ImageLoader(fetcher, plan.recipe, params.num_workers, lookahead) as loader,
-        RunProgress(chunks.rows_to_do) as progress,
-    ):
-        reach = SourceCheck(enabled=params.stop_if_unreachable)
-        run = _ChunkWriter(
-            chunks.folder,
-            table,
-            encoder,
-            loader,
-            params.gpu_batch_size,
-            attrs,
-            progress,
-            reach,
-            summary,
-        )
-        todo = chunks.todo
-        while todo:
-            busy = [piece for start, end in todo for piece in run.embed(start, end)]
-            busy += run.write_unproven()
-            todo = _after_other_runs(busy, chunks, params.chunk, progress)
-        for info in chunks.retry:
-            run.retry(info)
-    summary.seconds = time.perf_counter() - began
-    return summary
+    return ImageLoader(fetcher, recipe, params.num_workers, lookahead)
+
+
+def run_chunk_plan(writer: ChunkWriter, chunks: ChunkPlan, chunk: int, progress: RunProgress) -> None:
+    """Embed the plan's chunks, then what other runs left undone of theirs, then retry failed rows.
+
+    `writer` is this process's ChunkWriter or a pool of Ray workers: anything with its three methods.
+    """
+    todo = chunks.todo
+    while todo:
+        busy = writer.embed_all(todo)
+        busy += writer.write_unproven()
+        todo = _after_other_runs(busy, chunks, chunk, progress)
+    writer.retry_all(chunks.retry)
 
 
 UNREACHABLE_REASONS = ("connection error", "timeout", "cannot resolve", "s3 AccessDenied", "s3 NoSuchBucket")
@@ -208,7 +246,7 @@ class SourceCheck:
 
 
 @dataclasses.dataclass
-class _ChunkWriter:
+class ChunkWriter:
     """Claims, embeds and writes one run's chunks, and keeps its summary.
 
     Until the run proves it reaches its images (SourceCheck), finished chunks wait in memory, without
@@ -225,6 +263,15 @@ class _ChunkWriter:
     reach: SourceCheck
     summary: RunSummary
     unproven: list[ChunkResult] = dataclasses.field(default_factory=list)
+
+    def embed_all(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+        """Embed each row range in turn; return the ranges another run is at work on."""
+        return [busy for start, end in ranges for busy in self.embed(start, end)]
+
+    def retry_all(self, chunks: list[ChunkInfo]) -> None:
+        """Retry each finished chunk's failed rows in turn."""
+        for info in chunks:
+            self.retry(info)
 
     def embed(self, start: int, end: int) -> list[tuple[int, int]]:
         """Embed rows [start, end) into chunk files; return the ranges another run is at work on.

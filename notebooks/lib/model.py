@@ -248,6 +248,7 @@ class ClipEncoder:
         self.config = model.config if model is not None else _clip_config(checkpoint.path)
         self.preprocessing = _checkpoint_preprocessing(checkpoint.path, self.config.vision_config.image_size)
         self.batch_limit: int | None = None  # set when the GPU ran out of memory on a bigger batch
+        self.on_workers = False  # True: it describes the encoder that Ray workers load, each for itself
 
     @functools.cached_property
     def model(self) -> Any:
@@ -388,18 +389,35 @@ def load_encoder(
     torch_device = resolve_device(device)
     precision = resolve_precision(precision, torch_device)
     on_onnx = precision in ONNX_PRECISIONS
-    with ThreadPoolExecutor(1, thread_name_prefix="checkpoint") as pool:
-        # hashing a local checkpoint, or reading the hub, leaves a core free for the import
-        located = pool.submit(_located, model, revision)
-        _import_transformers(models=not on_onnx)
-        checkpoint = _converted(located.result())  # after the import: transformers' is not thread-safe
-    _check_clip_folder(model, checkpoint.path)
+    checkpoint = _checked_checkpoint(model, revision, models=not on_onnx)
     prepare_process(cpu_inference=torch_device.type == "cpu")
     if on_onnx:
         return _onnx_encoder(checkpoint, torch_device, precision)
     return ClipEncoder(
         checkpoint, torch_device, precision, _clip_model(checkpoint.path, torch_device, _DTYPES[precision])
     )
+
+
+def described_encoder(
+    model: str, device: torch.device, precision: str = "auto", revision: str | None = None
+) -> ClipEncoder:
+    """The encoder that workers with `device` (of another machine, say) load: its checkpoint, shapes,
+    preprocessing and precision, with no weights loaded here unless a text is encoded."""
+    precision = resolve_precision(precision, device)
+    encoder = ClipEncoder(_checked_checkpoint(model, revision, models=False), device, precision)
+    encoder.on_workers = True
+    return encoder
+
+
+def _checked_checkpoint(model: str, revision: str | None, models: bool) -> Checkpoint:
+    """MODEL's checkpoint, converted if it is an OpenAI file, and checked to be a CLIP folder."""
+    with ThreadPoolExecutor(1, thread_name_prefix="checkpoint") as pool:
+        # hashing a local checkpoint, or reading the hub, leaves a core free for the import
+        located = pool.submit(_located, model, revision)
+        _import_transformers(models)
+        checkpoint = _converted(located.result())  # after the import: transformers' is not thread-safe
+    _check_clip_folder(model, checkpoint.path)
+    return checkpoint
 
 
 def _import_transformers(models: bool) -> None:

@@ -24,6 +24,7 @@ SPLITS = ("train", "validation", "test")
 FETCH_MODES = ("s3", "url")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 PREPROCESS_MODES = ("exact", "fast", "pad")
+EXECUTORS = ("local", "ray")
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 _PARAMETER_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 
@@ -144,6 +145,9 @@ class EmbedParams:
     retry_failed: bool
     output_dir: str = DEFAULT_OUTPUT_DIR
     stop_if_unreachable: bool = True
+    executor: str = "local"
+    ray_address: str | None = None
+    cpus_per_worker: int | str = "auto"
 
     def __post_init__(self) -> None:
         _check_output_dir(self.output_dir)
@@ -164,6 +168,14 @@ class EmbedParams:
         _check_s3_endpoint_url(self.s3_endpoint_url)
         _check_bool("RETRY_FAILED", self.retry_failed)
         _check_bool("STOP_IF_UNREACHABLE", self.stop_if_unreachable)
+        _check_choice("EXECUTOR", self.executor, EXECUTORS)
+        _check_text("RAY_ADDRESS", self.ray_address, optional=True)
+        _check_size("CPUS_PER_WORKER", self.cpus_per_worker)
+        if self.executor == "ray" and self.device.startswith("cuda:"):
+            raise ParameterError(
+                f"DEVICE={self.device!r} names one GPU, and EXECUTOR='ray' gives each worker a GPU of its "
+                "own: use DEVICE='cuda' (or 'auto') with Ray, or EXECUTOR='local' for that one GPU."
+            )
 
 
 @dataclasses.dataclass(frozen=True)

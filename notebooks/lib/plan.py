@@ -15,10 +15,12 @@ import numpy as np
 import torch
 
 from .chunkfile import ChunkInfo, chunk_files, describe_difference, find_chunks, read_chunk_info, signature_of
+from .cluster import connect, worker_layout
 from .device_jpeg import DeviceJpegRecipe
 from .errors import ParameterError, PipelineError
 from .model import (
     ClipEncoder,
+    described_encoder,
     library_versions,
     load_encoder,
     recorded_commit,
@@ -63,6 +65,8 @@ class ChunkPlan:
 def run_encoder(params: EmbedParams, collection: Collection) -> ClipEncoder:
     """02's encoder: MODEL on DEVICE in PRECISION, at the revision the collection's chunks record.
 
+    With EXECUTOR='ray', DEVICE is the Ray workers' and the encoder only describes what they load.
+
     With MODEL_REVISION=None, a collection whose chunks record a hub commit continues with that
     commit, even after the hub's main has moved on. PRECISION='auto' that resolves to another
     precision than the chunks record (another device) is an error naming the value that continues.
@@ -72,7 +76,7 @@ def run_encoder(params: EmbedParams, collection: Collection) -> ClipEncoder:
     revision = params.model_revision or recorded_commit(recorded, params.model)
     if revision and params.model_revision is None:
         print(f"MODEL_REVISION=None: continuing with revision {revision}, which {collection.chunks} records")
-    device = resolve_device(params.device)
+    device = resolve_device(params.device) if params.executor == "local" else _ray_workers_device(params)
     precision = resolve_precision(params.precision, device)
     if recorded and params.precision == "auto" and precision != recorded.get("precision"):
         raise PipelineError(
@@ -81,7 +85,17 @@ def run_encoder(params: EmbedParams, collection: Collection) -> ClipEncoder:
             f"PRECISION={recorded.get('precision')!r} to continue this collection here, or give this run "
             "another OUTPUT_DIR."
         )
+    if params.executor == "ray":
+        return described_encoder(params.model, device, params.precision, revision)
     return load_encoder(params.model, params.device, params.precision, revision)
+
+
+def _ray_workers_device(params: EmbedParams) -> torch.device:
+    """The device of the Ray workers that will embed: each loads the model itself, the driver does not."""
+    connect(params.ray_address)
+    layout = worker_layout(params.device, params.cpus_per_worker)
+    print(f"EXECUTOR='ray': {layout}")
+    return torch.device(layout.device)
 
 
 CPU_BATCH_SIZE = 32  # the fastest batch on CPUs in the benchmarks' sweep (benchmarks/RESULTS.md)
@@ -93,13 +107,25 @@ def with_machine_sizes(params: EmbedParams, encoder: ClipEncoder) -> EmbedParams
 
     NUM_WORKERS: one decoding thread per CPU core this process may use. GPU_BATCH_SIZE: on the
     CPU, the benchmarks' best; on CUDA, the largest power of two (up to 1024) whose forward pass
-    fits in half the GPU's free memory, measured with a small batch.
+    fits in half the GPU's free memory, measured with a small batch. With EXECUTOR='ray' each
+    worker sizes itself, and the driver leaves 'auto' as it is.
     """
+    if encoder.on_workers:
+        return params
     workers = params.num_workers if params.num_workers != "auto" else cpu_cores()
     batch = params.gpu_batch_size
     if batch == "auto":
         batch = CPU_BATCH_SIZE if encoder.device.type == "cpu" else cuda_batch_size(encoder)
     return dataclasses.replace(params, gpu_batch_size=batch, num_workers=workers)
+
+
+def describe_sizes(params: EmbedParams) -> str:
+    """GPU_BATCH_SIZE and NUM_WORKERS as a run uses them ('auto' is each Ray worker's own choice)."""
+    batch, workers = (
+        "sized by each Ray worker" if value == "auto" else value
+        for value in (params.gpu_batch_size, params.num_workers)
+    )
+    return f"images per forward pass: {batch}; decoding threads: {workers}"
 
 
 def cuda_batch_size(encoder: ClipEncoder, probe: int = 16) -> int:

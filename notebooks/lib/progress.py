@@ -93,6 +93,15 @@ class RunProgress:
         self._bar.set_postfix(failed=failed, refresh=False)
         self._bar.update(len(reasons))
 
+    def take_back(self, reasons: Sequence[str | None], elsewhere: int = 0) -> None:
+        """Uncount rows whose work was lost (a Ray worker died under them): they are counted again."""
+        with self._lock:
+            self.done -= len(reasons)
+            self.elsewhere -= elsewhere
+            self.failed.subtract(reason for reason in reasons if reason is not None)
+            self.failed = +self.failed
+        self._bar.update(-len(reasons) - elsewhere)
+
     def add_elsewhere(self, rows: int) -> None:
         """Count rows of the plan that another run embedded."""
         with self._lock:

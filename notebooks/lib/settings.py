@@ -1,8 +1,9 @@
 """What the stages read from where they run, and what they set in their process.
 
 `Settings` holds the repository root, where OpenAI's `clip` keeps its downloads, the network's timeouts
-and backoff, the block size of 04's reads and the system calls that measure free space and lock files;
-`configure` changes them for the process. `cpu_cores` is how many cores this process may use.
+and backoff, the block size of 04's reads, the cores to size for and the system calls that measure free
+space and lock files; `configure` changes them for the process. `cpu_cores` is how many cores this
+process may use.
 `prepare_process` is the one call that changes libraries process-wide (Pillow's pixel limit, warning
 filters, libtiff's and urllib3's messages, glibc's allocator); the stages that need it make it, so
 `import lib` changes nothing.
@@ -43,6 +44,7 @@ class Settings:
     search_block_bytes: int = 256 << 20  # embeddings 04 reads at once: memory stays bounded whatever N is
     disk_usage: Callable[[Path], Any] = shutil.disk_usage  # how free disk space is measured
     flock: Callable[[int, int], None] = fcntl.flock  # how lock files are locked
+    cores: int | None = None  # CPU cores the stages size themselves for; None: this process's affinity
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root).expanduser().resolve())
@@ -53,6 +55,8 @@ class Settings:
                 f"http_timeout={timeout!r} is not allowed: use (seconds to connect, seconds between "
                 "bytes), both > 0, such as (10, 60)."
             )
+        if self.cores is not None and not (isinstance(self.cores, int) and _positive(self.cores)):
+            raise ValueError(f"cores={self.cores!r} is not allowed: use an integer > 0, or None.")
         for name in ("fetch_deadline", "search_block_bytes"):
             if not _positive(getattr(self, name)):
                 raise ValueError(f"{name}={getattr(self, name)!r} is not allowed: use a number > 0.")
@@ -97,7 +101,9 @@ def configured(**changes: Any) -> Iterator[Settings]:
 
 
 def cpu_cores() -> int:
-    """The CPU cores this process may run on (its affinity, which containers and schedulers set)."""
+    """The cores this process sizes itself for: `cores` (a Ray worker's share), else its CPU affinity."""
+    if current_settings().cores:
+        return current_settings().cores
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 

@@ -1,0 +1,92 @@
+"""02 with EXECUTOR='ray': the Ray instance or cluster, and the workers it holds room for.
+
+`connect` joins RAY_ADDRESS or starts a Ray instance on this machine, listening on 127.0.0.1 alone;
+`worker_layout` says how many workers the cluster has room for, on which device, with how many cores.
+Ray is imported here, when a run asks for it, never by `import lib`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from pathlib import Path
+
+from .errors import ParameterError, PipelineError
+
+LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local instance binds to 127.0.0.1 alone
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkerLayout:
+    """The workers a Ray cluster has room for: how many, on which device, and the cores each reserves."""
+
+    device: str  # "cuda" (a GPU each) or "cpu"
+    workers: int
+    cores: int  # decoding threads, and on the CPU the model's threads
+
+    def __str__(self) -> str:
+        each = "a GPU and " if self.device == "cuda" else ""
+        return f"{self.workers} Ray worker(s), each with {each}{self.cores} CPU core(s)"
+
+
+def connect(address: str | None) -> None:
+    """Join the Ray cluster at `address` ('auto', 'host:port', 'ray://host:port'), or with None start a
+    Ray instance on this machine that listens on 127.0.0.1 alone; nothing when Ray is already up."""
+    if address is None:
+        os.environ.setdefault(LOOPBACK_ONLY, "0")  # read by Ray when imported, and by its processes
+    import ray
+
+    if ray.is_initialized():
+        return
+    try:
+        ray.init(
+            address=address or "local",
+            include_dashboard=False,
+            logging_level=logging.WARNING,
+            runtime_env={"py_modules": [str(Path(__file__).parent)]},  # lib, for workers on any node
+        )
+    except (ConnectionError, TimeoutError, ValueError) as error:
+        raise PipelineError(
+            f"RAY_ADDRESS={address!r}: no Ray cluster could be joined there ({str(error).splitlines()[0]}). "
+            "Start one (`ray start --head` on its head node), check the address, or set RAY_ADDRESS=None "
+            "for a Ray instance on this machine alone."
+        ) from None
+
+
+def worker_layout(device: str, cores_per_worker: int | str) -> WorkerLayout:
+    """One worker per GPU of the cluster, or per `cores_per_worker` CPU cores where there is none (or
+    with DEVICE='cpu'). 'auto' cores: a GPU's share of its node's cores, or a whole CPU node."""
+    import ray
+
+    nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]
+    gpu_nodes = [node for node in nodes if node.get("GPU", 0) >= 1]
+    if device == "cpu" or (device == "auto" and not gpu_nodes):
+        return _cpu_layout([int(node.get("CPU", 0)) for node in nodes], cores_per_worker)
+    if not gpu_nodes:
+        raise ParameterError(
+            f"DEVICE={device!r}, and the Ray cluster has no GPU ({_resources(nodes)}): add GPU nodes, or "
+            "set DEVICE='auto' or 'cpu' to embed on its CPUs."
+        )
+    share = min(int(node.get("CPU", 0)) // int(node["GPU"]) for node in gpu_nodes)
+    cores = max(1, share) if cores_per_worker == "auto" else cores_per_worker
+    return WorkerLayout("cuda", sum(int(node["GPU"]) for node in gpu_nodes), cores)
+
+
+def _cpu_layout(node_cores: list[int], cores_per_worker: int | str) -> WorkerLayout:
+    with_cores = [cores for cores in node_cores if cores >= 1]
+    if not with_cores:
+        raise PipelineError("The Ray cluster has no node with a CPU to run a worker on: add a worker node.")
+    cores = min(with_cores) if cores_per_worker == "auto" else cores_per_worker
+    workers = sum(node // cores for node in with_cores)
+    if not workers:
+        raise ParameterError(
+            f"CPUS_PER_WORKER={cores}: no node of the Ray cluster has that many CPU cores (the largest has "
+            f"{max(with_cores)}). Use a smaller CPUS_PER_WORKER, or 'auto'."
+        )
+    return WorkerLayout("cpu", workers, cores)
+
+
+def _resources(nodes: list[dict]) -> str:
+    cpus = sum(int(node.get("CPU", 0)) for node in nodes)
+    return f"{len(nodes)} node(s), {cpus} CPU core(s)"

@@ -1,0 +1,231 @@
+"""EXECUTOR='ray': a Ray instance on 127.0.0.1, two workers on two cores, and their faults.
+
+The merged file of a Ray run equals a local run's, bit for bit; a worker killed mid-chunk (found by
+the pid its claim records) and a driver killed mid-run both end with every row exactly once.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import lib
+import numpy as np
+import pytest
+import torch
+from conftest import embed_params, read_output, save_table
+from test_kill import descendants
+from workload import embed_rows
+
+ray = pytest.importorskip("ray")
+pytestmark = pytest.mark.ray
+
+TIMINGS = ("stats",)  # what differs between any two runs: per-chunk seconds
+
+
+@pytest.fixture(scope="module")
+def ray_instance() -> Iterator[Path]:
+    """A Ray instance of this test process, on 127.0.0.1 with 2 CPUs; no process of it outlives it."""
+    folder = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths have a limit
+    os.environ["RAY_TMPDIR"] = str(folder)
+    lib.cluster.connect(None)
+    try:
+        yield folder
+    finally:
+        ray.shutdown()
+        del os.environ["RAY_TMPDIR"]
+        assert wait_for(lambda: not ray_processes(folder), 30), ray_processes(folder)
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def ray_processes(folder: Path) -> list[int]:
+    """Processes whose command line names the Ray instance's folder (its services and workers)."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            if str(folder).encode() in (proc / "cmdline").read_bytes():
+                found.append(int(proc.name))
+        except OSError:
+            continue
+    return found
+
+
+def wait_for(condition, seconds: float) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return condition()
+
+
+def ray_params(checkpoint: Path, **overrides) -> lib.EmbedParams:
+    """02's parameters for two Ray workers of one core each, with the tiny model's folder."""
+    values = dict(executor="ray", cpus_per_worker=1, num_workers=1, model=str(checkpoint), chunk=4)
+    return embed_params(**{**values, **overrides})
+
+
+def run_02(collection: lib.workspace.Collection, params: lib.EmbedParams) -> lib.executor.RunSummary:
+    """02 as its notebook runs it: the encoder (described, with Ray), the plan, the chunks."""
+    encoder = lib.run_encoder(params, collection)
+    table = lib.load_image_table(collection)
+    return embed_rows(table, encoder, lib.with_machine_sizes(params, encoder))
+
+
+def merged(collection: lib.workspace.Collection) -> dict:
+    """The merged file of the collection's chunks, without what differs between any two runs."""
+    output = read_output(lib.merge_chunks(collection, None).path)
+    output["attrs"] = {key: value for key, value in output["attrs"].items() if key not in TIMINGS}
+    return output
+
+
+def assert_same_output(first: dict, second: dict) -> None:
+    np.testing.assert_array_equal(first.pop("embeddings"), second.pop("embeddings"))
+    assert first == second
+
+
+@pytest.fixture
+def local_output(table, tiny_checkpoint, collection) -> dict:
+    """The merged file that EXECUTOR='local' makes of the test table, on one core as each Ray worker.
+
+    A matrix product's sums are split by thread, so float32 vectors depend on the thread count.
+    """
+    with torch_threads(1):
+        run_02(collection, ray_params(tiny_checkpoint, executor="local"))
+    return merged(collection)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int) -> Iterator[None]:
+    """torch's intra-op threads in this process, for a block."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+def other_collection(name: str, collection: lib.workspace.Collection) -> lib.workspace.Collection:
+    """Another collection with a copy of the image table."""
+    other = lib.collection(name)
+    other.folder.mkdir(parents=True)
+    shutil.copy(collection.table, other.table)
+    return other
+
+
+def test_a_ray_run_makes_the_file_a_local_run_makes(
+    ray_instance, local_output, tiny_checkpoint, collection, capsys
+):
+    ray_collection = other_collection("RAY", collection)
+    summary = run_02(ray_collection, ray_params(tiny_checkpoint, output_dir="RAY"))
+    printed = capsys.readouterr().out
+    assert "Starting 2 of 2 Ray worker(s), each with 1 CPU core(s)" in printed
+    assert summary.chunks_written == 5 and summary.embedded == 18
+    assert summary.failed_by_reason.total() == 2
+    assert_same_output(merged(ray_collection), local_output)
+
+
+@pytest.fixture
+def slow_table(http_server, collection, tmp_path, monkeypatch) -> lib.table.ImageTable:
+    """12 rows of images that the loopback server sends after 0.3 s each: a chunk takes a while."""
+    monkeypatch.setattr(http_server, "slow_seconds", 0.3)
+    ids = [f"{index:016x}" for index in range(12)]
+    listing = tmp_path / "listing.csv"
+    listing.write_text(
+        "image_id,url\n" + "".join(f"{key},{http_server.url(f'/slow/images/{key}.jpg')}\n" for key in ids)
+    )
+    return save_table(lib.MetadataParams("table", "validation", str(listing), "url"), collection)
+
+
+def claim_holders(folder: Path) -> list[int]:
+    """The pids that the chunk claims in `folder` record ("pid 12 on host since ...")."""
+    pids = []
+    for claim in folder.glob("chunk_*.h5.lock"):
+        holder = lib.claims.lock_holder(claim)
+        if holder:
+            pids.append(int(holder.split()[1]))
+    return pids
+
+
+def test_a_worker_killed_mid_chunk_is_replaced_and_every_row_is_embedded_once(
+    ray_instance, slow_table, tiny_checkpoint, collection, capsys
+):
+    local = other_collection("LOCAL", collection)
+    with torch_threads(1):
+        run_02(local, ray_params(tiny_checkpoint, output_dir="LOCAL", executor="local"))
+    expected = merged(local)
+    outcome: dict = {}
+    run = threading.Thread(
+        target=lambda: outcome.update(summary=run_02(collection, ray_params(tiny_checkpoint))), daemon=True
+    )
+    run.start()
+    assert wait_for(lambda: claim_holders(collection.chunks), 60), "no worker claimed a chunk"
+    victim = claim_holders(collection.chunks)[0]
+    os.kill(victim, signal.SIGKILL)
+    run.join(timeout=180)
+    assert not run.is_alive()
+    printed = capsys.readouterr().out
+    assert f"(pid {victim} on " in printed and "was lost during rows [" in printed
+    assert outcome["summary"].embedded == 12
+    assert_same_output(merged(collection), expected)
+
+
+DRIVER = """
+import sys
+from pathlib import Path
+import conftest, lib, test_ray  # conftest puts lib on the path
+lib.configure(root=Path(sys.argv[1]))
+test_ray.run_02(lib.collection(), test_ray.ray_params(Path(sys.argv[2])))
+"""
+
+
+def command_line(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def test_a_driver_killed_mid_run_leaves_chunks_that_the_next_run_resumes(
+    ray_instance, slow_table, tiny_checkpoint, collection, workspace
+):
+    local = other_collection("LOCAL", collection)
+    with torch_threads(1):
+        run_02(local, ray_params(tiny_checkpoint, output_dir="LOCAL", executor="local"))
+    env = {**os.environ, "RAY_TMPDIR": tempfile.mkdtemp(prefix="ray", dir="/tmp")}
+    driver = subprocess.Popen(
+        [sys.executable, "-c", DRIVER, str(workspace.root), str(tiny_checkpoint)],
+        cwd=Path(__file__).parent,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    assert wait_for(lambda: lib.find_chunks(collection.chunks) or driver.poll() is not None, 120)
+    processes = descendants(driver.pid)
+    driver.kill()
+    assert driver.wait() == -signal.SIGKILL, driver.stderr.read()
+    workers = [pid for pid in processes if command_line(pid).startswith("ray::ChunkWorker")]
+    assert workers, [command_line(pid) for pid in processes]
+    assert wait_for(lambda: not any(command_line(pid) for pid in workers), 30), (
+        "its workers outlive the driver"
+    )
+    written = len(lib.find_chunks(collection.chunks))
+    assert written < 3
+    summary = run_02(collection, ray_params(tiny_checkpoint))
+    assert summary.chunks_skipped == written and summary.chunks_written == 3 - written
+    assert_same_output(merged(collection), merged(local))
+    for pid in processes:  # Ray's agents notice their raylet's death only within minutes
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
