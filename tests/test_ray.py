@@ -7,9 +7,12 @@ the pid its claim records) and a driver killed mid-run both end with every row e
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
+import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -26,6 +29,7 @@ from conftest import embed_params, read_output, save_table
 from test_kill import descendants
 from workload import embed_rows
 
+os.environ[lib.cluster.LOOPBACK_ONLY] = "0"  # before Ray is imported: it reads it then
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
@@ -229,3 +233,83 @@ def test_a_driver_killed_mid_run_leaves_chunks_that_the_next_run_resumes(
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
     shutil.rmtree(env["RAY_TMPDIR"], ignore_errors=True)
+
+
+def listening_addresses(pids: list[int]) -> set:
+    """The local addresses of the TCP sockets that these processes listen on (Linux /proc)."""
+    inodes = set()
+    for pid in pids:
+        for fd in Path(f"/proc/{pid}/fd").glob("*"):
+            with contextlib.suppress(OSError):
+                target = os.readlink(fd)
+                if target.startswith("socket:["):
+                    inodes.add(target[8:-1])
+    addresses = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            fields = line.split()
+            if fields[3] == "0A" and fields[9] in inodes:  # 0A: LISTEN
+                addresses.add(ip_address(fields[1].split(":")[0]))
+    return addresses
+
+
+def ip_address(hexadecimal: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address:
+    """An address as /proc/net/tcp writes it (little-endian 32-bit words); IPv4 in IPv6 as IPv4."""
+    words = bytes.fromhex(hexadecimal)
+    address = ipaddress.ip_address(b"".join(words[i : i + 4][::-1] for i in range(0, len(words), 4)))
+    return getattr(address, "ipv4_mapped", None) or address
+
+
+def test_the_local_ray_instance_listens_on_loopback_alone(ray_instance):
+    ray_services = descendants(os.getpid())
+    ray_folder = str(Path(ray.__file__).parent)
+    assert any(command_line(pid).startswith(("ray::", ray_folder)) for pid in ray_services)
+    addresses = listening_addresses(ray_services)
+    assert addresses and all(address.is_loopback for address in addresses), addresses
+
+
+def test_the_workers_fit_the_cluster(ray_instance):
+    assert str(lib.cluster.worker_layout("auto", "auto")) == "1 Ray worker(s), each with 2 CPU core(s)"
+    assert lib.cluster.worker_layout("cpu", 1).workers == 2
+    with pytest.raises(lib.ParameterError, match="CPUS_PER_WORKER=4: no node of the Ray cluster has that"):
+        lib.cluster.worker_layout("auto", 4)
+    with pytest.raises(lib.ParameterError, match="DEVICE='cuda', and the Ray cluster has no GPU"):
+        lib.cluster.worker_layout("cuda", "auto")
+
+
+def test_a_worker_that_cannot_load_the_model_stops_the_run_with_why(ray_instance, table, tiny_checkpoint):
+    broken = Path(str(tiny_checkpoint) + "-weights-elsewhere")
+    shutil.copytree(tiny_checkpoint, broken)
+    encoder = lib.run_encoder(ray_params(broken), lib.collection())
+    for weights in broken.glob("*.safetensors"):
+        weights.unlink()  # after the driver looked: the workers find none
+    plan = lib.plan_run(ray_params(broken), lib.collection(), encoder, table)
+    with pytest.raises(lib.PipelineError, match="holds no weights"):
+        lib.embed_chunks(table, encoder, plan, ray_params(broken))
+    assert not lib.find_chunks(lib.collection().chunks)
+
+
+def test_an_address_where_nothing_listens_is_an_error_within_seconds():
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        address = f"127.0.0.1:{sock.getsockname()[1]}"
+    began = time.monotonic()
+    with pytest.raises(lib.PipelineError, match=f"RAY_ADDRESS='{address}': nothing answers there"):
+        lib.cluster.connect(address)
+    assert time.monotonic() - began < 15
+    with pytest.raises(lib.ParameterError, match="RAY_ADDRESS='head-node' is not allowed: use 'host:port'"):
+        lib.cluster.connect("head-node")
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        ({"executor": "spark"}, "EXECUTOR='spark' is not allowed: use one of 'local', 'ray'"),
+        ({"executor": "ray", "device": "cuda:1"}, "DEVICE='cuda:1' names one GPU"),
+        ({"cpus_per_worker": 0}, "CPUS_PER_WORKER=0 is not allowed"),
+        ({"ray_address": ""}, "RAY_ADDRESS='' is not allowed"),
+    ],
+)
+def test_ray_parameters_are_checked(overrides, message):
+    with pytest.raises(lib.ParameterError, match=re.escape(message)):
+        embed_params(**overrides)

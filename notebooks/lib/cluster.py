@@ -10,11 +10,16 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import socket
+import sys
+import warnings
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .errors import ParameterError, PipelineError
 
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local instance binds to 127.0.0.1 alone
+CONNECT_SECONDS = 10  # to reach RAY_ADDRESS before Ray itself tries
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,7 +39,9 @@ def connect(address: str | None) -> None:
     """Join the Ray cluster at `address` ('auto', 'host:port', 'ray://host:port'), or with None start a
     Ray instance on this machine that listens on 127.0.0.1 alone; nothing when Ray is already up."""
     if address is None:
-        os.environ.setdefault(LOOPBACK_ONLY, "0")  # read by Ray when imported, and by its processes
+        _keep_on_loopback()
+    elif address != "auto":
+        _check_reachable(address)
     import ray
 
     if ray.is_initialized():
@@ -51,6 +58,40 @@ def connect(address: str | None) -> None:
             f"RAY_ADDRESS={address!r}: no Ray cluster could be joined there ({str(error).splitlines()[0]}). "
             "Start one (`ray start --head` on its head node), check the address, or set RAY_ADDRESS=None "
             "for a Ray instance on this machine alone."
+        ) from None
+
+
+def _keep_on_loopback() -> None:
+    """Have the Ray instance about to start listen on 127.0.0.1 alone, as Ray does on macOS and Windows.
+
+    Ray reads the setting when imported, and its processes inherit it; a Ray imported earlier without
+    it listens on this machine's network addresses, which is said.
+    """
+    if "ray" in sys.modules and os.environ.get(LOOPBACK_ONLY) != "0":
+        warnings.warn(
+            "ray was imported before 02 started its Ray instance, so the instance listens on this machine's "
+            f"network addresses, not on 127.0.0.1 alone: set {LOOPBACK_ONLY}=0 before importing ray (or "
+            "restart the kernel and leave the import to 02) to keep it to this machine.",
+            stacklevel=3,
+        )
+    os.environ.setdefault(LOOPBACK_ONLY, "0")
+
+
+def _check_reachable(address: str) -> None:
+    """An error within seconds, rather than Ray's minutes of retries, when nothing listens at `address`."""
+    host, _, port = urlparse(address if "://" in address else f"ray://{address}").netloc.rpartition(":")
+    if not port.isdigit():
+        raise ParameterError(
+            f"RAY_ADDRESS={address!r} is not allowed: use 'host:port' (the head node's GCS port, 6379 by "
+            "default), 'ray://host:10001' (Ray Client), 'auto', or None for a Ray instance on this machine."
+        )
+    try:
+        socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS).close()
+    except OSError as error:
+        raise PipelineError(
+            f"RAY_ADDRESS={address!r}: nothing answers there ({error.strerror or error}). Start the cluster "
+            "(`ray start --head` on its head node), check the address and the firewall, or set "
+            "RAY_ADDRESS=None for a Ray instance on this machine alone."
         ) from None
 
 
