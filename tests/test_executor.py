@@ -186,7 +186,7 @@ def test_a_chunk_that_waited_for_proof_and_meets_another_runs_claim_is_waited_fo
         batch_size=3,
         attrs={},
         progress=lib.progress.RunProgress(0, lines=False),
-        reach=lib.executor.SourceCheck(),
+        reach=lib.executor.SourceCheck(lib.Fetcher().s3_access),
         summary=lib.executor.RunSummary(0),
     )
     writer.unproven.append(lib.chunkfile.ChunkResult(0, 8, tiny_encoder.embedding_size))

@@ -1,8 +1,10 @@
 """Fetch: bytes from loopback S3, HTTP and disk; every failure becomes a short, stable reason."""
 
+import os
 import socket
 import time
 
+import boto3
 import lib
 import pytest
 from conftest import closed_port_url
@@ -122,3 +124,86 @@ def test_a_host_name_that_cannot_be_resolved(fast_retries, s3_endpoint, monkeypa
     assert reason_of(lib.Fetcher(), "http://images.invalid/x.jpg") == "cannot resolve"
     s3 = lib.Fetcher("http://s3.invalid", timeout=(1, 1))
     assert reason_of(s3, f"{BUCKET}/validation/x.jpg") == "cannot resolve"
+
+
+PRIVATE_BUCKET = "team-photos"
+
+
+@pytest.fixture
+def private_bucket(s3_endpoint, images) -> str:
+    """A bucket of the loopback S3 without a public-read policy: moto refuses unsigned reads of it."""
+    admin = boto3.client(
+        "s3",
+        endpoint_url=s3_endpoint,
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+    )
+    if PRIVATE_BUCKET not in [bucket["Name"] for bucket in admin.list_buckets()["Buckets"]]:
+        admin.create_bucket(Bucket=PRIVATE_BUCKET)
+        admin.put_object(Bucket=PRIVATE_BUCKET, Key="a.jpg", Body=images[sorted(images)[0]])
+    return f"s3://{PRIVATE_BUCKET}/a.jpg"
+
+
+@pytest.fixture
+def no_credentials(tmp_path, monkeypatch) -> None:
+    """No AWS credentials anywhere boto3 looks, and no instance metadata lookups (off loopback)."""
+    for name in [name for name in os.environ if name.startswith("AWS_")]:
+        monkeypatch.delenv(name)
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "aws-credentials"))
+
+
+def test_a_private_bucket_is_read_with_the_default_credentials(
+    s3_endpoint, private_bucket, images, no_credentials, monkeypatch
+):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "team-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "team-secret")
+    fetcher = lib.Fetcher(s3_endpoint)
+    assert fetcher.fetch(private_bucket) == images[sorted(images)[0]]
+    assert fetcher.s3_access(PRIVATE_BUCKET) == "with the AWS credentials of env"
+
+
+def test_a_profile_of_the_shared_credentials_file_is_named(
+    s3_endpoint, private_bucket, images, no_credentials, tmp_path, monkeypatch
+):
+    (tmp_path / "aws-credentials").write_text("[team]\naws_access_key_id = k\naws_secret_access_key = s\n")
+    monkeypatch.setenv("AWS_PROFILE", "team")
+    fetcher = lib.Fetcher(s3_endpoint)
+    assert fetcher.fetch(private_bucket) == images[sorted(images)[0]]
+    assert (
+        fetcher.s3_access(PRIVATE_BUCKET)
+        == "with the AWS credentials of shared-credentials-file (profile 'team')"
+    )
+
+
+def test_without_credentials_a_private_bucket_is_denied_and_the_check_says_how_it_was_asked(
+    s3_endpoint, private_bucket, no_credentials
+):
+    fetcher = lib.Fetcher(s3_endpoint)
+    with pytest.raises(lib.ImageFailure, match="s3 AccessDenied"):
+        fetcher.fetch(private_bucket)
+    reach = lib.executor.SourceCheck(fetcher.s3_access, limit=2)
+    with pytest.raises(lib.PipelineError) as stopped:
+        reach.add([private_bucket] * 2, ["s3 AccessDenied"] * 2)
+    assert (
+        f"the bucket {PRIVATE_BUCKET} refuses this machine, which asked anonymously, as no AWS credentials "
+        "were found (AWS_PROFILE"
+    ) in str(stopped.value)
+
+
+def test_s3_anonymous_reads_unsigned_even_with_credentials(
+    s3_endpoint, private_bucket, images, no_credentials, monkeypatch
+):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "team-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "team-secret")
+    fetcher = lib.Fetcher(s3_endpoint, s3_anonymous=True)
+    with pytest.raises(lib.ImageFailure, match="s3 AccessDenied"):
+        fetcher.fetch(private_bucket)
+    assert fetcher.s3_access(PRIVATE_BUCKET) == "anonymously (S3_ANONYMOUS=True)"
+    public = f"s3://{lib.sources.OPENIMAGES_BUCKET}/validation/{sorted(images)[0]}.jpg"
+    assert lib.Fetcher(s3_endpoint).fetch(public) == images[sorted(images)[0]]
+    assert lib.Fetcher(s3_endpoint).s3_access(lib.sources.OPENIMAGES_BUCKET) == (
+        "anonymously (Open Images' public bucket)"
+    )

@@ -21,6 +21,10 @@ EMBED_DEFAULTS = {
     "S3_ENDPOINT_URL": None,
     "RETRY_FAILED": False,
     "STOP_IF_UNREACHABLE": True,
+    "S3_ANONYMOUS": False,
+    "EXECUTOR": "local",
+    "RAY_ADDRESS": None,
+    "CPUS_PER_WORKER": "auto",
 }
 
 
@@ -72,6 +76,10 @@ def test_defaults_are_valid():
         ("PRECISION", "fp8", "'auto', 'fp32', 'fp16', 'bf16'"),
         ("S3_ENDPOINT_URL", "localhost:9000", "http(s) URL"),
         ("S3_ENDPOINT_URL", 9000, "non-empty string or None"),
+        ("S3_ANONYMOUS", "yes", "True or False"),
+        ("EXECUTOR", "spark", "'local', 'ray'"),
+        ("RAY_ADDRESS", "", "non-empty string or None"),
+        ("CPUS_PER_WORKER", 0, "integer >= 1, or 'auto'"),
     ],
 )
 def test_bad_embed_values_name_parameter_value_and_what_is_allowed(name, value, allowed):
@@ -80,6 +88,11 @@ def test_bad_embed_values_name_parameter_value_and_what_is_allowed(name, value, 
         lib.read_parameters(lib.EmbedParams, namespace)
     assert f"{name}={value!r}" in str(error.value)
     assert allowed in str(error.value)
+
+
+def test_ray_gives_each_worker_its_own_gpu_so_one_named_gpu_is_an_error():
+    with pytest.raises(lib.ParameterError, match="DEVICE='cuda:1' names one GPU, and EXECUTOR='ray' gives"):
+        lib.read_parameters(lib.EmbedParams, {**EMBED_DEFAULTS, "EXECUTOR": "ray", "DEVICE": "cuda:1"})
 
 
 def test_the_seeds_explicit_sizes_still_work():

@@ -58,3 +58,13 @@ def test_a_kernel_whose_front_end_can_answer_input_is_watched(monkeypatch, allow
     shell = types.SimpleNamespace(kernel=types.SimpleNamespace(_allow_stdin=allow_stdin))
     monkeypatch.setattr(IPython, "get_ipython", lambda: shell)
     assert lib.progress.watched() is watched
+
+
+def test_rows_of_lost_work_are_taken_back_and_counted_again():
+    progress = lib.progress.RunProgress(10, lines=True)
+    progress.add([None, "http 404", None])
+    progress.add_elsewhere(2)
+    progress.take_back([None, "http 404"], elsewhere=2)
+    assert (progress.done, progress.elsewhere, dict(progress.failed)) == (1, 0, {})
+    progress.add([None, "http 404"])
+    assert progress.line().startswith("3 of 10 rows (30.0%)") and "1 failed (most: http 404, 1)" in progress.line()

@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
-import re
 import shutil
 import signal
 import socket
@@ -299,17 +298,3 @@ def test_an_address_where_nothing_listens_is_an_error_within_seconds():
     assert time.monotonic() - began < 15
     with pytest.raises(lib.ParameterError, match="RAY_ADDRESS='head-node' is not allowed: use 'host:port'"):
         lib.cluster.connect("head-node")
-
-
-@pytest.mark.parametrize(
-    ("overrides", "message"),
-    [
-        ({"executor": "spark"}, "EXECUTOR='spark' is not allowed: use one of 'local', 'ray'"),
-        ({"executor": "ray", "device": "cuda:1"}, "DEVICE='cuda:1' names one GPU"),
-        ({"cpus_per_worker": 0}, "CPUS_PER_WORKER=0 is not allowed"),
-        ({"ray_address": ""}, "RAY_ADDRESS='' is not allowed"),
-    ],
-)
-def test_ray_parameters_are_checked(overrides, message):
-    with pytest.raises(lib.ParameterError, match=re.escape(message)):
-        embed_params(**overrides)

@@ -98,3 +98,10 @@ def test_configured_restores_the_settings_after_its_block():
         assert inside.search_block_bytes == 64 == lib.settings.current_settings().search_block_bytes
         lib.configure(fetch_deadline=5)
     assert lib.settings.current_settings() == before
+
+
+def test_configured_cores_size_the_process_as_a_ray_worker_is_sized(configure):
+    configure(cores=3)
+    assert lib.settings.cpu_cores() == 3
+    with pytest.raises(ValueError, match="cores=0 is not allowed"):
+        configure(cores=0)

@@ -78,6 +78,7 @@ class ImageLoader:
 
     def __init__(self, fetcher: Fetcher, recipe: ImageRecipe, workers: int, lookahead: int):
         slots = threading.Semaphore(workers)
+        self.fetcher = fetcher
         self.recipe = recipe
         self._load = functools.partial(load_image, fetcher=fetcher, recipe=recipe, decode_slots=slots)
         self._pool = ThreadPoolExecutor(FETCH_THREADS_PER_WORKER * workers, thread_name_prefix="load")

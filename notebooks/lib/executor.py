@@ -10,7 +10,9 @@ import collections
 import dataclasses
 import json
 import time
+from collections.abc import Callable
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .chunkfile import (
     FORMAT_VERSION,
@@ -141,7 +143,7 @@ def embed_chunks(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params:
         image_loader(plan.recipe, params) as loader,
         RunProgress(plan.chunks.rows_to_do) as progress,
     ):
-        reach = SourceCheck(enabled=params.stop_if_unreachable)
+        reach = SourceCheck(loader.fetcher.s3_access, enabled=params.stop_if_unreachable)
         writer = ChunkWriter(
             plan.chunks.folder, table, encoder, loader, params.gpu_batch_size, attrs, progress, reach, summary
         )
@@ -177,7 +179,7 @@ def chunk_attributes(encoder: ClipEncoder, recipe: ImageRecipe, table: ImageTabl
 def image_loader(recipe: ImageRecipe, params: EmbedParams) -> ImageLoader:
     """The run's loader: NUM_WORKERS decoding threads, fetching through S3_ENDPOINT_URL's client."""
     fetch_threads = FETCH_THREADS_PER_WORKER * params.num_workers
-    fetcher = Fetcher(params.s3_endpoint_url, pool_size=fetch_threads)
+    fetcher = Fetcher(params.s3_endpoint_url, pool_size=fetch_threads, s3_anonymous=params.s3_anonymous)
     lookahead = 2 * params.gpu_batch_size + fetch_threads
     return ImageLoader(fetcher, recipe, params.num_workers, lookahead)
 
@@ -203,8 +205,9 @@ _UNREACHABLE_ADVICE = {
     "timeout": "the server does not answer in time: check the network, a firewall or a proxy",
     "cannot resolve": "its host name cannot be resolved: is this machine offline? Check DNS and the "
     "table's locations",
-    "s3 AccessDenied": "the bucket refuses requests without credentials, which 02 does not send: use a "
-    "public bucket (as Open Images' is) or a copy of the images",
+    "s3 AccessDenied": "the bucket {bucket} refuses this machine, which asked {access}: give it credentials "
+    "that may read the bucket (AWS_PROFILE, or AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY), or set "
+    "S3_ANONYMOUS=True if the bucket is public",
     "s3 NoSuchBucket": "there is no such bucket at this endpoint: check the bucket in the table's "
     "locations and S3_ENDPOINT_URL",
 }
@@ -216,11 +219,13 @@ class SourceCheck:
     A run whose first UNREACHABLE_AFTER attempts all failed with a connection-level reason stops
     with what to check, instead of recording millions of failures as finished chunks. One image
     that arrives, or fails for another reason, proves the way. RETRY_FAILED's attempts are left
-    out: their rows failed before, and a retry that fails again records nothing new.
+    out: their rows failed before, and a retry that fails again records nothing new. `s3_access`
+    says how a bucket was asked (Fetcher.s3_access).
     """
 
-    def __init__(self, enabled: bool = True, limit: int = UNREACHABLE_AFTER):
+    def __init__(self, s3_access: Callable[[str], str], enabled: bool = True, limit: int = UNREACHABLE_AFTER):
         self.proven = not enabled
+        self._s3_access = s3_access
         self._limit = limit
         self._reasons: collections.Counter = collections.Counter()
         self._example: str | None = None
@@ -239,10 +244,14 @@ class SourceCheck:
             reason, _ = self._reasons.most_common(1)[0]
             failed = f"{self._reasons.total()} images of this run all failed ({counted(self._reasons)})"
             raise PipelineError(
-                f"The first {failed}, e.g. {self._example} ({reason}): {_UNREACHABLE_ADVICE[reason]}. "
-                "02 stopped and recorded none of them, so a run that can reach them embeds them all; set "
+                f"The first {failed}, e.g. {self._example} ({reason}): {self._advice(reason)}. 02 stopped "
+                "and recorded none of them, so a run that can reach them embeds them all; set "
                 "STOP_IF_UNREACHABLE=False to record such failures anyway."
             )
+
+    def _advice(self, reason: str) -> str:
+        bucket = urlparse(self._example or "").netloc
+        return _UNREACHABLE_ADVICE[reason].format(bucket=bucket, access=self._s3_access(bucket))
 
 
 @dataclasses.dataclass

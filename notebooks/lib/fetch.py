@@ -1,7 +1,8 @@
 """02's first step per image: the bytes at a location, from S3, HTTP(S) or the local disk.
 
 Retries, timeouts, a deadline and a size limit bound every fetch; what still fails raises
-ImageFailure with a stable reason ('http 404', 'timeout', 's3 NoSuchKey').
+ImageFailure with a stable reason ('http 404', 'timeout', 's3 NoSuchKey'). S3 is read anonymously
+from Open Images' public bucket (or with S3_ANONYMOUS), with boto3's default credentials elsewhere.
 """
 
 from __future__ import annotations
@@ -22,16 +23,27 @@ import urllib3
 from .downloads import DeadlineRetry, PastDeadline, http_session, root_cause
 from .errors import ImageFailure
 from .settings import current_settings
+from .sources import OPENIMAGES_BUCKET
 
 MAX_IMAGE_BYTES = 512 << 20  # a larger body is not an image to embed ("too large"), and is not read
 
 
-class Fetcher:
-    """Bytes of images from S3 (unsigned, like Open Images' downloader.py), HTTP(S) or files.
+PUBLIC_BUCKETS = (OPENIMAGES_BUCKET,)  # read anonymously, as Open Images' own downloader.py does
+_CREDENTIAL_SOURCES = (
+    "AWS_PROFILE, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, or an instance or "
+    "container role"
+)
 
-    Transient failures are retried by the libraries' own mechanisms (botocore's retry modes,
-    urllib3's Retry). Every request has timeouts, every body a deadline and a size limit; what
-    still fails raises ImageFailure with a stable reason.
+
+class Fetcher:
+    """Bytes of images from S3, HTTP(S) or files.
+
+    S3 reads of the public Open Images bucket, or of any bucket with `s3_anonymous`, are unsigned, as
+    Open Images' downloader.py makes them; other buckets are read with boto3's default credentials
+    (AWS_PROFILE, AWS_* variables, ~/.aws, a role), anonymously where there are none. Transient
+    failures are retried by the libraries' own mechanisms (botocore's retry modes, urllib3's Retry).
+    Every request has timeouts, every body a deadline and a size limit; what still fails raises
+    ImageFailure with a stable reason.
     """
 
     def __init__(
@@ -41,6 +53,7 @@ class Fetcher:
         timeout: tuple[float, float] | None = None,
         deadline: float | None = None,
         max_bytes: int | None = None,
+        s3_anonymous: bool = False,
     ):
         """None: the configured http_timeout and fetch_deadline, and MAX_IMAGE_BYTES."""
         settings = current_settings()
@@ -49,22 +62,63 @@ class Fetcher:
         self._max_bytes = max_bytes or MAX_IMAGE_BYTES
         self._http = http_session(pool_size)
         self._s3_endpoint_url = s3_endpoint_url
+        self._s3_anonymous = s3_anonymous
         self._pool_size = pool_size
         self._s3_client_lock = threading.Lock()
 
+    def s3_access(self, bucket: str) -> str:
+        """How this fetcher reads `bucket`: anonymously (and why), or with which credentials."""
+        if self._s3_anonymous:
+            return "anonymously (S3_ANONYMOUS=True)"
+        if bucket in PUBLIC_BUCKETS:
+            return "anonymously (Open Images' public bucket)"
+        with self._s3_client_lock:
+            credentials = self._s3_credentials
+        if credentials is None:
+            return f"anonymously, as no AWS credentials were found ({_CREDENTIAL_SOURCES})"
+        profile = self._s3_session.profile_name
+        named = f" (profile {profile!r})" if credentials.method == "shared-credentials-file" else ""
+        return f"with the AWS credentials of {credentials.method}{named}"
+
     @functools.cached_property
-    def _s3(self) -> Any:
-        """An unsigned S3 client, made at the first S3 location: boto3 takes a while to load."""
+    def _s3_session(self) -> Any:
         import boto3
+
+        return boto3.session.Session()
+
+    @functools.cached_property
+    def _s3_credentials(self) -> Any:
+        """What boto3's default chain finds, looked up at the first private bucket; None: nothing."""
+        return self._s3_session.get_credentials()
+
+    def _s3_client(self, bucket: str) -> Any:
+        """The client for `bucket`: unsigned, or signed with the default credentials where it needs them."""
+        with self._s3_client_lock:  # the first S3 fetches wait for one client rather than each make one
+            if self._s3_anonymous or bucket in PUBLIC_BUCKETS or self._s3_credentials is None:
+                return self._unsigned_s3
+            return self._signed_s3
+
+    @functools.cached_property
+    def _unsigned_s3(self) -> Any:
+        import botocore
+
+        return self._make_s3_client(botocore.UNSIGNED)
+
+    @functools.cached_property
+    def _signed_s3(self) -> Any:
+        return self._make_s3_client(None)
+
+    def _make_s3_client(self, signature_version: Any) -> Any:
+        """An S3 client, unsigned or signed (None), made when first needed: boto3 takes a while to load."""
         import botocore.config
 
-        session = boto3.session.Session()
+        session = self._s3_session
         return session.client(
             "s3",
             endpoint_url=self._s3_endpoint_url,
             region_name=session.region_name or "us-east-1",
             config=botocore.config.Config(
-                signature_version=botocore.UNSIGNED,
+                signature_version=signature_version,
                 retries={"max_attempts": 5, "mode": "standard"},
                 connect_timeout=self._timeout[0],
                 read_timeout=self._timeout[1],
@@ -102,15 +156,15 @@ class Fetcher:
     def _fetch_s3(self, bucket: str, key: str) -> bytes:
         import botocore.exceptions
 
-        with self._s3_client_lock:  # the first S3 fetches wait for one client rather than each make one
-            client = self._s3
+        client = self._s3_client(bucket)
         began = time.monotonic()
         try:
             reply = client.get_object(Bucket=bucket, Key=key)
             with contextlib.closing(reply["Body"]) as body:
                 return self._read_body(body.iter_chunks(1 << 16), reply.get("ContentLength"), began)
         except botocore.exceptions.ClientError as error:
-            raise ImageFailure(f"s3 {error.response['Error']['Code']}") from None
+            code = error.response["Error"]["Code"]
+            raise ImageFailure(f"s3 {'AccessDenied' if code in ('403', 'Forbidden') else code}") from None
         except (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError):
             raise ImageFailure("timeout") from None
         except (botocore.exceptions.IncompleteReadError, urllib3.exceptions.ProtocolError):

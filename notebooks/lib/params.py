@@ -148,6 +148,7 @@ class EmbedParams:
     executor: str = "local"
     ray_address: str | None = None
     cpus_per_worker: int | str = "auto"
+    s3_anonymous: bool = False
 
     def __post_init__(self) -> None:
         _check_output_dir(self.output_dir)
@@ -168,6 +169,7 @@ class EmbedParams:
         _check_s3_endpoint_url(self.s3_endpoint_url)
         _check_bool("RETRY_FAILED", self.retry_failed)
         _check_bool("STOP_IF_UNREACHABLE", self.stop_if_unreachable)
+        _check_bool("S3_ANONYMOUS", self.s3_anonymous)
         _check_choice("EXECUTOR", self.executor, EXECUTORS)
         _check_text("RAY_ADDRESS", self.ray_address, optional=True)
         _check_size("CPUS_PER_WORKER", self.cpus_per_worker)
@@ -212,11 +214,13 @@ class SearchParams:
     s3_endpoint_url: str | None
     output_dir: str = DEFAULT_OUTPUT_DIR
     allow_other_model: bool = False
+    s3_anonymous: bool = False
 
     def __post_init__(self) -> None:
         _check_output_dir(self.output_dir)
         _check_text("EMBEDDINGS", self.embeddings, optional=True)
         _check_s3_endpoint_url(self.s3_endpoint_url)
+        _check_bool("S3_ANONYMOUS", self.s3_anonymous)
         _check_bool("ALLOW_OTHER_MODEL", self.allow_other_model)
         if not isinstance(self.queries, list) or not all(
             isinstance(q, str) and q.strip() for q in self.queries

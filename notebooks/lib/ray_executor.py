@@ -183,15 +183,16 @@ def _start_writer(spec: WorkerSpec, cores: int) -> ChunkWriter:
             f"The Ray worker on {socket.gethostname()} makes vectors unlike the plan's ({difference}): give "
             "every node of the cluster the same model files and versions of this pipeline."
         )
+    loader = image_loader(recipe, params)
     return ChunkWriter(
         spec.folder,
         table,
         encoder,
-        image_loader(recipe, params),
+        loader,
         params.gpu_batch_size,
         chunk_attributes(encoder, recipe, table, params.model),
         _RelayedProgress(spec.inbox),
-        SourceCheck(enabled=params.stop_if_unreachable),
+        SourceCheck(loader.fetcher.s3_access, enabled=params.stop_if_unreachable),
         RunSummary(0),
     )
 
