@@ -67,4 +67,5 @@ def test_rows_of_lost_work_are_taken_back_and_counted_again():
     progress.take_back([None, "http 404"], elsewhere=2)
     assert (progress.done, progress.elsewhere, dict(progress.failed)) == (1, 0, {})
     progress.add([None, "http 404"])
-    assert progress.line().startswith("3 of 10 rows (30.0%)") and "1 failed (most: http 404, 1)" in progress.line()
+    line = progress.line()
+    assert line.startswith("3 of 10 rows (30.0%)") and "1 failed (most: http 404, 1)" in line
