@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import shutil
 import signal
 import socket
@@ -26,6 +27,7 @@ import pytest
 import torch
 from conftest import embed_params, read_output, save_table
 from test_kill import descendants
+from test_notebooks import EMBED, papermill
 from workload import embed_rows
 
 os.environ[lib.cluster.LOOPBACK_ONLY] = "0"  # before Ray is imported: it reads it then
@@ -298,3 +300,18 @@ def test_an_address_where_nothing_listens_is_an_error_within_seconds():
     assert time.monotonic() - began < 15
     with pytest.raises(lib.ParameterError, match="RAY_ADDRESS='head-node' is not allowed: use 'host:port'"):
         lib.cluster.connect("head-node")
+
+
+def test_02_headless_on_a_ray_instance_of_its_own(repo, kernel_env, image_folder, tiny_checkpoint):
+    """papermill's kernel starts Ray, two workers embed, and Ray stops with the kernel."""
+    instance = tempfile.mkdtemp(prefix="ray", dir="/tmp")
+    env = {**kernel_env, "RAY_TMPDIR": instance}
+    papermill(repo, "01_metadata", {"DATASET": "folder", "SOURCE": str(image_folder)}, env)
+    embed = {**EMBED, "CHUNK": 8, "GPU_BATCH_SIZE": "auto", "NUM_WORKERS": "auto"}
+    printed = papermill(repo, "02_embed", {**embed, "EXECUTOR": "ray", "CPUS_PER_WORKER": 1}, env)
+    assert "EXECUTOR='ray': 2 Ray worker(s), each with 1 CPU core(s)" in printed
+    assert "images per forward pass: sized by each Ray worker; decoding threads: sized by each" in printed
+    assert re.search(r"Ray worker [12] \(pid \d+ on .*\) is up, on cpu", printed)
+    assert "chunks written: 3, already done: 0" in printed and "embedded: 18, failed: 2" in printed
+    assert wait_for(lambda: not ray_processes(Path(instance)), 30), ray_processes(Path(instance))
+    shutil.rmtree(instance, ignore_errors=True)
