@@ -331,3 +331,8 @@ def test_02_headless_on_a_ray_instance_of_its_own(repo, kernel_env, image_folder
     assert "chunks written: 3, already done: 0" in printed and "embedded: 18, failed: 2" in printed
     assert wait_for(lambda: not ray_processes(Path(instance)), 30), ray_processes(Path(instance))
     shutil.rmtree(instance, ignore_errors=True)
+
+
+def test_a_worker_that_ray_started_again_says_so_until_it_is_given_the_run():
+    with pytest.raises(lib.ray_executor.NotStarted, match="started this worker again after it died"):
+        lib.ray_executor.ChunkWorker().embed(1, 0, 4)

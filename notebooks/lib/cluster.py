@@ -36,8 +36,10 @@ class WorkerLayout:
 
 
 def connect(address: str | None) -> None:
-    """Join the Ray cluster at `address` ('auto', 'host:port', 'ray://host:port'), or with None start a
-    Ray instance on this machine that listens on 127.0.0.1 alone; nothing when Ray is already up."""
+    """Join the Ray cluster at RAY_ADDRESS, or with None start a Ray instance on 127.0.0.1 alone.
+
+    `address` is 'auto', 'host:port' or 'ray://host:port'. Nothing is done when Ray is already up.
+    """
     if address is None:
         _keep_on_loopback()
     elif address != "auto":
@@ -96,8 +98,11 @@ def _check_reachable(address: str) -> None:
 
 
 def worker_layout(device: str, cores_per_worker: int | str) -> WorkerLayout:
-    """One worker per GPU of the cluster, or per `cores_per_worker` CPU cores where there is none (or
-    with DEVICE='cpu'). 'auto' cores: a GPU's share of its node's cores, or a whole CPU node."""
+    """One worker per GPU of the cluster, or per `cores_per_worker` CPU cores where there is none.
+
+    DEVICE='cpu' takes the CPUs whatever GPUs there are. 'auto' cores: a GPU's share of its node's
+    cores, or on CPUs the smallest node's cores (a worker per node).
+    """
     import ray
 
     nodes = [node["Resources"] for node in ray.nodes() if node["Alive"]]

@@ -401,8 +401,10 @@ def load_encoder(
 def described_encoder(
     model: str, device: torch.device, precision: str = "auto", revision: str | None = None
 ) -> ClipEncoder:
-    """The encoder that workers with `device` (of another machine, say) load: its checkpoint, shapes,
-    preprocessing and precision, with no weights loaded here unless a text is encoded."""
+    """The encoder that workers on `device` load (Ray's, on other machines say), without its weights.
+
+    It has the checkpoint, shapes, preprocessing and precision; the weights load only for a text.
+    """
     precision = resolve_precision(precision, device)
     encoder = ClipEncoder(_checked_checkpoint(model, revision, models=False), device, precision)
     encoder.on_workers = True

@@ -131,6 +131,10 @@ class WorkerReply:
     held: list[tuple[int, int]]  # embedded, not yet written: the run has not yet proven it reaches images
 
 
+class NotStarted(Exception):
+    """A call to a worker that Ray started again, in place of a dead one, before it was given the run."""
+
+
 class ChunkWorker:
     """A Ray actor: `start` loads the model once, then whole chunks are claimed, embedded and written.
 
@@ -146,17 +150,21 @@ class ChunkWorker:
         return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self._writer.encoder.device)}
 
     def embed(self, call: int, start: int, end: int) -> WorkerReply:
-        self._writer.progress.call = call
-        return self._reply(self._writer.embed(start, end))
+        return self._reply(self._started(call).embed(start, end))
 
     def write_unproven(self, call: int) -> WorkerReply:
-        self._writer.progress.call = call
-        return self._reply(self._writer.write_unproven())
+        return self._reply(self._started(call).write_unproven())
 
     def retry(self, call: int, info: ChunkInfo) -> WorkerReply:
-        self._writer.progress.call = call
-        self._writer.retry(info)
+        self._started(call).retry(info)
         return self._reply([])
+
+    def _started(self, call: int) -> ChunkWriter:
+        """The writer, its progress tagged with the driver's number of this call."""
+        if self._writer is None:
+            raise NotStarted("Ray started this worker again after it died, without the run's model")
+        self._writer.progress.call = call
+        return self._writer
 
     def _reply(self, busy: list[tuple[int, int]]) -> WorkerReply:
         summary, self._writer.summary = self._writer.summary, RunSummary(0)
@@ -359,10 +367,13 @@ class RayWorkers:
 
         try:
             reply = ray.get(reference)
-        except ray.exceptions.RayTaskError as error:  # what the worker raised, a PipelineError say
-            raise error.cause from None
         except ray.exceptions.RayActorError as error:
             self._worker_lost(worker, task, error)
+            return None
+        except ray.exceptions.RayTaskError as error:  # what the worker raised, a PipelineError say
+            if not isinstance(error.cause, NotStarted):
+                raise error.cause from None
+            self._worker_lost(worker, task, error.cause)  # it died while idle
             return None
         self._relayed.pop(task.call)
         self._summary.absorb(reply.summary)
