@@ -207,3 +207,20 @@ def test_s3_anonymous_reads_unsigned_even_with_credentials(
     assert lib.Fetcher(s3_endpoint).s3_access(lib.sources.OPENIMAGES_BUCKET) == (
         "anonymously (Open Images' public bucket)"
     )
+
+
+def test_credentials_that_the_bucket_rejects_stop_the_run_with_what_to_renew(no_credentials, monkeypatch):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "expired-key")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "expired-secret")
+    reach = lib.executor.SourceCheck(lib.Fetcher().s3_access, limit=2)
+    with pytest.raises(lib.PipelineError, match="rejects the credentials that this machine sent, with the"):
+        reach.add([f"s3://{PRIVATE_BUCKET}/a.jpg"] * 2, ["s3 ExpiredToken", "s3 InvalidAccessKeyId"])
+
+
+def test_a_run_that_cannot_reach_a_web_server_does_not_look_for_aws_credentials():
+    def no_lookup(bucket: str) -> str:
+        raise AssertionError("credentials looked up")
+
+    reach = lib.executor.SourceCheck(no_lookup, limit=2)
+    with pytest.raises(lib.PipelineError, match="its host name cannot be resolved"):
+        reach.add(["https://offline.example/a.jpg"] * 2, ["cannot resolve"] * 2)

@@ -31,6 +31,7 @@ FLOW = [
     "plan",
     "embed",
     "executor",
+    "ray_worker",
     "ray_executor",
     "merge",
     "nearest",

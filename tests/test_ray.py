@@ -334,5 +334,30 @@ def test_02_headless_on_a_ray_instance_of_its_own(repo, kernel_env, image_folder
 
 
 def test_a_worker_that_ray_started_again_says_so_until_it_is_given_the_run():
-    with pytest.raises(lib.ray_executor.NotStarted, match="started this worker again after it died"):
-        lib.ray_executor.ChunkWorker().embed(1, 0, 4)
+    with pytest.raises(lib.ray_worker.NotStarted, match="started this worker again after it died"):
+        lib.ray_worker.ChunkWorker().embed(1, False, 0, 4)
+
+
+def test_a_cluster_of_gpu_nodes_holds_the_workers_that_fit_in_each(monkeypatch):
+    nodes = [
+        {"Alive": True, "Resources": {"CPU": 16.0, "GPU": 8.0}},
+        {"Alive": True, "Resources": {"CPU": 4.0, "GPU": 2.0}},
+        {"Alive": True, "Resources": {"CPU": 8.0}},
+        {"Alive": False, "Resources": {"CPU": 64.0, "GPU": 8.0}},
+    ]
+    monkeypatch.setattr(ray, "nodes", lambda: nodes)
+    layout = lib.cluster.worker_layout("auto", "auto")
+    assert str(layout) == "10 Ray worker(s), each with a GPU and 2 CPU core(s)"
+    assert lib.cluster.worker_layout("cuda", 4).workers == 4 + 1
+    with pytest.raises(lib.ParameterError, match="no GPU node of the Ray cluster has 32 CPU core"):
+        lib.cluster.worker_layout("auto", 32)
+    assert str(lib.cluster.worker_layout("cpu", "auto")) == "7 Ray worker(s), each with 4 CPU core(s)"
+
+
+def test_ray_joins_one_cluster_per_process(ray_instance):
+    with socket.socket() as listening:
+        listening.bind(("127.0.0.1", 0))
+        listening.listen()
+        address = f"127.0.0.1:{listening.getsockname()[1]}"
+        with pytest.raises(lib.PipelineError, match="this kernel is on the Ray of RAY_ADDRESS=None"):
+            lib.cluster.connect(address)

@@ -41,7 +41,8 @@ module per seam, in the order the data flows through them; each imports only mod
     plan         02: the run's encoder and sizes, and the chunks left to embed
     embed        02: one chunk's rows through fetch -> preprocess -> encode, in threads
     executor     02: a run on this machine: claim, embed and write each chunk; the summary
-    ray_executor  02: a run on Ray workers, one per GPU (or per CPUS_PER_WORKER cores), chunk by chunk
+    ray_worker   02: EXECUTOR='ray', a worker: the model loaded once, then whole chunks as locally
+    ray_executor  02: EXECUTOR='ray', the driver: chunks to workers, their progress, lost ones again
     merge        03: chunk files -> one verified merged file
     nearest      04: the merged file, exact and IVF top-k, query vectors
     display      04: galleries of thumbnails
@@ -74,6 +75,7 @@ from . import (
     preprocess,
     progress,
     ray_executor,
+    ray_worker,
     settings,
     sources,
     table,
@@ -157,6 +159,7 @@ __all__ = [
     "query_encoder",
     "query_label",
     "ray_executor",
+    "ray_worker",
     "read_parameters",
     "result_table",
     "run_encoder",

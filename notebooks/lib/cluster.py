@@ -17,6 +17,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from .errors import ParameterError, PipelineError
+from .settings import cpu_cores
 
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local instance binds to 127.0.0.1 alone
 CONNECT_SECONDS = 10  # to reach RAY_ADDRESS before Ray itself tries
@@ -47,13 +48,16 @@ def connect(address: str | None) -> None:
     import ray
 
     if ray.is_initialized():
+        _check_same_cluster(address)
         return
+    local = {"num_cpus": cpu_cores()} if address is None else {}  # the cores this process may use
     try:
         ray.init(
             address=address or "local",
             include_dashboard=False,
             logging_level=logging.WARNING,
             runtime_env={"py_modules": [str(Path(__file__).parent)]},  # lib, for workers on any node
+            **local,
         )
     except (ConnectionError, TimeoutError, ValueError) as error:
         raise PipelineError(
@@ -61,6 +65,26 @@ def connect(address: str | None) -> None:
             "Start one (`ray start --head` on its head node), check the address, or set RAY_ADDRESS=None "
             "for a Ray instance on this machine alone."
         ) from None
+    _joined["address"] = address
+
+
+_joined: dict[str, str | None] = {}  # the RAY_ADDRESS that this process's Ray was started with
+
+
+def _check_same_cluster(address: str | None) -> None:
+    """An error when Ray is up in this process for another RAY_ADDRESS (or was started by other code)."""
+    if "address" not in _joined:
+        warnings.warn(
+            "Ray was already started in this process (ray.init) without 02's settings: 02 uses it as it "
+            "is, and workers on other nodes may not find this pipeline's code. Restart the kernel to let "
+            "02 start or join Ray itself.",
+            stacklevel=3,
+        )
+    elif _joined["address"] != address:
+        raise PipelineError(
+            f"RAY_ADDRESS={address!r}, but this kernel is on the Ray of RAY_ADDRESS={_joined['address']!r}, "
+            "and Ray joins one cluster per process: restart the kernel to change it."
+        )
 
 
 def _keep_on_loopback() -> None:
@@ -81,14 +105,18 @@ def _keep_on_loopback() -> None:
 
 def _check_reachable(address: str) -> None:
     """An error within seconds, rather than Ray's minutes of retries, when nothing listens at `address`."""
-    host, _, port = urlparse(address if "://" in address else f"ray://{address}").netloc.rpartition(":")
-    if not port.isdigit():
+    parsed = urlparse(address if "://" in address else f"ray://{address}")
+    try:
+        host, port = parsed.hostname, parsed.port
+    except ValueError:
+        host, port = None, None
+    if not host or port is None:
         raise ParameterError(
             f"RAY_ADDRESS={address!r} is not allowed: use 'host:port' (the head node's GCS port, 6379 by "
             "default), 'ray://host:10001' (Ray Client), 'auto', or None for a Ray instance on this machine."
         )
     try:
-        socket.create_connection((host, int(port)), timeout=CONNECT_SECONDS).close()
+        socket.create_connection((host, port), timeout=CONNECT_SECONDS).close()
     except OSError as error:
         raise PipelineError(
             f"RAY_ADDRESS={address!r}: nothing answers there ({error.strerror or error}). Start the cluster "
@@ -100,8 +128,8 @@ def _check_reachable(address: str) -> None:
 def worker_layout(device: str, cores_per_worker: int | str) -> WorkerLayout:
     """One worker per GPU of the cluster, or per `cores_per_worker` CPU cores where there is none.
 
-    DEVICE='cpu' takes the CPUs whatever GPUs there are. 'auto' cores: a GPU's share of its node's
-    cores, or on CPUs the smallest node's cores (a worker per node).
+    DEVICE='cpu' takes the CPUs whatever GPUs there are. 'auto' cores: the smallest share of a GPU's
+    node's cores, or on CPUs the smallest node's cores. A node holds as many workers as fit in it.
     """
     import ray
 
@@ -116,7 +144,13 @@ def worker_layout(device: str, cores_per_worker: int | str) -> WorkerLayout:
         )
     share = min(int(node.get("CPU", 0)) // int(node["GPU"]) for node in gpu_nodes)
     cores = max(1, share) if cores_per_worker == "auto" else cores_per_worker
-    return WorkerLayout("cuda", sum(int(node["GPU"]) for node in gpu_nodes), cores)
+    workers = sum(min(int(node["GPU"]), int(node.get("CPU", 0)) // cores) for node in gpu_nodes)
+    if not workers:
+        raise ParameterError(
+            f"CPUS_PER_WORKER={cores_per_worker!r}: no GPU node of the Ray cluster has {cores} CPU core(s) "
+            f"for a worker ({_resources(gpu_nodes)}). Use a smaller CPUS_PER_WORKER, or give its nodes CPUs."
+        )
+    return WorkerLayout("cuda", workers, cores)
 
 
 def _cpu_layout(node_cores: list[int], cores_per_worker: int | str) -> WorkerLayout:

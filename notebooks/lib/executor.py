@@ -68,6 +68,7 @@ class RunSummary:
     waited_seconds: float = 0.0  # the encoder waiting for images (fetched, decoded, preprocessed)
     first_batch_seconds: float | None = None  # of which for the first batch: the pipeline filling up
     write_seconds: float = 0.0  # writing chunk files
+    workers: int = 1  # Ray workers whose waits and writes are added up
 
     def add(self, result: ChunkResult) -> None:
         stats = result.stats()
@@ -108,8 +109,11 @@ class RunSummary:
                 f"recovered: {self.recovered:,}, still failed: {self.retried - self.recovered:,}"
             )
         if self.first_batch_seconds is not None:
+            models = (
+                "the model" if self.workers == 1 else f"the models of {self.workers} Ray workers, added up,"
+            )
             lines.append(
-                f"time: {self.seconds:,.1f} s; the model waited {self.waited_seconds:,.1f} s for images "
+                f"time: {self.seconds:,.1f} s; {models} waited {self.waited_seconds:,.1f} s for images "
                 f"({self.first_batch_seconds:.1f} s for the first batch); writing chunk files took "
                 f"{self.write_seconds:.1f} s"
             )
@@ -197,7 +201,20 @@ def run_chunk_plan(writer: ChunkWriter, chunks: ChunkPlan, chunk: int, progress:
     writer.retry_all(chunks.retry)
 
 
-UNREACHABLE_REASONS = ("connection error", "timeout", "cannot resolve", "s3 AccessDenied", "s3 NoSuchBucket")
+REJECTED_CREDENTIALS = (
+    "s3 InvalidAccessKeyId",
+    "s3 SignatureDoesNotMatch",
+    "s3 ExpiredToken",
+    "s3 InvalidToken",
+)
+UNREACHABLE_REASONS = (
+    "connection error",
+    "timeout",
+    "cannot resolve",
+    "s3 AccessDenied",
+    "s3 NoSuchBucket",
+    *REJECTED_CREDENTIALS,
+)
 UNREACHABLE_AFTER = 200  # failed attempts, all for want of a way to the images, that stop a run
 _UNREACHABLE_ADVICE = {
     "connection error": "nothing answers there: check the network, a proxy (HTTPS_PROXY), S3_ENDPOINT_URL "
@@ -210,6 +227,12 @@ _UNREACHABLE_ADVICE = {
     "S3_ANONYMOUS=True if the bucket is public",
     "s3 NoSuchBucket": "there is no such bucket at this endpoint: check the bucket in the table's "
     "locations and S3_ENDPOINT_URL",
+    **dict.fromkeys(
+        REJECTED_CREDENTIALS,
+        "the bucket {bucket} rejects the credentials that this machine sent, {access}: renew or correct "
+        "them (AWS_PROFILE, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, AWS_SESSION_TOKEN), or set "
+        "S3_ANONYMOUS=True if the bucket is public",
+    ),
 }
 
 
@@ -250,8 +273,11 @@ class SourceCheck:
             )
 
     def _advice(self, reason: str) -> str:
+        advice = _UNREACHABLE_ADVICE[reason]
+        if "{access}" not in advice:
+            return advice
         bucket = urlparse(self._example or "").netloc
-        return _UNREACHABLE_ADVICE[reason].format(bucket=bucket, access=self._s3_access(bucket))
+        return advice.format(bucket=bucket, access=self._s3_access(bucket))
 
 
 @dataclasses.dataclass

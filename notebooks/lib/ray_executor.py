@@ -1,45 +1,39 @@
-"""02 with EXECUTOR='ray': workers, one per GPU (or per CPUS_PER_WORKER cores), embed whole chunks.
+"""02 with EXECUTOR='ray', the driver's side: chunks handed to workers, one per GPU (or CPU share).
 
-Each worker is a Ray actor that loads the model once and runs the local executor's per-chunk
-pipeline: claim, fetch threads, decode, encode, write. The driver hands chunks to the workers that
-are up, relays their progress and adds up their summaries. A worker that dies (its process, or its
-node) is restarted by Ray and its chunk handed out again; chunk files are written whole under a
-claim, so a chunk that runs twice replaces only itself.
+Each worker (ray_worker) loads the model once and runs the local executor's per-chunk pipeline. The
+driver hands chunks to the workers that are up, relays their progress and adds up their summaries.
+A worker that dies (its process, or its node) is restarted by Ray and its chunk handed out again;
+chunk files are written whole under a claim, so a chunk that runs twice replaces only itself.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
-import os
-import socket
 import time
-from pathlib import Path
 from typing import Any
 
 from . import executor
-from .chunkfile import ChunkInfo, describe_difference, signature_of
+from .chunkfile import ChunkInfo
 from .cluster import WorkerLayout, connect, worker_layout
 from .errors import PipelineError
 from .executor import (
-    ChunkWriter,
     RunSummary,
-    SourceCheck,
-    chunk_attributes,
-    image_loader,
     prepare_chunk_folder,
     run_chunk_plan,
 )
-from .model import ClipEncoder, load_encoder
+from .model import ClipEncoder
 from .params import EmbedParams
-from .plan import RunPlan, image_recipe, run_signature, with_machine_sizes
+from .plan import RunPlan
 from .progress import RunProgress
-from .settings import Settings, configure, current_settings
+from .ray_worker import ChunkWorker, NotStarted, ProgressInbox, WorkerReply, WorkerSpec
+from .settings import current_settings
 from .table import ImageTable
 
 ATTEMPTS_PER_CHUNK = 3  # a chunk whose worker dies this many times under it stops the run
 RESTARTS_PER_WORKER = 8  # Ray starts a dead worker again this many times
 POLL_SECONDS = 0.5  # how often the driver relays the workers' progress
+NO_WORKER_WARNING_SECONDS = 120  # with no worker up by then, the driver says what the workers ask for
 
 
 def embed_chunks(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params: EmbedParams) -> RunSummary:
@@ -47,18 +41,6 @@ def embed_chunks(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params:
     if params.executor == "local":
         return executor.embed_chunks(table, encoder, plan, params)
     return _embed_on_ray(table, encoder, plan, params)
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerSpec:
-    """What every worker starts from: the driver's settings, its parameters and the plan's signature."""
-
-    settings: Settings
-    params: EmbedParams  # with the workers' device, and a hub model pinned to the driver's commit
-    folder: Path  # the chunk folder
-    signature: dict  # what the plan's chunks share, which each worker's vectors must match
-    table: Any  # the image table, in Ray's object store
-    inbox: Any  # the actor that collects the workers' progress for the driver
 
 
 def _embed_on_ray(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params: EmbedParams) -> RunSummary:
@@ -71,7 +53,10 @@ def _embed_on_ray(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params
     connect(params.ray_address)
     layout = worker_layout(params.device, params.cpus_per_worker)
     hub_commit = None if encoder.checkpoint.revision.startswith("sha256:") else encoder.checkpoint.revision
-    inbox = ray.remote(num_cpus=0)(ProgressInbox).remote()
+    driver_node = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
+        ray.get_runtime_context().get_node_id(), soft=False
+    )  # the inbox dies with the driver's node alone, which ends the run anyway
+    inbox = ray.remote(num_cpus=0, scheduling_strategy=driver_node)(ProgressInbox).remote()
     spec = WorkerSpec(
         current_settings(),
         dataclasses.replace(params, device=layout.device, model_revision=hub_commit),
@@ -82,6 +67,7 @@ def _embed_on_ray(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params
     )
     began = time.perf_counter()
     count = min(layout.workers, len(chunks.todo) + len(chunks.retry))
+    summary.workers = count
     with (
         RunProgress(chunks.rows_to_do) as progress,
         RayWorkers(spec, layout, count, progress, summary) as workers,
@@ -89,120 +75,6 @@ def _embed_on_ray(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params
         run_chunk_plan(workers, chunks, params.chunk, progress)
     summary.seconds = time.perf_counter() - began
     return summary
-
-
-class ProgressInbox:
-    """A Ray actor that keeps the workers' progress events until the driver takes them."""
-
-    def __init__(self) -> None:
-        self._events: list[tuple] = []
-
-    def put(self, event: tuple) -> None:
-        self._events.append(event)
-
-    def take(self) -> list[tuple]:
-        events, self._events = self._events, []
-        return events
-
-
-class _RelayedProgress:
-    """A worker's RunProgress: each count goes to the driver's inbox, tagged with the call it belongs to."""
-
-    def __init__(self, inbox: Any):
-        self._inbox = inbox
-        self.call = 0  # the driver's number of the call under way
-
-    def add(self, reasons: list[str | None]) -> None:
-        self._inbox.put.remote((self.call, "add", reasons))
-
-    def add_elsewhere(self, rows: int) -> None:
-        self._inbox.put.remote((self.call, "add_elsewhere", rows))
-
-    def chunk_written(self, name: str) -> None:
-        self._inbox.put.remote((self.call, "chunk_written", name))
-
-
-@dataclasses.dataclass(frozen=True)
-class WorkerReply:
-    """What a worker's call did: ranges another run is at work on, its summary, the chunks it holds."""
-
-    busy: list[tuple[int, int]]
-    summary: RunSummary
-    held: list[tuple[int, int]]  # embedded, not yet written: the run has not yet proven it reaches images
-
-
-class NotStarted(Exception):
-    """A call to a worker that Ray started again, in place of a dead one, before it was given the run."""
-
-
-class ChunkWorker:
-    """A Ray actor: `start` loads the model once, then whole chunks are claimed, embedded and written.
-
-    Ray starts a worker that died again without its state; the driver then calls `start` again.
-    """
-
-    def __init__(self) -> None:
-        self._writer: ChunkWriter | None = None
-
-    def start(self, spec: WorkerSpec, cores: int) -> dict:
-        """Load the model and check its vectors; return where this worker runs."""
-        self._writer = _start_writer(spec, cores)
-        return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self._writer.encoder.device)}
-
-    def embed(self, call: int, start: int, end: int) -> WorkerReply:
-        return self._reply(self._started(call).embed(start, end))
-
-    def write_unproven(self, call: int) -> WorkerReply:
-        return self._reply(self._started(call).write_unproven())
-
-    def retry(self, call: int, info: ChunkInfo) -> WorkerReply:
-        self._started(call).retry(info)
-        return self._reply([])
-
-    def _started(self, call: int) -> ChunkWriter:
-        """The writer, its progress tagged with the driver's number of this call."""
-        if self._writer is None:
-            raise NotStarted("Ray started this worker again after it died, without the run's model")
-        self._writer.progress.call = call
-        return self._writer
-
-    def _reply(self, busy: list[tuple[int, int]]) -> WorkerReply:
-        summary, self._writer.summary = self._writer.summary, RunSummary(0)
-        return WorkerReply(busy, summary, [(result.start, result.end) for result in self._writer.unproven])
-
-
-def _start_writer(spec: WorkerSpec, cores: int) -> ChunkWriter:
-    """Load the model on this worker's device and check that it makes the plan's vectors."""
-    import ray
-    import torch
-
-    configure(**{**vars(spec.settings), "cores": cores})
-    if spec.params.device == "cpu":
-        torch.set_num_threads(cores)
-    table = ray.get(spec.table)
-    params = spec.params
-    encoder = load_encoder(params.model, params.device, params.precision, params.model_revision)
-    params = with_machine_sizes(params, encoder)
-    recipe = image_recipe(encoder, params)
-    signature = run_signature(encoder, recipe, table)
-    if signature_of(signature) != signature_of(spec.signature):
-        difference = describe_difference(spec.signature, signature, ("the plan", "this worker"))
-        raise PipelineError(
-            f"The Ray worker on {socket.gethostname()} makes vectors unlike the plan's ({difference}): give "
-            "every node of the cluster the same model files and versions of this pipeline."
-        )
-    loader = image_loader(recipe, params)
-    return ChunkWriter(
-        spec.folder,
-        table,
-        encoder,
-        loader,
-        params.gpu_batch_size,
-        chunk_attributes(encoder, recipe, table, params.model),
-        _RelayedProgress(spec.inbox),
-        SourceCheck(loader.fetcher.s3_access, enabled=params.stop_if_unreachable),
-        RunSummary(0),
-    )
 
 
 @dataclasses.dataclass
@@ -217,6 +89,8 @@ class _Task:
     def __str__(self) -> str:
         if self.method == "retry":
             return f"the retry of {self.args[0].path.name}"
+        if self.method == "write_unproven":
+            return "the writing of the chunks it held"
         return f"rows [{self.args[0]}, {self.args[1]})"
 
 
@@ -229,6 +103,8 @@ class _Worker:
     starting: Any  # the reference of its `start` call until it answers; None once it is up
     where: dict | None = None
     held: list[tuple[int, int]] = dataclasses.field(default_factory=list)
+    kept: list[tuple] = dataclasses.field(default_factory=list)  # the counts of the chunks it holds
+    starts: int = 1
     dead: bool = False
 
     def __str__(self) -> str:
@@ -237,7 +113,7 @@ class _Worker:
 
 
 class RayWorkers:
-    """The driver's side of the Ray workers: a ChunkWriter's three methods, run on all workers at once."""
+    """The driver's side of the Ray workers: a ChunkWriter's three methods, run on the workers."""
 
     def __init__(
         self, spec: WorkerSpec, layout: WorkerLayout, count: int, progress: RunProgress, summary: RunSummary
@@ -251,7 +127,7 @@ class RayWorkers:
             max_task_retries=0,  # the driver hands a lost chunk out again, knowing what it had counted
         )
         print(f"Starting {count} of {layout} (each loads the model)")
-        self._spec, self._cores = spec, layout.cores
+        self._spec, self._cores, self._gpus = spec, layout.cores, layout.device == "cuda"
         self._workers = []
         for number in range(1, count + 1):
             handle = actor.remote()
@@ -262,6 +138,9 @@ class RayWorkers:
         self._calls = 0
         self._relayed: dict[int, list[tuple]] = {}  # the counts of each call under way
         self._lost: set[int] = set()  # calls whose worker died: their late counts are dropped
+        self._proven = False  # a worker reached an image: the run's reachability check is passed
+        self._began = time.monotonic()
+        self._warned = False
 
     def __enter__(self) -> RayWorkers:
         return self
@@ -288,11 +167,15 @@ class RayWorkers:
         busy, again = [], []
         for worker in holding:
             task = _Task("write_unproven", ())
-            reply = self._outcome(self._call(worker, task), worker, task)
+            reference = self._call(worker, task)
+            self._relay()
+            reply = self._outcome(reference, worker, task)
             if reply is None:
                 again += [_Task("embed", held) for held in worker.held]
+                worker.held = []
             else:
                 busy += reply.busy
+        self._relay()
         return busy + self._run(again)
 
     def _run(self, tasks: list[_Task]) -> list[tuple[int, int]]:
@@ -311,6 +194,7 @@ class RayWorkers:
             }
             done, _ = ray.wait([*running, *starting], num_returns=1, timeout=POLL_SECONDS)
             self._relay()
+            self._warn_if_none_is_up()
             for ref in done:
                 if ref in starting:
                     self._came_up(starting[ref])
@@ -322,7 +206,20 @@ class RayWorkers:
                     worker.held = []
                 else:
                     busy += reply.busy
+        self._relay()
         return busy
+
+    def _warn_if_none_is_up(self) -> None:
+        """Say so, once, when no worker has come up for a long while: the cluster may lack their room."""
+        if self._warned or any(worker.where for worker in self._workers):
+            return
+        if time.monotonic() - self._began > NO_WORKER_WARNING_SECONDS:
+            self._warned = True
+            print(
+                f"No Ray worker is up after {NO_WORKER_WARNING_SECONDS} s: Ray may have no room for them "
+                f"(each asks for {self._cores} CPU core(s){' and a GPU' if self._gpus else ''}). "
+                "`ray status` on the head node shows what the cluster has and what waits; 02 goes on waiting."
+            )
 
     def _idle(self, running: dict) -> list[_Worker]:
         working = {id(worker) for worker, _ in running.values()}
@@ -343,7 +240,7 @@ class RayWorkers:
     def _call(self, worker: _Worker, task: _Task) -> Any:
         self._calls += 1
         self._relayed[self._calls] = []
-        reference = getattr(worker.actor, task.method).remote(self._calls, *task.args)
+        reference = getattr(worker.actor, task.method).remote(self._calls, self._proven, *task.args)
         task.call = self._calls
         return reference
 
@@ -353,13 +250,19 @@ class RayWorkers:
 
         try:
             worker.where = ray.get(worker.starting)
+        except ray.exceptions.RayActorError as error:  # it died while loading the model
+            worker.starting = None
+            if worker.starts > RESTARTS_PER_WORKER:
+                worker.dead = True
+                return
+            worker.starts += 1
+            print(f"{worker} was lost while starting ({_first_line(error)}): Ray starts it again")
+            worker.starting = self._start(worker.actor)
         except ray.exceptions.RayTaskError as error:
-            raise error.cause from None
-        except ray.exceptions.RayActorError:
-            worker.dead = True  # Ray gave up starting it again
+            raise _worker_error(error) from None
         else:
+            worker.starting = None
             print(f"{worker} is up, on {worker.where['device']}")
-        worker.starting = None
 
     def _outcome(self, reference: Any, worker: _Worker, task: _Task) -> WorkerReply | None:
         """A call's reply, added to the run's summary; None when its worker died under it."""
@@ -372,24 +275,27 @@ class RayWorkers:
             return None
         except ray.exceptions.RayTaskError as error:  # what the worker raised, a PipelineError say
             if not isinstance(error.cause, NotStarted):
-                raise error.cause from None
+                raise _worker_error(error) from None
             self._worker_lost(worker, task, error.cause)  # it died while idle
             return None
-        self._relayed.pop(task.call)
+        events = self._relayed.pop(task.call)
+        worker.kept = worker.kept + events if reply.held else []
         self._summary.absorb(reply.summary)
+        self._proven |= reply.proven
         worker.held = reply.held
         return reply
 
     def _worker_lost(self, worker: _Worker, task: _Task, error: Exception) -> None:
-        """Take back the counts of the lost call, and have Ray's restart of the worker noticed."""
-        events = self._relayed.pop(task.call)
+        """Take back the counts of the lost call and of the chunks the worker held; start it again."""
+        events = self._relayed.pop(task.call) + worker.kept
+        worker.kept = []
         self._lost.add(task.call)
         self._progress.take_back(
             [reason for _, name, value in events if name == "add" for reason in value],
             sum(value for _, name, value in events if name == "add_elsewhere"),
         )
         task.attempts += 1
-        problem = str(error).splitlines()[0]
+        problem = _first_line(error)
         if task.attempts >= ATTEMPTS_PER_CHUNK:
             raise PipelineError(
                 f"{task} lost its Ray worker {task.attempts} times (the last: {problem}). See the workers' "
@@ -412,3 +318,12 @@ class RayWorkers:
             if call in self._relayed:
                 self._relayed[call].append(event)
             getattr(self._progress, name)(value)
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
+
+
+def _worker_error(error: Any) -> Exception:
+    """What a worker raised: a PipelineError as it is; anything else with the worker's traceback."""
+    return error.cause if isinstance(error.cause, PipelineError) else error
