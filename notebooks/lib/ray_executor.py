@@ -45,6 +45,7 @@ def embed_chunks(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params:
 
 def _embed_on_ray(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params: EmbedParams) -> RunSummary:
     import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
     chunks = plan.chunks
     summary = prepare_chunk_folder(table, chunks, encoder.embedding_size)
@@ -53,9 +54,8 @@ def _embed_on_ray(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params
     connect(params.ray_address)
     layout = worker_layout(params.device, params.cpus_per_worker)
     hub_commit = None if encoder.checkpoint.revision.startswith("sha256:") else encoder.checkpoint.revision
-    driver_node = ray.util.scheduling_strategies.NodeAffinitySchedulingStrategy(
-        ray.get_runtime_context().get_node_id(), soft=False
-    )  # the inbox dies with the driver's node alone, which ends the run anyway
+    # the inbox dies only with the driver's node, which ends the run anyway
+    driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     inbox = ray.remote(num_cpus=0, scheduling_strategy=driver_node)(ProgressInbox).remote()
     spec = WorkerSpec(
         current_settings(),
@@ -163,19 +163,21 @@ class RayWorkers:
 
     def write_unproven(self) -> list[tuple[int, int]]:
         """Have each worker write the chunks it holds; what a lost worker held is embedded again."""
+        import ray
+
         holding = [worker for worker in self._workers if worker.held and not worker.dead]
         busy, again = [], []
         for worker in holding:
             task = _Task("write_unproven", ())
             reference = self._call(worker, task)
-            self._relay()
+            ray.wait([reference])
+            self._relay()  # its counts, which reach the inbox before its reply
             reply = self._outcome(reference, worker, task)
             if reply is None:
                 again += [_Task("embed", held) for held in worker.held]
                 worker.held = []
             else:
                 busy += reply.busy
-        self._relay()
         return busy + self._run(again)
 
     def _run(self, tasks: list[_Task]) -> list[tuple[int, int]]:
