@@ -122,7 +122,7 @@ def embed_rows(
     table: lib.table.ImageTable, encoder: lib.model.ClipEncoder, params: lib.EmbedParams
 ) -> lib.executor.RunSummary:
     """Plan and embed rows [START, END) of `table` as 02 does, in the collection of OUTPUT_DIR."""
-    plan = lib.plan_run(params, lib.collection(params.output_dir), encoder, table)
+    plan = lib.plan_run(params, lib.collection(params.output_dir, params.s3_endpoint_url), encoder, table)
     return lib.embed_chunks(table, encoder, plan, params)
 
 

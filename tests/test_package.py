@@ -12,6 +12,7 @@ FLOW = [
     "errors",
     "settings",
     "workspace",
+    "storage",
     "params",
     "progress",
     "downloads",

@@ -34,10 +34,11 @@ METADATA_DEFAULTS = {
     "SPLIT": "validation",
     "SOURCE": None,
     "FETCH": "s3",
+    "S3_ENDPOINT_URL": None,
 }
 
 
-MERGE_DEFAULTS = {"OUTPUT_DIR": "OUTPUT", "OUTPUT_FILE": None, "CLEANUP": False}
+MERGE_DEFAULTS = {"OUTPUT_DIR": "OUTPUT", "OUTPUT_FILE": None, "CLEANUP": False, "S3_ENDPOINT_URL": None}
 
 
 def test_defaults_are_valid():

@@ -21,6 +21,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import boto3
 import lib
 import numpy as np
 import pytest
@@ -35,19 +36,22 @@ ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
 TIMINGS = ("stats",)  # what differs between any two runs: per-chunk seconds
+S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "ray-key", "AWS_SECRET_ACCESS_KEY": "ray-secret"}
 
 
 @pytest.fixture(scope="module")
 def ray_instance() -> Iterator[Path]:
     """A Ray instance of this test process, on 127.0.0.1 with 2 CPUs; no process of it outlives it."""
     folder = Path(tempfile.mkdtemp(prefix="ray", dir="/tmp"))  # short: Ray's socket paths have a limit
-    os.environ["RAY_TMPDIR"] = str(folder)
+    environment = {"RAY_TMPDIR": str(folder), **S3_CREDENTIALS}  # what the workers inherit
+    os.environ.update(environment)
     lib.cluster.connect(None)
     try:
         yield folder
     finally:
         ray.shutdown()
-        del os.environ["RAY_TMPDIR"]
+        for name in environment:
+            del os.environ[name]
         assert wait_for(lambda: not ray_processes(folder), 30), ray_processes(folder)
         shutil.rmtree(folder, ignore_errors=True)
 
@@ -141,6 +145,20 @@ def test_a_ray_run_makes_the_file_a_local_run_makes(
     again = run_02(ray_collection, ray_params(tiny_checkpoint, output_dir="RAY", retry_failed=True))
     assert (again.chunks_retried, again.retried, again.recovered) == (1, 2, 0)
     assert_same_output(merged(ray_collection), local_output)
+
+
+def test_ray_workers_write_a_collection_on_object_storage(
+    ray_instance, local_output, tiny_checkpoint, collection, s3_endpoint
+):
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket="ray-out")
+    remote = lib.collection("s3://ray-out/collection", s3_endpoint)
+    remote.folder.mkdir(parents=True)
+    lib.storage.push(remote, Path(shutil.copy(collection.table, remote.table)))
+    shutil.rmtree(remote.folder)  # the workers' chunks reach the driver through the bucket alone
+    params = ray_params(tiny_checkpoint, output_dir=remote.name, s3_endpoint_url=s3_endpoint)
+    assert run_02(remote, params).chunks_written == 5
+    shutil.rmtree(remote.folder)
+    assert_same_output(merged(remote), local_output)
 
 
 def test_chunks_that_wait_for_proof_of_a_way_to_the_images_are_written_by_their_workers(

@@ -22,6 +22,7 @@ module per seam, in the order the data flows through them; each imports only mod
     errors       PipelineError (what the user can fix) and ImageFailure (one image, with its reason)
     settings     the repository root, timeouts, block sizes; prepare_process, the one process-wide call
     workspace    the repository root's .cache/, collections (OUTPUT_DIR), atomic files, free space
+    storage      collections on object storage (OUTPUT_DIR=s3://...): staged copies, uploads, a lease
     params       each stage's parameters, read from the notebook and checked
     progress     tqdm bars where someone watches, printed lines when headless
     downloads    HTTP sessions and retries; whole files fetched once into .cache/downloads/
@@ -78,6 +79,7 @@ from . import (
     ray_worker,
     settings,
     sources,
+    storage,
     table,
     workspace,
 )
@@ -167,6 +169,7 @@ __all__ = [
     "search",
     "settings",
     "sources",
+    "storage",
     "table",
     "with_machine_sizes",
     "workspace",

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import json
 import time
 from collections.abc import Callable
@@ -48,8 +49,9 @@ from .plan import (
 )
 from .preprocess import ImageRecipe
 from .progress import RunProgress
+from .storage import lease, push
 from .table import ImageTable
-from .workspace import check_free_space, check_writable
+from .workspace import Collection, check_free_space, check_writable, collection
 
 
 @dataclasses.dataclass
@@ -143,7 +145,9 @@ def embed_chunks(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params:
     summary = prepare_chunk_folder(table, plan.chunks, encoder.embedding_size)
     attrs = chunk_attributes(encoder, plan.recipe, table, params.model)
     began = time.perf_counter()
+    output = collection(params.output_dir, params.s3_endpoint_url)
     with (
+        lease(output, "02_embed"),
         image_loader(plan.recipe, params) as loader,
         RunProgress(plan.chunks.rows_to_do) as progress,
     ):
@@ -151,6 +155,7 @@ def embed_chunks(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params:
         writer = ChunkWriter(
             plan.chunks.folder, table, encoder, loader, params.gpu_batch_size, attrs, progress, reach, summary
         )
+        writer.publish = uploader(output)
         run_chunk_plan(writer, plan.chunks, params.chunk, progress)
     summary.seconds = time.perf_counter() - began
     return summary
@@ -186,6 +191,11 @@ def image_loader(recipe: ImageRecipe, params: EmbedParams) -> ImageLoader:
     fetcher = Fetcher(params.s3_endpoint_url, pool_size=fetch_threads, s3_anonymous=params.s3_anonymous)
     lookahead = 2 * params.gpu_batch_size + fetch_threads
     return ImageLoader(fetcher, recipe, params.num_workers, lookahead)
+
+
+def uploader(output: Collection) -> Callable[[Path], None] | None:
+    """What uploads each chunk file written, for a collection on object storage; None for a folder."""
+    return functools.partial(push, output) if output.remote else None
 
 
 def run_chunk_plan(writer: ChunkWriter, chunks: ChunkPlan, chunk: int, progress: RunProgress) -> None:
@@ -298,6 +308,7 @@ class ChunkWriter:
     reach: SourceCheck
     summary: RunSummary
     unproven: list[ChunkResult] = dataclasses.field(default_factory=list)
+    publish: Callable[[Path], None] | None = None  # uploads each chunk file written (object storage)
 
     def embed_all(self, ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
         """Embed each row range in turn; return the ranges another run is at work on."""
@@ -354,8 +365,11 @@ class ChunkWriter:
         self.progress.chunk_written(path.name)
 
     def _write_file(self, path: Path, result: ChunkResult, attrs: dict) -> None:
+        """Write a chunk file (under its claim), and upload it whole where the collection is remote."""
         began = time.perf_counter()
         write_chunk(path, result, attrs)
+        if self.publish:
+            self.publish(path)
         self.summary.write_seconds += time.perf_counter() - began
 
     def _observe(self, locations: list[str], reasons: list[str | None]) -> None:

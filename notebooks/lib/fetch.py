@@ -24,15 +24,12 @@ from .downloads import DeadlineRetry, PastDeadline, http_session, root_cause
 from .errors import ImageFailure
 from .settings import current_settings
 from .sources import OPENIMAGES_BUCKET
+from .storage import describe_aws_credentials
 
 MAX_IMAGE_BYTES = 512 << 20  # a larger body is not an image to embed ("too large"), and is not read
 
 
 PUBLIC_BUCKETS = (OPENIMAGES_BUCKET,)  # read anonymously, as Open Images' own downloader.py does
-_CREDENTIAL_SOURCES = (
-    "AWS_PROFILE, AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, ~/.aws/credentials, or an instance or "
-    "container role"
-)
 
 
 class Fetcher:
@@ -73,12 +70,7 @@ class Fetcher:
         if bucket in PUBLIC_BUCKETS:
             return "anonymously (Open Images' public bucket)"
         with self._s3_client_lock:
-            credentials = self._s3_credentials
-        if credentials is None:
-            return f"anonymously, as no AWS credentials were found ({_CREDENTIAL_SOURCES})"
-        profile = self._s3_session.profile_name
-        named = f" (profile {profile!r})" if credentials.method == "shared-credentials-file" else ""
-        return f"with the AWS credentials of {credentials.method}{named}"
+            return describe_aws_credentials(self._s3_session)
 
     @functools.cached_property
     def _s3_session(self) -> Any:

@@ -33,6 +33,7 @@ from .chunkfile import (
 from .claims import FileLock, claimed, lock_holder, lock_path, remove_stale_files
 from .errors import PipelineError
 from .progress import progress_bar
+from .storage import delete_chunks, lease, pull, push, sync_chunks
 from .workspace import (
     Collection,
     atomic_file,
@@ -281,21 +282,31 @@ def merge_chunks(
     whatever the number of chunks. Overlapping chunks or chunks of different models are errors;
     rows that no chunk covers are reported as gaps. With `cleanup`, the chunk files are deleted
     once the merged file is verified. One merge at a time writes a given OUTPUT_FILE (a lock file
-    beside it); a killed merge leaves the old file whole.
+    beside it); a killed merge leaves the old file whole. A collection on object storage is merged
+    from its chunks brought into its staged copy, under its lease; the merged file (OUTPUT_FILE
+    None) is uploaded whole, and CLEANUP deletes the chunks there too.
     """
     path = resolve_path(output_file) if output_file else collection.merged_file
     check_writable(path.parent)
-    with _merge_lock(path):
+    with lease(collection, "03_merge"), _merge_lock(path):
+        sync_chunks(collection)
         temporary_path(path).unlink(missing_ok=True)  # left by an interrupted merge
         chunks = find_chunks(collection.chunks)
+        if not output_file:
+            pull(collection, path)
         if _holds_every_chunk(path, collection.chunks, chunks):
             report = _report_of_merged(path)
         elif chunks:
             report = _merge(path, chunks)
+            if collection.remote and not output_file:
+                push(collection, path)
+                print(f"Uploaded the merged file to {collection.where(path)}")
         else:
-            raise PipelineError(f"There are no chunk files in {collection.chunks}: run 02_embed first.")
+            raise PipelineError(f"There are no chunk files in {collection.name}: run 02_embed first.")
         if cleanup:
-            report = dataclasses.replace(report, kept=_delete_merged_chunks(path, collection.chunks, chunks))
+            kept = _delete_merged_chunks(path, collection.chunks, chunks)
+            delete_chunks(collection, [info.path.name for info in chunks if info.path.name not in kept])
+            report = dataclasses.replace(report, kept=kept)
     return report
 
 

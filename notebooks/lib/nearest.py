@@ -28,6 +28,7 @@ from .preprocess import ImageRecipe
 from .progress import progress_bar
 from .settings import current_settings
 from .sources import LOCATION_SCHEMES, resolve_locations
+from .storage import pull
 from .table import table_info, table_values
 from .workspace import (
     Collection,
@@ -131,7 +132,12 @@ def array_blocks(vectors: Any, block_rows: int) -> Iterator[tuple[int, np.ndarra
 
 
 def open_embeddings(collection: Collection, path: str | os.PathLike | None = None) -> EmbeddingsFile:
-    """The merged file at `path` (None: the collection's); a missing or foreign file is an error."""
+    """The merged file at `path` (None: the collection's, brought from object storage if it is there).
+
+    A missing or foreign file is an error.
+    """
+    if not path:
+        pull(collection, collection.merged_file)
     resolved = resolve_path(path) if path else collection.merged_file
     if not resolved.is_file():
         raise PipelineError(

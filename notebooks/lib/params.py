@@ -17,7 +17,8 @@ from typing import Any
 from urllib.parse import urlparse
 
 from .errors import ParameterError
-from .workspace import DEFAULT_OUTPUT_DIR
+from .storage import check_store_url
+from .workspace import DEFAULT_OUTPUT_DIR, is_url
 
 DATASETS = ("openimages-v7", "table", "folder")
 SPLITS = ("train", "validation", "test")
@@ -65,11 +66,8 @@ def _check_device(name: str, value: Any) -> None:
 
 def _check_output_dir(value: Any) -> None:
     _check_text("OUTPUT_DIR", value)
-    if urlparse(value).scheme:
-        raise ParameterError(
-            f"OUTPUT_DIR={value!r} is not allowed: use a folder on this machine or on a mounted disk, "
-            f"such as {DEFAULT_OUTPUT_DIR!r} or '/mnt/shared/openimages' (one folder per collection)."
-        )
+    if is_url(value):
+        check_store_url(value)
 
 
 def _check_s3_endpoint_url(value: Any) -> None:
@@ -102,8 +100,10 @@ class MetadataParams:
     source: str | dict | None
     fetch: str
     output_dir: str = DEFAULT_OUTPUT_DIR
+    s3_endpoint_url: str | None = None
 
     def __post_init__(self) -> None:
+        _check_s3_endpoint_url(self.s3_endpoint_url)
         _check_choice("DATASET", self.dataset, DATASETS)
         _check_choice("SPLIT", self.split, SPLITS)
         _check_choice("FETCH", self.fetch, FETCH_MODES)
@@ -187,9 +187,11 @@ class MergeParams:
     output_file: str | None
     cleanup: bool
     output_dir: str = DEFAULT_OUTPUT_DIR
+    s3_endpoint_url: str | None = None
 
     def __post_init__(self) -> None:
         _check_output_dir(self.output_dir)
+        _check_s3_endpoint_url(self.s3_endpoint_url)
         _check_text("OUTPUT_FILE", self.output_file, optional=True)
         _check_bool("CLEANUP", self.cleanup)
 

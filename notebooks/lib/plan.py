@@ -30,6 +30,7 @@ from .model import (
 from .params import EmbedParams
 from .preprocess import ImageRecipe
 from .settings import cpu_cores
+from .storage import sync_chunks
 from .table import ImageTable
 from .workspace import DEFAULT_OUTPUT_DIR, Collection, current_workspace, resolve_path
 
@@ -70,7 +71,9 @@ def run_encoder(params: EmbedParams, collection: Collection) -> ClipEncoder:
     With MODEL_REVISION=None, a collection whose chunks record a hub commit continues with that
     commit, even after the hub's main has moved on. PRECISION='auto' that resolves to another
     precision than the chunks record (another device) is an error naming the value that continues.
+    A collection on object storage has its chunks brought into its staged copy first.
     """
+    sync_chunks(collection)
     first = chunk_files(collection.chunks)[:1]
     recorded = read_chunk_info(first[0]).attrs if first else {}
     revision = params.model_revision or recorded_commit(recorded, params.model)

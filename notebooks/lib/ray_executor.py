@@ -28,7 +28,9 @@ from .plan import RunPlan
 from .progress import RunProgress
 from .ray_worker import ChunkWorker, NotStarted, ProgressInbox, WorkerReply, WorkerSpec
 from .settings import current_settings
+from .storage import lease
 from .table import ImageTable
+from .workspace import collection
 
 ATTEMPTS_PER_CHUNK = 3  # a chunk whose worker dies this many times under it stops the run
 RESTARTS_PER_WORKER = 8  # Ray starts a dead worker again this many times
@@ -57,6 +59,7 @@ def _embed_on_ray(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params
     # the inbox dies only with the driver's node, which ends the run anyway
     driver_node = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     inbox = ray.remote(num_cpus=0, scheduling_strategy=driver_node)(ProgressInbox).remote()
+    output = collection(params.output_dir, params.s3_endpoint_url)
     spec = WorkerSpec(
         current_settings(),
         dataclasses.replace(params, device=layout.device, model_revision=hub_commit),
@@ -64,11 +67,13 @@ def _embed_on_ray(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params
         chunks.signature,
         ray.put(table),
         inbox,
+        output,
     )
     began = time.perf_counter()
     count = min(layout.workers, len(chunks.todo) + len(chunks.retry))
     summary.workers = count
     with (
+        lease(output, "02_embed"),
         RunProgress(chunks.rows_to_do) as progress,
         RayWorkers(spec, layout, count, progress, summary) as workers,
     ):

@@ -14,11 +14,12 @@ from typing import Any
 
 from .chunkfile import ChunkInfo, describe_difference, signature_of
 from .errors import PipelineError
-from .executor import ChunkWriter, RunSummary, SourceCheck, chunk_attributes, image_loader
+from .executor import ChunkWriter, RunSummary, SourceCheck, chunk_attributes, image_loader, uploader
 from .model import load_encoder
 from .params import EmbedParams
 from .plan import image_recipe, run_signature, with_machine_sizes
 from .settings import Settings, configure
+from .workspace import Collection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -31,6 +32,7 @@ class WorkerSpec:
     signature: dict  # what the plan's chunks share, which each worker's vectors must match
     table: Any  # the image table, in Ray's object store
     inbox: Any  # the actor that collects the workers' progress for the driver
+    output: Collection  # where chunk files go: staged here, and uploaded if it is on object storage
 
 
 class ProgressInbox:
@@ -152,7 +154,7 @@ def _start_writer(spec: WorkerSpec, cores: int) -> ChunkWriter:
             "every node of the cluster the same model files and versions of this pipeline."
         )
     loader = image_loader(recipe, params)
-    return ChunkWriter(
+    writer = ChunkWriter(
         spec.folder,
         table,
         encoder,
@@ -163,3 +165,5 @@ def _start_writer(spec: WorkerSpec, cores: int) -> ChunkWriter:
         SourceCheck(loader.fetcher.s3_access, enabled=params.stop_if_unreachable),
         RunSummary(0),
     )
+    writer.publish = uploader(spec.output)
+    return writer

@@ -20,6 +20,7 @@ import pyarrow.parquet as pq
 from .errors import PipelineError
 from .params import MetadataParams
 from .sources import OPENIMAGES_METADATA, TABLE_COLUMNS
+from .storage import pull, push
 from .workspace import (
     DEFAULT_OUTPUT_DIR,
     Collection,
@@ -69,11 +70,13 @@ def save_image_table(table: pd.DataFrame, params: MetadataParams, collection: Co
         "md5_sha256": _columns_sha256(table, ("md5",)),  # so that new checksums are saved too
     }
     _move_earlier_table(collection)
+    pull(collection, collection.table)
     if table_info(collection.table) == info:
         print(f"The image table is already up to date: {len(table):,} rows in {collection.table}")
         return info
     _write_table(pa.Table.from_pandas(table, preserve_index=False), info, collection.table)
-    print(f"Wrote the image table: {len(table):,} rows to {collection.table}")
+    push(collection, collection.table)
+    print(f"Wrote the image table: {len(table):,} rows to {collection.where(collection.table)}")
     return info
 
 
@@ -150,8 +153,10 @@ class ImageTable:
 
 
 def load_image_table(collection: Collection) -> ImageTable:
-    """The table that 01_metadata wrote into the collection."""
+    """The table that 01_metadata wrote into the collection (a remote one's, brought here first)."""
     _move_earlier_table(collection)
+    if collection.remote and not pull(collection, collection.table):
+        raise PipelineError(_no_table(collection))
     info = table_info(collection.table)
     if info is None:
         raise PipelineError(_no_table(collection))
@@ -160,10 +165,10 @@ def load_image_table(collection: Collection) -> ImageTable:
 
 def _no_table(collection: Collection) -> str:
     """Why a collection has no image table, and what to do."""
-    again = f"run 01_metadata with OUTPUT_DIR={str(collection.folder)!r}"
+    again = f"run 01_metadata with OUTPUT_DIR={collection.name!r}"
     if collection.table.exists():
         return f"{collection.table} is not an image table that 01_metadata wrote (it is damaged): {again}."
-    message = f"There is no image table in {collection.folder}: {again} first."
+    message = f"There is no image table in {collection.name}: {again} first."
     earlier = current_workspace().earlier_table
     if earlier.is_file():
         message += (

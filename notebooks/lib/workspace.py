@@ -11,9 +11,11 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from urllib.parse import urlparse
 
 from .errors import PipelineError
 from .settings import current_settings
@@ -53,9 +55,23 @@ class Workspace:
 
 @dataclasses.dataclass(frozen=True)
 class Collection:
-    """One OUTPUT_DIR: all that is made from one dataset (image table, chunks, merged file, runs)."""
+    """One OUTPUT_DIR: all that is made from one dataset (image table, chunks, merged file, runs).
+
+    An OUTPUT_DIR on object storage (`remote`) is staged in `folder`, under .cache/collections/.
+    """
 
     folder: Path
+    remote: str | None = None  # the object-storage URL
+    endpoint_url: str | None = None  # its S3_ENDPOINT_URL
+
+    @property
+    def name(self) -> str:
+        """OUTPUT_DIR as the user gave it: the URL, or the folder."""
+        return self.remote or str(self.folder)
+
+    def where(self, path: Path) -> str:
+        """A file of the collection as the user knows it: its path, or its URL on object storage."""
+        return f"{self.remote}/{path.relative_to(self.folder).as_posix()}" if self.remote else str(path)
 
     @property
     def table(self) -> Path:
@@ -82,9 +98,26 @@ def resolve_path(path: str | os.PathLike) -> Path:
     return path if path.is_absolute() else current_workspace().root / path
 
 
-def collection(output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR) -> Collection:
-    """The collection in OUTPUT_DIR (a relative path starts at the repository root)."""
-    return Collection(resolve_path(output_dir))
+def collection(
+    output_dir: str | os.PathLike = DEFAULT_OUTPUT_DIR, s3_endpoint_url: str | None = None
+) -> Collection:
+    """The collection in OUTPUT_DIR: a folder (relative paths start at the repository root) or a URL.
+
+    A URL (s3://bucket/prefix) is staged in .cache/collections/ and reached through S3_ENDPOINT_URL.
+    """
+    if not is_url(output_dir):
+        return Collection(resolve_path(output_dir))
+    url = str(output_dir).rstrip("/")
+    label = re.sub(r"[^A-Za-z0-9._-]+", "-", url.split("://", 1)[1])[-60:]
+    staging = (
+        current_workspace().cache / "collections" / f"{label}-{hashlib.sha256(url.encode()).hexdigest()[:12]}"
+    )
+    return Collection(staging, url, s3_endpoint_url)
+
+
+def is_url(output_dir: str | os.PathLike) -> bool:
+    """Whether OUTPUT_DIR is a URL (s3://...) rather than a folder."""
+    return len(urlparse(str(output_dir)).scheme) > 1
 
 
 def sha256_of_file(path: Path) -> str:
