@@ -123,8 +123,8 @@ class ObjectStore:
                 return False
             except TypeError:
                 raise PipelineError(
-                    f"OUTPUT_DIR={self.url!r}: its filesystem cannot write an object only where there is none, "
-                    "which the collection's lease needs: use an s3:// URL or a folder."
+                    f"OUTPUT_DIR={self.url!r}: its filesystem cannot write an object only where there is "
+                    "none, which the collection's lease needs: use an s3:// URL or a folder."
                 ) from None
         return True
 
