@@ -8,6 +8,7 @@ second run on the same collection is refused while the first holds its lease.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 
@@ -16,6 +17,7 @@ import lib
 import numpy as np
 import pytest
 from conftest import embed_params, read_output, save_table
+from test_notebooks import EMBED, papermill
 
 BUCKET = "team-collections"
 
@@ -185,3 +187,20 @@ def test_without_credentials_the_store_says_how_it_was_asked(
     anonymous = lib.collection(f"s3://{BUCKET}/anonymous-{workspace.root.parent.name}", s3_endpoint)
     with pytest.raises(lib.PipelineError, match="the store refuses this machine, which asked anonymously"):
         run_01(anonymous, image_folder)
+
+
+@pytest.mark.notebooks
+def test_the_stage_notebooks_on_an_s3_output_dir(repo, kernel_env, bucket, s3_endpoint, image_folder):
+    """papermill 01 -> 02 -> 03 -> 04 with OUTPUT_DIR an s3:// URL and S3_ENDPOINT_URL, as users run them."""
+    keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_EC2_METADATA_DISABLED")
+    env = {**kernel_env, **{name: os.environ[name] for name in keys}}
+    where = {"OUTPUT_DIR": f"s3://{BUCKET}/notebooks-{repo.parent.name}", "S3_ENDPOINT_URL": s3_endpoint}
+    papermill(repo, "01_metadata", {**where, "DATASET": "folder", "SOURCE": str(image_folder)}, env)
+    printed = papermill(repo, "02_embed", {**where, **EMBED, "CHUNK": 8}, env)
+    assert "chunks written: 3, already done: 0" in printed
+    printed = papermill(repo, "03_merge", {**where, "OUTPUT_FILE": None, "CLEANUP": True}, env)
+    assert f"Uploaded the merged file to {where['OUTPUT_DIR']}/Images_Embedded.h5" in printed
+    printed = papermill(repo, "04_search", {**where, "QUERIES": ["a red square"], "TOP_K": 3}, env)
+    assert "18 embeddings of 16 dimensions" in printed
+    left = objects(bucket, lib.collection(where["OUTPUT_DIR"]))
+    assert left == ["Images_Embedded.h5", "image_table.parquet"], "CLEANUP deleted the chunks there too"
