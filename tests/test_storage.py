@@ -204,3 +204,17 @@ def test_the_stage_notebooks_on_an_s3_output_dir(repo, kernel_env, bucket, s3_en
     assert "18 embeddings of 16 dimensions" in printed
     left = objects(bucket, lib.collection(where["OUTPUT_DIR"]))
     assert left == ["Images_Embedded.h5", "image_table.parquet"], "CLEANUP deleted the chunks there too"
+
+
+def test_a_chunk_rewritten_but_not_uploaded_goes_up_at_the_next_run(
+    remote, bucket, image_folder, tiny_checkpoint, tmp_path
+):
+    run_01(remote, image_folder)
+    run_02(remote, tiny_checkpoint)
+    chunk = remote.chunks / "chunk_000000016_000000020.h5"
+    attrs = read_output(chunk)["attrs"]
+    # RETRY_FAILED rewrote it here, and a kill came before its upload
+    lib.chunkfile.write_chunk(chunk, lib.chunkfile.read_chunk_result(chunk), {**attrs, "rewritten": "yes"})
+    lib.storage.sync_chunks(remote)
+    lib.storage.store_of(remote).download(f"chunks/{chunk.name}", tmp_path / "object.h5")
+    assert read_output(tmp_path / "object.h5")["attrs"]["rewritten"] == "yes"

@@ -203,12 +203,21 @@ def store_of(collection: Collection) -> ObjectStore | None:
 
 
 def _record(path: Path) -> Path:
-    """Where the staged copy `path` records the object it mirrors (size and ETag)."""
+    """Where the staged copy `path` records the object it mirrors, and its own size and mtime then."""
     return path.with_name(path.name + ".remote.json")
 
 
+def _staged(path: Path) -> list[int]:
+    found = path.stat()
+    return [found.st_size, found.st_mtime_ns]
+
+
 def pull(collection: Collection, path: Path) -> bool:
-    """Bring the object of the staged path `path` into it, if it changed; False: the store has none."""
+    """Bring the object of the staged path `path` into it, if it changed; False: the store has none.
+
+    A staged file rewritten here since its object was uploaded (a RETRY_FAILED, or a new table, that a
+    kill stopped before its upload) is newer than the object: it is uploaded instead.
+    """
     store = store_of(collection)
     if store is None:
         return path.exists()
@@ -216,9 +225,13 @@ def pull(collection: Collection, path: Path) -> bool:
     found = store.info(name)
     if found is None:
         return False
-    if not (path.is_file() and read_json(_record(path)) == found):
-        store.download(name, path)
-        write_json(_record(path), found)
+    record = read_json(_record(path))
+    if path.is_file() and record.get("object") == found:
+        if record.get("staged") != _staged(path):
+            push(collection, path)
+        return True
+    store.download(name, path)
+    write_json(_record(path), {"object": found, "staged": _staged(path)})
     return True
 
 
@@ -226,7 +239,8 @@ def push(collection: Collection, path: Path) -> None:
     """Upload the staged file `path` whole to the collection's store; nothing for a local collection."""
     store = store_of(collection)
     if store is not None:
-        write_json(_record(path), store.upload(path, path.relative_to(collection.folder).as_posix()))
+        found = store.upload(path, path.relative_to(collection.folder).as_posix())
+        write_json(_record(path), {"object": found, "staged": _staged(path)})
 
 
 def sync_chunks(collection: Collection) -> None:
