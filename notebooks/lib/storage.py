@@ -80,7 +80,7 @@ class ObjectStore:
                 found = self.fs.info(self.key(name))
             except FileNotFoundError:
                 return None
-        return {"size": found.get("size"), "etag": found.get("ETag") or found.get("etag")}
+        return _identity(found)
 
     def listing(self, folder: str, pattern: str) -> dict[str, dict]:
         """Object name (relative to the collection) -> its size and ETag, for names matching `pattern`."""
@@ -88,10 +88,7 @@ class ObjectStore:
             self.fs.invalidate_cache(self.key(folder))
             found = self.fs.glob(self.key(f"{folder}/{pattern}"), detail=True)
         root = self.key("").split("://", 1)[-1]
-        return {
-            name.split("://", 1)[-1].removeprefix(root): {"size": item.get("size"), "etag": item.get("ETag")}
-            for name, item in found.items()
-        }
+        return {name.split("://", 1)[-1].removeprefix(root): _identity(item) for name, item in found.items()}
 
     def upload(self, local: Path, name: str) -> dict:
         """Put a whole local file at `name`: readers see the old object or the new one, never a part."""
@@ -168,6 +165,11 @@ class ObjectStore:
             ) from None
 
 
+def _identity(found: dict) -> dict:
+    """What tells one version of an object from another: its size and ETag."""
+    return {"size": found.get("size"), "etag": found.get("ETag") or found.get("etag")}
+
+
 def _store_failure(error: Exception) -> bool:
     """Whether an error is the store's (the network, the service, botocore), not a bug of this code."""
     return isinstance(error, OSError) or type(error).__module__.startswith(("botocore", "aiobotocore"))
@@ -212,17 +214,18 @@ def _staged(path: Path) -> list[int]:
     return [found.st_size, found.st_mtime_ns]
 
 
-def pull(collection: Collection, path: Path) -> bool:
+def pull(collection: Collection, path: Path, found: dict | None = None) -> bool:
     """Bring the object of the staged path `path` into it, if it changed; False: the store has none.
 
-    A staged file rewritten here since its object was uploaded (a RETRY_FAILED, or a new table, that a
-    kill stopped before its upload) is newer than the object: it is uploaded instead.
+    `found`: the object's size and ETag, where a listing gave them. A staged file rewritten here since
+    its object was uploaded (a RETRY_FAILED, or a new table, that a kill stopped before its upload) is
+    newer than the object: it is uploaded instead.
     """
     store = store_of(collection)
     if store is None:
         return path.exists()
     name = path.relative_to(collection.folder).as_posix()
-    found = store.info(name)
+    found = found or store.info(name)
     if found is None:
         return False
     record = read_json(_record(path))
@@ -253,8 +256,8 @@ def sync_chunks(collection: Collection) -> None:
     if store is None:
         return
     remote = store.listing("chunks", "chunk_*.h5")
-    for name in remote:
-        pull(collection, collection.folder / name)
+    for name, found in remote.items():
+        pull(collection, collection.folder / name, found)
     for path in collection.chunks.glob("chunk_*.h5"):
         name = path.relative_to(collection.folder).as_posix()
         if name in remote:
@@ -338,6 +341,13 @@ class _Lease:
     def _renew(self) -> None:
         while not self._stopped.wait(LEASE_SECONDS / 4):
             with contextlib.suppress(PipelineError):  # renewed at the next turn, well before it expires
+                if self._current().get("token") != self._token:
+                    print(
+                        f"WARNING: the lease of {self._store.url} was taken over by another run while this "
+                        f"one did not renew it for {LEASE_SECONDS:.0f} s (a paused or cut-off machine): "
+                        "stop one of them; the chunks of both are whole, and 03 refuses overlaps."
+                    )
+                    return
                 self._store.replace(LEASE_NAME, self._data())
 
     def release(self) -> None:
