@@ -71,12 +71,13 @@ def save_image_table(table: pd.DataFrame, params: MetadataParams, collection: Co
     }
     _move_earlier_table(collection)
     pull(collection, collection.table)
+    where = collection.where(collection.table)
     if table_info(collection.table) == info:
-        print(f"The image table is already up to date: {len(table):,} rows in {collection.table}")
+        print(f"The image table is already up to date: {len(table):,} rows in {where}")
         return info
     _write_table(pa.Table.from_pandas(table, preserve_index=False), info, collection.table)
     push(collection, collection.table)
-    print(f"Wrote the image table: {len(table):,} rows to {collection.where(collection.table)}")
+    print(f"Wrote the image table: {len(table):,} rows to {where}")
     return info
 
 
