@@ -1,7 +1,8 @@
 """02's run on this machine: claims each planned chunk, embeds it, writes its file, keeps the summary.
 
 Chunks that other runs hold are waited for and what they leave undone is embedded; a run whose
-first images all fail for want of a way to them (`SourceCheck`) stops before recording them.
+first images all fail for want of a way to them (`SourceCheck`) stops before recording them. On
+object storage, each chunk file is uploaded once written, under the collection's lease.
 """
 
 from __future__ import annotations
