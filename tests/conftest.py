@@ -351,6 +351,18 @@ def read_output(path: Path) -> dict:
         }
 
 
+def merged_output(collection: lib.workspace.Collection) -> dict:
+    """03's merged file of the collection, without what differs between any two runs (chunk timings)."""
+    output = read_output(lib.merge_chunks(collection).path)
+    return {**output, "attrs": {key: value for key, value in output["attrs"].items() if key != "stats"}}
+
+
+def assert_same_output(first: dict, second: dict) -> None:
+    """Two outputs of read_output hold the same records, bit for bit."""
+    np.testing.assert_array_equal(first["embeddings"], second["embeddings"])
+    assert {**first, "embeddings": None} == {**second, "embeddings": None}
+
+
 # ---------------------------------------------------------------------------------------------
 # A workspace of its own for each test, and 01 and 02 run in it
 # ---------------------------------------------------------------------------------------------

@@ -23,10 +23,9 @@ from pathlib import Path
 
 import boto3
 import lib
-import numpy as np
 import pytest
 import torch
-from conftest import closed_port_url, embed_params, read_output, save_table
+from conftest import assert_same_output, closed_port_url, embed_params, merged_output, save_table
 from test_kill import descendants
 from test_notebooks import EMBED, papermill
 from workload import embed_rows
@@ -35,7 +34,6 @@ os.environ[lib.cluster.LOOPBACK_ONLY] = "0"  # before Ray is imported: it reads 
 ray = pytest.importorskip("ray")
 pytestmark = pytest.mark.ray
 
-TIMINGS = ("stats",)  # what differs between any two runs: per-chunk seconds
 S3_CREDENTIALS = {"AWS_ACCESS_KEY_ID": "ray-key", "AWS_SECRET_ACCESS_KEY": "ray-secret"}
 
 
@@ -90,18 +88,6 @@ def run_02(collection: lib.workspace.Collection, params: lib.EmbedParams) -> lib
     return embed_rows(table, encoder, lib.with_machine_sizes(params, encoder))
 
 
-def merged(collection: lib.workspace.Collection) -> dict:
-    """The merged file of the collection's chunks, without what differs between any two runs."""
-    output = read_output(lib.merge_chunks(collection, None).path)
-    output["attrs"] = {key: value for key, value in output["attrs"].items() if key not in TIMINGS}
-    return output
-
-
-def assert_same_output(first: dict, second: dict) -> None:
-    np.testing.assert_array_equal(first["embeddings"], second["embeddings"])
-    assert {**first, "embeddings": None} == {**second, "embeddings": None}
-
-
 @pytest.fixture
 def local_output(table, tiny_checkpoint, collection) -> dict:
     """The merged file that EXECUTOR='local' makes of the test table, on one core as each Ray worker.
@@ -110,7 +96,7 @@ def local_output(table, tiny_checkpoint, collection) -> dict:
     """
     with torch_threads(1):
         run_02(collection, ray_params(tiny_checkpoint, executor="local"))
-    return merged(collection)
+    return merged_output(collection)
 
 
 @contextlib.contextmanager
@@ -141,10 +127,10 @@ def test_a_ray_run_makes_the_file_a_local_run_makes(
     assert "Starting 2 of 2 Ray worker(s), each with 1 CPU core(s)" in printed
     assert summary.chunks_written == 5 and summary.embedded == 18
     assert summary.failed_by_reason.total() == 2
-    assert_same_output(merged(ray_collection), local_output)
+    assert_same_output(merged_output(ray_collection), local_output)
     again = run_02(ray_collection, ray_params(tiny_checkpoint, output_dir="RAY", retry_failed=True))
     assert (again.chunks_retried, again.retried, again.recovered) == (1, 2, 0)
-    assert_same_output(merged(ray_collection), local_output)
+    assert_same_output(merged_output(ray_collection), local_output)
 
 
 def test_ray_workers_write_a_collection_on_object_storage(
@@ -158,7 +144,7 @@ def test_ray_workers_write_a_collection_on_object_storage(
     params = ray_params(tiny_checkpoint, output_dir=remote.name, s3_endpoint_url=s3_endpoint)
     assert run_02(remote, params).chunks_written == 5
     shutil.rmtree(remote.folder)
-    assert_same_output(merged(remote), local_output)
+    assert_same_output(merged_output(remote), local_output)
 
 
 def test_chunks_that_wait_for_proof_of_a_way_to_the_images_are_written_by_their_workers(
@@ -202,7 +188,7 @@ def test_a_worker_killed_mid_chunk_is_replaced_and_every_row_is_embedded_once(
     local = other_collection("LOCAL", collection)
     with torch_threads(1):
         run_02(local, ray_params(tiny_checkpoint, output_dir="LOCAL", executor="local"))
-    expected = merged(local)
+    expected = merged_output(local)
     outcome: dict = {}
     run = threading.Thread(
         target=lambda: outcome.update(summary=run_02(collection, ray_params(tiny_checkpoint))), daemon=True
@@ -216,7 +202,7 @@ def test_a_worker_killed_mid_chunk_is_replaced_and_every_row_is_embedded_once(
     printed = capsys.readouterr().out
     assert f"(pid {victim} on " in printed and "was lost during rows [" in printed
     assert outcome["summary"].embedded == 12
-    assert_same_output(merged(collection), expected)
+    assert_same_output(merged_output(collection), expected)
 
 
 DRIVER = """
@@ -263,7 +249,7 @@ def test_a_driver_killed_mid_run_leaves_chunks_that_the_next_run_resumes(
     assert written < 3
     summary = run_02(collection, ray_params(tiny_checkpoint))
     assert summary.chunks_skipped == written and summary.chunks_written == 3 - written
-    assert_same_output(merged(collection), merged(local))
+    assert_same_output(merged_output(collection), merged_output(local))
     for pid in processes:  # Ray's agents notice their raylet's death only within minutes
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)

@@ -14,9 +14,8 @@ import time
 
 import boto3
 import lib
-import numpy as np
 import pytest
-from conftest import embed_params, read_output, save_table
+from conftest import assert_same_output, embed_params, merged_output, read_output, save_table
 from test_notebooks import EMBED, papermill
 
 BUCKET = "team-collections"
@@ -74,24 +73,13 @@ def run_02(collection: lib.workspace.Collection, checkpoint, **overrides) -> lib
     return lib.embed_chunks(table, encoder, lib.plan_run(params, collection, encoder, table), params)
 
 
-def merged(collection: lib.workspace.Collection, **options) -> dict:
-    """03's merged file of the collection, without what differs between any two runs."""
-    output = read_output(lib.merge_chunks(collection, **options).path)
-    return {**output, "attrs": {key: value for key, value in output["attrs"].items() if key != "stats"}}
-
-
-def assert_same(first: dict, second: dict) -> None:
-    np.testing.assert_array_equal(first["embeddings"], second["embeddings"])
-    assert {**first, "embeddings": None} == {**second, "embeddings": None}
-
-
 @pytest.fixture
 def local_output(image_folder, tiny_checkpoint) -> dict:
     """The merged file that a local OUTPUT_DIR gets from the same images and model."""
     local = lib.collection("LOCAL")
     run_01(local, image_folder)
     run_02(local, tiny_checkpoint)
-    return merged(local)
+    return merged_output(local)
 
 
 def test_01_to_04_on_object_storage_make_the_files_a_folder_gets(
@@ -103,7 +91,7 @@ def test_01_to_04_on_object_storage_make_the_files_a_folder_gets(
     assert summary.chunks_written == 3
     chunks = [f"chunks/chunk_{low:09d}_{min(low + 8, 20):09d}.h5" for low in (0, 8, 16)]
     assert objects(bucket, remote) == sorted(["image_table.parquet", *chunks])
-    assert_same(merged(remote), local_output)
+    assert_same_output(merged_output(remote), local_output)
     assert "Images_Embedded.h5" in objects(bucket, remote)
     shutil.rmtree(remote.folder)  # another machine: nothing staged
     embeddings = lib.open_embeddings(remote)
@@ -116,7 +104,7 @@ def test_another_machine_resumes_from_the_bucket(remote, bucket, image_folder, t
     shutil.rmtree(remote.folder)  # another machine
     summary = run_02(remote, tiny_checkpoint)
     assert (summary.chunks_skipped, summary.chunks_written) == (1, 2)
-    assert_same(merged(remote), local_output)
+    assert_same_output(merged_output(remote), local_output)
 
 
 def test_a_chunk_written_but_not_uploaded_is_uploaded_by_the_next_run(

@@ -144,7 +144,6 @@ def embed_chunks(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params:
     """
     params = with_machine_sizes(params, encoder)
     summary = prepare_chunk_folder(table, plan.chunks, encoder.embedding_size)
-    attrs = chunk_attributes(encoder, plan.recipe, table, params.model)
     began = time.perf_counter()
     output = collection(params.output_dir, params.s3_endpoint_url)
     with (
@@ -152,11 +151,7 @@ def embed_chunks(table: ImageTable, encoder: ClipEncoder, plan: RunPlan, params:
         image_loader(plan.recipe, params) as loader,
         RunProgress(plan.chunks.rows_to_do) as progress,
     ):
-        reach = SourceCheck(loader.fetcher.s3_access, enabled=params.stop_if_unreachable)
-        writer = ChunkWriter(
-            plan.chunks.folder, table, encoder, loader, params.gpu_batch_size, attrs, progress, reach, summary
-        )
-        writer.publish = uploader(output)
+        writer = chunk_writer(output, plan.chunks.folder, table, encoder, loader, params, progress, summary)
         run_chunk_plan(writer, plan.chunks, params.chunk, progress)
     summary.seconds = time.perf_counter() - began
     return summary
@@ -176,6 +171,31 @@ def prepare_chunk_folder(table: ImageTable, chunks: ChunkPlan, embedding_size: i
     return RunSummary(len(chunks.done))
 
 
+def chunk_writer(
+    output: Collection,
+    folder: Path,
+    table: ImageTable,
+    encoder: ClipEncoder,
+    loader: ImageLoader,
+    params: EmbedParams,
+    progress: RunProgress,
+    summary: RunSummary,
+) -> ChunkWriter:
+    """A run's ChunkWriter: its chunks' attributes, its reachability check, and uploads on object storage."""
+    return ChunkWriter(
+        folder,
+        table,
+        encoder,
+        loader,
+        params.gpu_batch_size,
+        chunk_attributes(encoder, loader.recipe, table, params.model),
+        progress,
+        SourceCheck(loader.fetcher.s3_access, enabled=params.stop_if_unreachable),
+        summary,
+        publish=functools.partial(push, output) if output.remote else None,
+    )
+
+
 def chunk_attributes(encoder: ClipEncoder, recipe: ImageRecipe, table: ImageTable, model: str) -> dict:
     """What each chunk file records of how it was made: the run's attributes, MODEL and the table's source."""
     return {
@@ -192,11 +212,6 @@ def image_loader(recipe: ImageRecipe, params: EmbedParams) -> ImageLoader:
     fetcher = Fetcher(params.s3_endpoint_url, pool_size=fetch_threads, s3_anonymous=params.s3_anonymous)
     lookahead = 2 * params.gpu_batch_size + fetch_threads
     return ImageLoader(fetcher, recipe, params.num_workers, lookahead)
-
-
-def uploader(output: Collection) -> Callable[[Path], None] | None:
-    """What uploads each chunk file written, for a collection on object storage; None for a folder."""
-    return functools.partial(push, output) if output.remote else None
 
 
 def run_chunk_plan(writer: ChunkWriter, chunks: ChunkPlan, chunk: int, progress: RunProgress) -> None:

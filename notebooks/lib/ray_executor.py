@@ -196,9 +196,7 @@ class RayWorkers:
                     break
                 task = queue.popleft()
                 running[self._call(worker, task)] = (worker, task)
-            starting = {
-                worker.starting: worker for worker in self._workers if worker.starting and not worker.dead
-            }
+            starting = {worker.starting: worker for worker in self._workers if worker.starting}
             done, _ = ray.wait([*running, *starting], num_returns=1, timeout=POLL_SECONDS)
             self._relay()
             self._warn_if_none_is_up()

@@ -14,7 +14,7 @@ from typing import Any
 
 from .chunkfile import ChunkInfo, describe_difference, signature_of
 from .errors import PipelineError
-from .executor import ChunkWriter, RunSummary, SourceCheck, chunk_attributes, image_loader, uploader
+from .executor import ChunkWriter, RunSummary, chunk_writer, image_loader
 from .model import load_encoder
 from .params import EmbedParams
 from .plan import image_recipe, run_signature, with_machine_sizes
@@ -153,17 +153,6 @@ def _start_writer(spec: WorkerSpec, cores: int) -> ChunkWriter:
             f"The Ray worker on {socket.gethostname()} makes vectors unlike the plan's ({difference}): give "
             "every node of the cluster the same model files and versions of this pipeline."
         )
+    progress = _RelayedProgress(spec.inbox)
     loader = image_loader(recipe, params)
-    writer = ChunkWriter(
-        spec.folder,
-        table,
-        encoder,
-        loader,
-        params.gpu_batch_size,
-        chunk_attributes(encoder, recipe, table, params.model),
-        _RelayedProgress(spec.inbox),
-        SourceCheck(loader.fetcher.s3_access, enabled=params.stop_if_unreachable),
-        RunSummary(0),
-    )
-    writer.publish = uploader(spec.output)
-    return writer
+    return chunk_writer(spec.output, spec.folder, table, encoder, loader, params, progress, RunSummary(0))
