@@ -38,6 +38,9 @@ FLOW = [
     "nearest",
     "display",
     "export",
+    "vector_index",
+    "subset",
+    "app",
     "environment",
 ]
 PACKAGE = REPO / "notebooks" / "lib"

@@ -12,7 +12,7 @@ The notebooks' names, stage by stage, in the order each notebook calls them:
     03_merge      MergeParams, merge_chunks          -> OUTPUT_DIR/Images_Embedded.h5
     04_search     SearchParams, open_embeddings, Fetcher, query_encoder, describe_query_model,
                   search, result_table, query_label, image_query_vector, gallery_html,
-                  export_embeddings                  -> top-k tables, galleries, exports
+                  export_embeddings, launch_app      -> top-k tables, galleries, exports, the app
     your own code load_encoder (a CLIP model: encode, encode_text), configure (timeouts, the
                   repository root), prepare_process, PipelineError, ParameterError, ImageFailure
 
@@ -47,11 +47,15 @@ module per seam, in the order the data flows through them; each imports only mod
     merge        03: chunk files -> one verified merged file
     nearest      04: the merged file, exact and IVF top-k, query vectors
     display      04: galleries of thumbnails
-    export       04: .npy and Parquet exports, optionally through PCA
+    export       04: .npy, Parquet and clip-retrieval exports, optionally through PCA, in float16
+    vector_index  04: the app's vectors held in memory (float32, or float16), else the IVF index
+    subset       04: the app's results (near-duplicates hidden), and the shown images as a ZIP
+    app          04: the search app in the browser (Gradio), from 04 or `make app`
     environment  00: versions, device and free disk
 """
 
 from . import (
+    app,
     chunkfile,
     claims,
     cluster,
@@ -80,9 +84,12 @@ from . import (
     settings,
     sources,
     storage,
+    subset,
     table,
+    vector_index,
     workspace,
 )
+from .app import launch_app
 from .chunkfile import find_chunks
 from .display import gallery_html
 from .environment import describe_environment
@@ -118,6 +125,7 @@ __all__ = [
     "PipelineError",
     "SearchParams",
     "SetupParams",
+    "app",
     "build_image_table",
     "chunkfile",
     "claims",
@@ -141,6 +149,7 @@ __all__ = [
     "find_chunks",
     "gallery_html",
     "image_query_vector",
+    "launch_app",
     "load_encoder",
     "load_image_table",
     "merge",
@@ -170,7 +179,9 @@ __all__ = [
     "settings",
     "sources",
     "storage",
+    "subset",
     "table",
+    "vector_index",
     "with_machine_sizes",
     "workspace",
 ]

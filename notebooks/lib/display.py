@@ -8,8 +8,8 @@ from __future__ import annotations
 import base64
 import hashlib
 import html
-import io
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -25,19 +25,24 @@ THUMBNAIL_SIZE = 160
 
 def thumbnail(location: str, fetcher: Fetcher) -> bytes | None:
     """A JPEG thumbnail of the image at `location`, cached under .cache/thumbnails/; None if it fails."""
-    path = current_workspace().thumbnails / (hashlib.sha256(location.encode()).hexdigest()[:24] + ".jpg")
+    path = thumbnail_file(location, fetcher)
+    return path.read_bytes() if path else None
+
+
+def thumbnail_file(location: str, fetcher: Fetcher, size: int = THUMBNAIL_SIZE) -> Path | None:
+    """The cached JPEG thumbnail (`size` pixels a side at most) of the image at `location`, or None."""
+    key = location if size == THUMBNAIL_SIZE else f"{size}:{location}"
+    path = current_workspace().thumbnails / (hashlib.sha256(key.encode()).hexdigest()[:24] + ".jpg")
     if path.is_file():
-        return path.read_bytes()
+        return path
     try:
         image = decode_image(fetcher.fetch(location)).convert("RGB")
     except ImageFailure:
         return None
-    image.thumbnail((THUMBNAIL_SIZE, THUMBNAIL_SIZE))
-    buffer = io.BytesIO()
-    image.save(buffer, "JPEG", quality=85)
+    image.thumbnail((size, size))
     with atomic_file(path) as temporary:
-        temporary.write_bytes(buffer.getvalue())
-    return buffer.getvalue()
+        image.save(temporary, "JPEG", quality=85)
+    return path
 
 
 def _gallery_cell(record: Any, data: bytes | None) -> str:

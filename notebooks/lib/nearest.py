@@ -19,17 +19,18 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
 
 from .chunkfile import attribute_value, open_hdf5
 from .errors import ImageFailure, PipelineError, counted
 from .fetch import Fetcher
 from .model import ClipEncoder, load_encoder, recorded_commit
-from .preprocess import ImageRecipe
+from .preprocess import DEFAULT_MAX_PIXELS, ImageRecipe
 from .progress import progress_bar
 from .settings import current_settings
 from .sources import LOCATION_SCHEMES, resolve_locations
 from .storage import pull
-from .table import table_info, table_values
+from .table import table_info, table_rows, table_values
 from .workspace import (
     Collection,
     atomic_file,
@@ -62,16 +63,19 @@ class EmbeddingsFile:
     def block_rows(self) -> int:
         return max(1, current_settings().search_block_bytes // (4 * self.dimension))
 
-    def blocks(self, reuse: bool = False) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, embeddings) of consecutive blocks of the file, read one at a time.
+    def blocks(
+        self, reuse: bool = False, first: int = 0, end: int | None = None
+    ) -> Iterator[tuple[int, np.ndarray]]:
+        """(first row, embeddings) of consecutive blocks of the file's rows [first, end), read one at a time.
 
         With `reuse`, every block is read into the same buffer (fresh memory per block costs more
         than the read, for a search): the caller uses each block before asking for the next.
         """
-        shared = np.empty((min(self.block_rows, self.count), self.dimension), np.float32) if reuse else None
+        end = self.count if end is None else end
+        shared = np.empty((min(self.block_rows, end - first), self.dimension), np.float32) if reuse else None
         with open_hdf5(self.path) as file:
-            for start in range(0, self.count, self.block_rows):
-                rows = min(self.block_rows, self.count - start)
+            for start in range(first, end, self.block_rows):
+                rows = min(self.block_rows, end - start)
                 buffer = shared if reuse else np.empty((rows, self.dimension), np.float32)
                 file["embeddings"].read_direct(buffer, np.s_[start : start + rows], np.s_[:rows])
                 yield start, buffer[:rows]
@@ -118,6 +122,14 @@ class EmbeddingsFile:
         if not self._made_from(table):
             return resolve_locations(pd.Series(list(urls), dtype=str), str(current_workspace().root)).tolist()
         return table_values(table, "location", rows)
+
+    def table_columns(self, rows: Sequence[int]) -> pd.DataFrame:
+        """The image table's columns other than image_id and url at these rows (none without the table)."""
+        table = Collection(self.folder).table
+        if not self._made_from(table):
+            return pd.DataFrame(index=range(len(rows)))
+        others = [name for name in pq.read_schema(table).names if name not in ("image_id", "url")]
+        return table_rows(table, rows, others)
 
     def _made_from(self, table: Path) -> bool:
         """Whether the image table at `table` is the one the file was made from (the same digest)."""
@@ -265,21 +277,26 @@ def build_ivf(embeddings: EmbeddingsFile, seed: int = 0) -> Any:
     return index
 
 
-def load_ivf(embeddings: EmbeddingsFile) -> Any:
-    """The file's IVF index: the one saved beside it when it is up to date, else built and saved."""
+def load_ivf(embeddings: EmbeddingsFile, mmap: bool = False) -> Any:
+    """The file's IVF index: the one saved beside it when it is up to date, else built and saved.
+
+    With `mmap`, the saved index's lists are memory-mapped rather than read into memory.
+    """
     import faiss
 
     path, key = _ivf_path(embeddings), _index_key(embeddings)
     record = path.with_name(path.name + ".json")
     saved = read_json(record) if path.is_file() else {}
-    if saved.get("key") == key:
-        index = faiss.read_index(str(path))
-        index.nprobe = saved["nprobe"]
-        return index
-    index = build_ivf(embeddings)
-    with atomic_file(path) as temporary:
-        faiss.write_index(index, str(temporary))
-    write_json(record, {"key": key, "nlist": index.nlist, "nprobe": index.nprobe})
+    if saved.get("key") != key:
+        index = build_ivf(embeddings)
+        with atomic_file(path) as temporary:
+            faiss.write_index(index, str(temporary))
+        saved = {"key": key, "nlist": index.nlist, "nprobe": index.nprobe}
+        write_json(record, saved)
+        if not mmap:
+            return index
+    index = faiss.read_index(str(path), faiss.IO_FLAG_MMAP if mmap else 0)
+    index.nprobe = saved["nprobe"]
     return index
 
 
@@ -373,12 +390,20 @@ def image_query_vector(
     if position is not None:
         return embeddings.vector(position)
     location = query if urlparse(query).scheme in LOCATION_SCHEMES else str(resolve_path(query))
-    recipe = ImageRecipe(encoder.preprocessing, exif_transpose=bool(embeddings.attrs.get("exif_transpose")))
     try:
-        pixels = recipe(fetcher.fetch(location))
+        return image_vector(embeddings, encoder, fetcher.fetch(location))
     except ImageFailure as failure:
         raise PipelineError(
             f"IMAGE_QUERY={query!r} is neither an image_id of {embeddings.path} nor an image that can be "
             f"embedded ({failure.reason})."
         ) from None
-    return encoder.encode(pixels[None])[0]
+
+
+def image_vector(
+    embeddings: EmbeddingsFile, encoder: ClipEncoder, data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS
+) -> np.ndarray:
+    """An image's bytes embedded as 02 embedded the file's images; ImageFailure when they cannot be."""
+    recipe = ImageRecipe(
+        encoder.preprocessing, max_pixels, exif_transpose=bool(embeddings.attrs.get("exif_transpose"))
+    )
+    return encoder.encode(recipe(data)[None])[0]

@@ -30,8 +30,12 @@ _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 _PARAMETER_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 
 
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 def _check_int(name: str, value: Any, minimum: int) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    if not _is_int(value) or value < minimum:
         raise ParameterError(f"{name}={value!r} is not allowed: use an integer >= {minimum}.")
 
 
@@ -197,7 +201,8 @@ class MergeParams:
 
 
 INDEXES = ("exact", "ivf")
-EXPORTS = ("npy", "parquet")
+EXPORTS = ("npy", "parquet", "clip-retrieval")
+EXPORT_DTYPES = ("float32", "float16")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -217,6 +222,14 @@ class SearchParams:
     output_dir: str = DEFAULT_OUTPUT_DIR
     allow_other_model: bool = False
     s3_anonymous: bool = False
+    export_dtype: str = "float32"
+    export_shard_rows: int = 1_000_000
+    app: bool = False
+    host: str = "127.0.0.1"
+    port: int | None = 7860
+    share: bool = False
+    max_pixels: int = 40_000_000
+    max_upload_mb: int = 20
 
     def __post_init__(self) -> None:
         _check_output_dir(self.output_dir)
@@ -243,8 +256,23 @@ class SearchParams:
             if self.export is None:
                 raise ParameterError(
                     f"PCA_DIM={self.pca_dim} reduces the exported vectors, and EXPORT=None exports none: "
-                    "set EXPORT='npy' or 'parquet' as well, or PCA_DIM=None."
+                    "set EXPORT='npy', 'parquet' or 'clip-retrieval' as well, or PCA_DIM=None."
                 )
+        _check_choice("EXPORT_DTYPE", self.export_dtype, EXPORT_DTYPES)
+        _check_int("EXPORT_SHARD_ROWS", self.export_shard_rows, 1)
+        self._check_app()
+
+    def _check_app(self) -> None:
+        _check_bool("APP", self.app)
+        _check_text("HOST", self.host)
+        if self.port is not None and not (_is_int(self.port) and 1 <= self.port <= 65535):
+            raise ParameterError(
+                f"PORT={self.port!r} is not allowed: use a TCP port from 1 to 65535, or None for the "
+                "first free one from 7860."
+            )
+        _check_bool("SHARE", self.share)
+        _check_int("MAX_PIXELS", self.max_pixels, 1)
+        _check_int("MAX_UPLOAD_MB", self.max_upload_mb, 1)
 
 
 STAGE_PARAMETERS = (SetupParams, MetadataParams, EmbedParams, MergeParams, SearchParams)

@@ -93,17 +93,25 @@ def _write_table(table: pa.Table, info: dict, path: Path) -> None:
 
 def table_values(path: Path, column: str, rows: Sequence[int]) -> list:
     """One column of an image table at the given rows, reading only the row groups that hold them."""
+    return table_rows(path, rows, [column])[column].tolist()
+
+
+def table_rows(path: Path, rows: Sequence[int], columns: Sequence[str] | None = None) -> pd.DataFrame:
+    """The image table's `columns` (None: all) at these rows, reading only the row groups that hold them."""
     file = pq.ParquetFile(path)
     sizes = [file.metadata.row_group(group).num_rows for group in range(file.num_row_groups)]
     starts = np.cumsum([0, *sizes])
     rows = np.asarray(rows, dtype=np.int64)
     groups = np.searchsorted(starts, rows, side="right") - 1
-    values = np.empty(len(rows), dtype=object)
+    names = list(columns) if columns is not None else file.schema_arrow.names
+    values = {name: np.empty(len(rows), dtype=object) for name in names}
     for group in np.unique(groups):
         held = groups == group
-        column_values = file.read_row_group(int(group), columns=[column]).column(0)
-        values[held] = column_values.take(pa.array(rows[held] - starts[group])).to_pylist()
-    return values.tolist()
+        read = file.read_row_group(int(group), columns=names)
+        taken = read.take(pa.array(rows[held] - starts[group]))
+        for name in names:
+            values[name][held] = taken.column(name).to_pylist()
+    return pd.DataFrame(values, columns=names).infer_objects()
 
 
 def table_info(path: Path) -> dict | None:

@@ -12,6 +12,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -155,6 +156,23 @@ def atomic_file(path: Path) -> Iterator[Path]:
         fsync_and_replace(temporary, path)
     finally:
         temporary.unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def atomic_folder(path: Path) -> Iterator[Path]:
+    """A temporary folder beside `path` that replaces it whole on success and is removed on failure."""
+    temporary, earlier = temporary_path(path), path.with_name(path.name + ".old")
+    for leftover in (temporary, earlier):
+        shutil.rmtree(leftover, ignore_errors=True)
+    temporary.mkdir(parents=True)
+    try:
+        yield temporary
+        if path.exists():
+            path.rename(earlier)
+        temporary.rename(path)
+    finally:
+        shutil.rmtree(temporary, ignore_errors=True)
+        shutil.rmtree(earlier, ignore_errors=True)
 
 
 def write_json(path: Path, record: dict) -> None:
