@@ -1,7 +1,13 @@
 """04's search app: how it holds the vectors, what each query shows, its limits, its ZIP, its server."""
 
 import io
+import os
 import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
 import zipfile
 from pathlib import Path
 
@@ -10,7 +16,8 @@ import numpy as np
 import pandas as pd
 import pytest
 import requests
-from conftest import embed_params, embed_rows, jpeg_bytes, save_table
+import yaml
+from conftest import REPO, embed_params, embed_rows, jpeg_bytes, save_table
 from PIL import Image
 
 HOSTILE_ID = "<img src=x onerror=alert(1)>.jpg"  # a folder's image_id is its file name
@@ -298,3 +305,70 @@ def test_in_a_browser_a_hostile_image_id_shows_as_text(served, browser_page):
     assert HOSTILE_ID in page.locator("#search-status").inner_text()
     assert page.locator('img[src="x"]').count() == 0
     screenshot(page, "5-hostile-image-id")
+
+
+def test_an_image_sent_inline_is_refused_before_gradio_decodes_it(search_app):
+    import gradio as gr
+    from gradio.data_classes import ImageData
+
+    page = lib.app.build_page(search_app, 5)
+    upload = next(
+        block for block in page.blocks.values() if getattr(block, "elem_id", None) == "upload-query"
+    )
+    with pytest.raises(gr.Error, match="file uploads only"):
+        upload.preprocess(ImageData(url="data:image/png;base64,iVBORw0KGgo="))
+    assert upload.preprocess(None) is None
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def repository_in(root: Path) -> Path:
+    """`root` made a copy of the repository's notebooks, their lib package and the Makefile."""
+    shutil.copytree(REPO / "notebooks", root / "notebooks", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "Makefile", root)
+    return root
+
+
+def test_make_app_serves_the_file_until_interrupted(app_file, workspace, kernel_env, tiny_checkpoint):
+    repo = repository_in(workspace.root)
+    port = free_port()
+    params = repo / "tiny.yaml"  # the file was embedded by the tiny model, which 'tiny' does not name
+    params.write_text(yaml.safe_dump({"MODEL": str(tiny_checkpoint), "DEVICE": "cpu", "TOP_K": 3}))
+    command = ["make", "app", f"EMBEDDINGS={app_file.path}", f"PORT={port}", f"PARAMS={params}"]
+    command.append(f"PYTHON={sys.executable}")
+    app = subprocess.Popen(
+        [*command, "-o", ".venv/.installed-run"],
+        cwd=repo,
+        env=kernel_env,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # a process group, as a terminal's, for Ctrl-C
+    )
+    stuck = threading.Timer(120, os.killpg, (app.pid, signal.SIGKILL))  # a server that never says where it is
+    stuck.start()
+    try:
+        lines = []
+        while not any("search app at" in line for line in lines):
+            lines.append(app.stdout.readline())
+            assert lines[-1] or app.poll() is None, "".join(lines)
+        assert f"search app at http://127.0.0.1:{port}/" in lines[-1]
+        assert "held in memory (float32)" in "".join(lines)
+        assert requests.get(f"http://127.0.0.1:{port}/", timeout=10).status_code == 200
+    finally:
+        stuck.cancel()
+        os.killpg(app.pid, signal.SIGINT)  # Ctrl-C
+        assert app.wait(timeout=60) in (0, 2, -signal.SIGINT)
+
+
+def test_make_app_says_what_is_wrong_with_its_file(workspace, kernel_env, tmp_path):
+    repo = repository_in(workspace.root)
+    command = ["make", "app", f"EMBEDDINGS={tmp_path / 'none.h5'}", f"PYTHON={sys.executable}"]
+    result = subprocess.run(
+        [*command, "-o", ".venv/.installed-run"], cwd=repo, env=kernel_env, capture_output=True, text=True
+    )
+    assert result.returncode != 0
+    assert f"search app: EMBEDDINGS file {tmp_path / 'none.h5'} does not exist" in result.stderr

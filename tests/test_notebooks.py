@@ -58,6 +58,14 @@ def printed_output(path: Path) -> str:
     )
 
 
+def last_outputs(repo: Path) -> list[dict]:
+    """Every output of the notebook that `papermill` executed last."""
+    executed = max((repo.parent / "runs").glob("*.ipynb"), key=lambda path: path.stat().st_mtime_ns)
+    return [
+        output for cell in nbformat.read(executed, as_version=4).cells for output in cell.get("outputs", [])
+    ]
+
+
 def failing_papermill(repo: Path, stage: str, arguments: list[str], env: dict) -> str:
     """Run a stage that must fail; return what papermill printed."""
     notebook = str(repo / "notebooks" / f"{stage}.ipynb")
@@ -241,11 +249,19 @@ def test_an_openai_checkpoint_runs_the_chain_with_openai_clips_vectors(
     expected = openai_image_embeddings(openai_checkpoints[form], files)
     np.testing.assert_allclose(merged["embeddings"], [expected[i] for i in merged["image_ids"]], atol=1e-5)
 
-    printed = papermill(repo, "04_search", {"QUERIES": ["a red square"], "TOP_K": 3}, kernel_env)
+    search = {"QUERIES": ["a red square"], "TOP_K": 3, "APP": True, "PORT": None}
+    export = {"EXPORT": "clip-retrieval", "EXPORT_DTYPE": "float16", "EXPORT_SHARD_ROWS": 5}
+    printed = papermill(repo, "04_search", {**search, **export}, kernel_env)
     assert f"12 embeddings of 32 dimensions from {repo / 'models' / 'ViT-B-32.pt'}" in printed
     query = openai_text_embeddings(openai_checkpoints[form], ["a red square"])[0]
     best = merged["image_ids"][int(np.argmax(merged["embeddings"] @ query))]
     assert re.search(rf"'a red square'\n +rank +score +image_id .*\n +1 +\S+ +{re.escape(best)} ", printed)
+    shards = repo / "OUTPUT" / "Images_Embedded_float16_export" / "img_emb"
+    assert [np.load(shards / f"img_emb_{k}.npy").shape for k in range(3)] == [(5, 32), (5, 32), (2, 32)]
+    assert "12 x 32 vectors held in memory (float32)" in printed
+    url = re.search(r"search app at (http://127\.0\.0\.1:\d+/)", printed).group(1)
+    shown = [output for output in last_outputs(repo) if "text/html" in output.get("data", {})]
+    assert any(url.rstrip("/") in output["data"]["text/html"] for output in shown), "the app, inline"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -205,10 +205,11 @@ def build_page(app: SearchApp, top_k: int) -> Any:
             upload = gr.Image(
                 label="Image query",
                 type="filepath",
-                sources=["upload", "clipboard"],
+                sources=["upload"],
                 height=180,
                 elem_id="upload-query",
             )
+            _files_only(upload)
             with gr.Column():
                 top_k_slider = gr.Slider(
                     1, MAX_TOP_K, value=min(top_k, MAX_TOP_K), step=1, label="TOP_K", elem_id="top-k"
@@ -263,6 +264,23 @@ def build_page(app: SearchApp, top_k: int) -> Any:
     return page
 
 
+def _files_only(upload: Any) -> None:
+    """Refuse images sent inline (data: URLs), which Gradio decodes whole before any limit: files only.
+
+    A file is limited in bytes by the server (MAX_UPLOAD_MB) and in pixels here, before it is decoded.
+    """
+    import gradio as gr
+
+    preprocess = upload.preprocess
+
+    def files_only(payload: Any) -> Any:
+        if payload is not None and (payload.url or "").startswith("data:"):
+            raise gr.Error("The app takes images as file uploads only.")
+        return preprocess(payload)
+
+    upload.preprocess = files_only
+
+
 def launch_app(
     embeddings: EmbeddingsFile,
     encoder: ClipEncoder,
@@ -277,12 +295,13 @@ def launch_app(
     import gradio as gr
 
     index = hold_vectors(embeddings)
-    print(index.describe())
+    print(index.describe(), flush=True)
     downloads = Path(tempfile.mkdtemp(prefix="clip-search-app-"))
     page = build_page(SearchApp(embeddings, encoder, fetcher, index, params, downloads), params.top_k)
     if not _is_loopback(params.host):
         print(
-            f"HOST={params.host!r}: the app is open to every machine that can reach this one on that address."
+            f"HOST={params.host!r}: the app is open to every machine that can reach this one there.",
+            flush=True,
         )
     theme = gr.themes.Default(
         font=["ui-sans-serif", "system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"]
@@ -293,7 +312,7 @@ def launch_app(
             server_port=params.port,
             share=params.share,
             max_file_size=params.max_upload_mb << 20,
-            prevent_thread_lock=not block,
+            prevent_thread_lock=True,
             footer_links=[],
             ssr_mode=False,
             theme=theme,
@@ -304,7 +323,11 @@ def launch_app(
             f"Cannot start the search app on {params.host}:{params.port} ({error}): set PORT to a free port, "
             "or PORT=None for the first free one from 7860."
         ) from None
-    print(f"search app at {page.local_url}" + (f" and {page.share_url}" if page.share_url else ""))
+    print(
+        f"search app at {page.local_url}" + (f" and {page.share_url}" if page.share_url else ""), flush=True
+    )
+    if block:
+        page.block_thread()  # until Ctrl-C, which closes the server
     return page
 
 
