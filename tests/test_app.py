@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 import zipfile
 from pathlib import Path
 
@@ -180,6 +181,10 @@ def test_the_zip_holds_the_shown_images_as_fetched_and_a_csv_of_them(search_app,
     key = list(images)[4]
     shown = search_app.show(search_app.reference_query(f"{key}.jpg"), 4, "exact", True)
     (app_folder / shown.results["image_id"].iloc[2]).unlink()
+    earlier = search_app.downloads / "earlier" / "Images_Embedded-results.zip"
+    earlier.parent.mkdir()
+    earlier.write_bytes(b"an earlier download")
+    os.utime(earlier, (time.time() - 3600, time.time() - 3600))
     with zipfile.ZipFile(search_app.download(shown.results)) as archive:
         csv = pd.read_csv(io.BytesIO(archive.read("results.csv")), dtype={"image_id": str, "file": str})
         names = archive.namelist()
@@ -198,6 +203,7 @@ def test_the_zip_holds_the_shown_images_as_fetched_and_a_csv_of_them(search_app,
     assert csv["missing"].fillna("").tolist() == ["", "", "file not found", ""]
     assert sorted(names) == sorted(["results.csv", *csv["file"].dropna()])
     assert search_app.download(lib.app.NO_RESULTS) is None
+    assert not earlier.parent.exists(), "a ZIP older than ZIP_KEPT_SECONDS is deleted"
 
 
 def test_an_image_id_becomes_a_safe_file_name_in_the_zip():

@@ -85,3 +85,15 @@ def test_the_gpu_check_runs_end_to_end_and_writes_its_report(tiny_checkpoint, tm
     for mode in ("exact", "fast"):
         assert report[mode]["img_s"] > 0 and report[mode]["gpu_busy_mean_percent"] is None
     assert report["fast_vs_exact"]["photos"] == 12 and 0.99 < report["fast_vs_exact"]["min_cosine"] <= 1
+
+
+def test_the_app_latency_benchmark_times_each_way_of_holding_the_vectors(merged):
+    from app_latency import HELD, held_index, query_figures
+
+    queries = np.stack([merged.vector(position) for position in range(3)])
+    for held in HELD:
+        index = held_index(merged, held)
+        figures = query_figures(index, queries)
+        assert index.held == held and figures["mode"] == ("ivf" if held == "file" else "exact")
+        for part in ("search", "shown"):
+            assert 0 < figures[part]["p50_ms"] <= figures[part]["p95_ms"]

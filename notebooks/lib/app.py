@@ -15,6 +15,7 @@ text or escaped; Gradio's public share link is made only with SHARE=True.
 import dataclasses
 import html
 import ipaddress
+import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -39,6 +40,8 @@ from .workspace import collection
 APP_THUMBNAIL_SIZE = 256
 MAX_TOP_K = 200
 QUERY_URL_SCHEMES = ("http", "https", "s3")
+ZIP_KEPT_SECONDS = 600
+GRADIO_CACHE_SECONDS = 3600  # Gradio's copies of thumbnails and ZIPs are deleted after this long
 NO_RESULTS = pd.DataFrame(columns=["rank", "score", "image_id", "url", "row"])
 
 
@@ -175,22 +178,27 @@ class SearchApp:
         )
 
     def download(self, results: pd.DataFrame) -> str | None:
-        """A ZIP of the shown results (see subset.results_zip), or None when none are shown."""
+        """A ZIP of the shown results (see subset.results_zip), or None when none are shown.
+
+        ZIPs older than ZIP_KEPT_SECONDS go (Gradio serves its own copy of each).
+        """
         if results is None or results.empty:
             return None
+        for earlier in self.downloads.glob("*/*.zip"):
+            if time.time() - earlier.stat().st_mtime > ZIP_KEPT_SECONDS:
+                shutil.rmtree(earlier.parent, ignore_errors=True)
         folder = Path(tempfile.mkdtemp(dir=self.downloads))
-        return str(
-            results_zip(
-                self.embeddings, results, self.fetcher, folder / f"{self.embeddings.path.stem}-results.zip"
-            )
-        )
+        path = folder / f"{self.embeddings.path.stem}-results.zip"
+        return str(results_zip(self.embeddings, results, self.fetcher, path))
 
 
 def build_page(app: SearchApp, top_k: int) -> Any:
     """The app's page: the query inputs, TOP_K, the index, the near-duplicate toggle, the gallery, the ZIP."""
     import gradio as gr
 
-    with gr.Blocks(title=f"Search {app.embeddings.path.name}", analytics_enabled=False) as page:
+    title = f"Search {app.embeddings.path.name}"
+    cache = (GRADIO_CACHE_SECONDS, GRADIO_CACHE_SECONDS)
+    with gr.Blocks(title=title, analytics_enabled=False, delete_cache=cache) as page:
         gr.HTML(
             f"<h3>{html.escape(str(app.embeddings.path))}</h3>"
             f"<p>{html.escape(app.index.describe())}; queries embedded by "

@@ -111,6 +111,12 @@ class EmbeddingsFile:
         with open_hdf5(self.path) as file:
             return file["embeddings"][position]
 
+    def vectors(self, positions: np.ndarray) -> np.ndarray:
+        """The embeddings at these positions, in their order, read in one pass (h5py wants them sorted)."""
+        unique, inverse = np.unique(np.asarray(positions, dtype=np.int64), return_inverse=True)
+        with open_hdf5(self.path) as file:
+            return file["embeddings"][unique][inverse.reshape(-1)]
+
     def locations(self, rows: Sequence[int], urls: Sequence[str]) -> list[str]:
         """Where 02 fetched the images of these rows, for thumbnails.
 

@@ -61,7 +61,7 @@ class VectorIndex:
             return self.vectors[positions]
         if self.held == "float16":
             return np.stack([self.float16.reconstruct(int(position)) for position in positions])
-        return np.stack([self.embeddings.vector(int(position)) for position in positions])
+        return self.embeddings.vectors(positions)
 
     @functools.cached_property
     def _ivf(self) -> Any:
