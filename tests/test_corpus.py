@@ -15,12 +15,16 @@ from pathlib import Path
 
 import lib
 import numpy as np
+import PIL
 from PIL import Image
 
 N_PX = 32
 MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBX", "CMYK", "YCbCr", "LAB", "HSV", "I", "I;16", "F"]
 TIFF_COMPRESSIONS = ["tiff_lzw", "tiff_adobe_deflate", "jpeg", "packbits", "group4"]
 COMMON = {"JPEG", "PNG", "GIF", "BMP", "TIFF", "WEBP"}
+# Pillow before 13 (which Gradio, the search app's, still requires) misreads the uncompressed YCbCr
+# TIFF it writes itself (subsampling 1x1) as a truncated RGB one; Pillow 13 reads it.
+PILLOW_CANNOT_READ = ["TIFF YCbCr"] if int(PIL.__version__.split(".")[0]) < 13 else []
 STABLE_REASONS = {
     "not an image",
     "empty body",
@@ -138,7 +142,9 @@ def test_every_mode_and_format_pillow_writes_whole_or_broken(tmp_path):
 
     whole = {name: outcome for name, outcome in outcomes.items() if not name.endswith(")")}
     assert len(whole) > 150
-    assert not [n for n, o in whole.items() if n.split()[0] in COMMON and o != "ok"], "common formats embed"
+    failing = [n for n, o in whole.items() if n.split()[0] in COMMON and o != "ok"]
+    assert failing == PILLOW_CANNOT_READ, "common formats embed"
+    assert all(whole[name] == "decode: truncated file" for name in PILLOW_CANNOT_READ)
     unexpected = {
         name: outcome
         for name, outcome in outcomes.items()

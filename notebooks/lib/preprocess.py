@@ -51,7 +51,15 @@ def decode_image(
         image.load()
     except UnidentifiedImageError:
         raise ImageFailure("not an image") from None
-    except (OSError, SyntaxError, ValueError, EOFError, struct.error, NotImplementedError) as error:
+    except (
+        OSError,
+        SyntaxError,
+        ValueError,
+        EOFError,
+        IndexError,  # Pillow 12's QOI decoder, on a cut file
+        struct.error,
+        NotImplementedError,
+    ) as error:
         raise ImageFailure(_decode_reason(error)) from None
     return image
 
