@@ -132,8 +132,9 @@ def _move_earlier_table(collection: Collection) -> None:
     if not (earlier.is_file() and record):
         return
     table = pq.read_table(earlier)
-    if "md5" not in table.column_names:  # no checksums then
-        table = table.append_column("md5", pa.array([""] * table.num_rows, pa.large_string()))
+    if "md5" not in table.column_names:  # no checksums then; strings typed as pandas types the others
+        text = table.schema.field("image_id").type
+        table = table.append_column("md5", pa.array([""] * table.num_rows, text))
     _write_table(table, record, collection.table)
     earlier.unlink()  # first: the marker that 02's checks look for
     earlier.with_suffix(".json").unlink()
