@@ -399,13 +399,18 @@ def fast_retries(configure):
 BROKEN = {"broken.jpg": jpeg_bytes(64, 48, seed=9)[:400], "page.png": b"<html>oops</html>"}
 
 
+def folder_of_images(folder: Path, images: dict[str, bytes], count: int) -> Path:
+    """A new folder holding the first `count` test images as <id>.jpg."""
+    folder.mkdir()
+    for key, data in list(images.items())[:count]:
+        (folder / f"{key}.jpg").write_bytes(data)
+    return folder
+
+
 @pytest.fixture
 def image_folder(tmp_path, images):
     """18 test images and two broken files in a folder."""
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for key, data in list(images.items())[:18]:
-        (folder / f"{key}.jpg").write_bytes(data)
+    folder = folder_of_images(tmp_path / "images", images, 18)
     for name, data in BROKEN.items():
         (folder / name).write_bytes(data)
     return folder
@@ -421,6 +426,23 @@ def save_table(params: lib.MetadataParams, collection: lib.workspace.Collection)
 def table(collection, image_folder) -> lib.table.ImageTable:
     """The image table of `image_folder`, saved in the test's collection as 01 would."""
     return save_table(lib.MetadataParams("folder", "validation", str(image_folder), "s3"), collection)
+
+
+def search_values(**overrides) -> dict:
+    """04's parameters (as SearchParams takes them) for the CPU, with no queries and no export."""
+    values = dict(
+        embeddings=None,
+        queries=[],
+        image_query=None,
+        top_k=10,
+        index="exact",
+        model=None,
+        device="cpu",
+        export=None,
+        pca_dim=None,
+        s3_endpoint_url=None,
+    )
+    return {**values, **overrides}
 
 
 def embed_params(**overrides) -> lib.EmbedParams:

@@ -18,36 +18,20 @@ import pandas as pd
 import pytest
 import requests
 import yaml
-from conftest import REPO, embed_params, embed_rows, jpeg_bytes, save_table
+from conftest import REPO, embed_params, embed_rows, folder_of_images, jpeg_bytes, save_table, search_values
 from PIL import Image
 
 HOSTILE_ID = "<img src=x onerror=alert(1)>.jpg"  # a folder's image_id is its file name
 
 
 def search_params(**overrides) -> lib.SearchParams:
-    values = dict(
-        embeddings=None,
-        queries=[],
-        image_query=None,
-        top_k=5,
-        index="exact",
-        model=None,
-        device="cpu",
-        export=None,
-        pca_dim=None,
-        s3_endpoint_url=None,
-        port=None,
-    )
-    return lib.SearchParams(**{**values, **overrides})
+    return lib.SearchParams(**search_values(top_k=5, port=None, **overrides))
 
 
 @pytest.fixture
 def app_folder(tmp_path, images):
     """12 images, a byte-for-byte copy of the first (a near-duplicate), and one with a hostile image_id."""
-    folder = tmp_path / "app-images"
-    folder.mkdir()
-    for key, data in list(images.items())[:12]:
-        (folder / f"{key}.jpg").write_bytes(data)
+    folder = folder_of_images(tmp_path / "app-images", images, 12)
     first = next(iter(images))
     (folder / f"{first}~copy.jpg").write_bytes(images[first])  # sorts after the first, so ranks below it
     (folder / HOSTILE_ID).write_bytes(jpeg_bytes(64, 48, seed=99))

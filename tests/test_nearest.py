@@ -8,7 +8,7 @@ import lib
 import numpy as np
 import pytest
 import torch
-from conftest import FAKE_COMMIT, retrained, run_embed, save_table
+from conftest import FAKE_COMMIT, retrained, run_embed, save_table, search_values
 
 
 def unit_vectors(count: int, dimension: int, seed: int) -> np.ndarray:
@@ -196,18 +196,7 @@ def test_the_files_own_model_whose_weights_changed_since_is_refused(
 def test_a_missing_file_and_bad_parameters_are_named(collection):
     with pytest.raises(lib.PipelineError, match="EMBEDDINGS file .*missing.h5 does not exist: run 03_merge"):
         lib.open_embeddings(collection, "OUTPUT/missing.h5")
-    values = dict(
-        embeddings="x.h5",
-        queries=[],
-        image_query=None,
-        top_k=10,
-        index="exact",
-        model=None,
-        device="auto",
-        export=None,
-        pca_dim=None,
-        s3_endpoint_url=None,
-    )
+    values = search_values(embeddings="x.h5", device="auto")
     for name, value, allowed in [
         ("queries", "a dog", "a list of non-empty texts"),
         ("top_k", 0, "integer >= 1"),
