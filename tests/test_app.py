@@ -295,6 +295,13 @@ def test_in_a_browser_a_hostile_image_id_shows_as_text(served, browser_page):
     assert HOSTILE_ID in page.locator("#search-status").inner_text()
     assert page.locator('img[src="x"]').count() == 0
     screenshot(page, "5-hostile-image-id")
+    page.locator("#reference-query textarea").fill("/etc/passwd")
+    page.locator("#reference-query textarea").press("Enter")
+    page.wait_for_function(
+        "document.querySelector('#search-status.error')?.innerText.includes('reads no path')"
+    )
+    assert captions(page) == []
+    screenshot(page, "6-a-refused-query")
 
 
 def test_an_image_sent_inline_is_refused_before_gradio_decodes_it(search_app):

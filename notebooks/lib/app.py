@@ -304,6 +304,7 @@ def launch_app(
 
     index = hold_vectors(embeddings)
     print(index.describe(), flush=True)
+    encoder.encode_text(["a photo"])  # the text tower's first call is slow: not the first user's query
     downloads = Path(tempfile.mkdtemp(prefix="clip-search-app-"))
     page = build_page(SearchApp(embeddings, encoder, fetcher, index, params, downloads), params.top_k)
     if not _is_loopback(params.host):
@@ -324,6 +325,7 @@ def launch_app(
             footer_links=[],
             ssr_mode=False,
             theme=theme,
+            css="#search-status.error { color: #b91c1c; font-weight: 600; }",
             quiet=True,
         )
     except OSError as error:
