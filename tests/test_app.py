@@ -257,6 +257,9 @@ def test_in_a_browser_text_upload_click_and_zip(served, browser_page, app_folder
     page.wait_for_function("document.querySelectorAll('#results .caption-label').length == 5")
     assert "text encoded in" in page.locator("#search-status").inner_text()
     screenshot(page, "1-text-query")
+    page.locator("#index-mode label", has_text="ivf").click()  # the same query again, on the IVF index
+    page.wait_for_function("document.querySelector('#search-status')?.innerText.includes('(ivf, ')")
+    assert len(captions(page)) == 5 and "'a photo of a dog'" in page.locator("#search-status").inner_text()
 
     key = f"{list(images)[3]}.jpg"
     page.locator("#upload-query input[type=file]").set_input_files(str(app_folder / key))

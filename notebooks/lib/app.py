@@ -266,8 +266,8 @@ def build_page(app: SearchApp, top_k: int) -> Any:
         reference.submit(lambda *values: answer(app.reference_query, *values), [reference, *options], shown)
         upload.upload(lambda *values: answer(app.upload_query, *values), [upload, *options], shown)
         gallery.select(on_select, [results_state, *options], shown)
-        for option in options:
-            option.input(again, [query_state, *options], shown)
+        for changed in (top_k_slider.release, mode.input, hide.input):  # the slider once let go
+            changed(again, [query_state, *options], shown)
         zip_button.click(app.download, results_state, zip_file)
     return page
 
