@@ -18,7 +18,6 @@ import ipaddress
 import shutil
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -27,13 +26,13 @@ import numpy as np
 import pandas as pd
 from PIL import Image
 
-from .display import thumbnail_file
+from .display import result_thumbnails
 from .errors import ImageFailure, PipelineError
 from .fetch import Fetcher
 from .model import ClipEncoder
 from .nearest import EmbeddingsFile, image_vector, open_embeddings, query_encoder
 from .params import SearchParams
-from .subset import FETCH_THREADS, results_zip, shown_results
+from .subset import results_zip, shown_results
 from .vector_index import VectorIndex, hold_vectors
 from .workspace import collection
 
@@ -155,11 +154,7 @@ class SearchApp:
 
     def _gallery(self, results: pd.DataFrame) -> list[tuple[str, str]]:
         """(thumbnail file, caption) of each result; an image that cannot be fetched shows a placeholder."""
-        locations = self.embeddings.locations(results["row"].tolist(), results["url"].tolist())
-        with ThreadPoolExecutor(FETCH_THREADS) as pool:
-            files = list(
-                pool.map(lambda where: thumbnail_file(where, self.fetcher, APP_THUMBNAIL_SIZE), locations)
-            )
+        files = result_thumbnails(self.embeddings, results, self.fetcher, APP_THUMBNAIL_SIZE)
         return [
             (str(file or self._placeholder()), f"#{record.rank} {record.score:.3f} {record.image_id}")
             for record, file in zip(results.itertuples(), files, strict=True)

@@ -16,7 +16,7 @@ import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
-from .errors import ParameterError, PipelineError
+from .errors import ParameterError, PipelineError, first_line
 from .settings import cpu_cores
 
 LOOPBACK_ONLY = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"  # "0": a local instance binds to 127.0.0.1 alone
@@ -61,7 +61,7 @@ def connect(address: str | None) -> None:
         )
     except (ConnectionError, TimeoutError, ValueError) as error:
         raise PipelineError(
-            f"RAY_ADDRESS={address!r}: no Ray cluster could be joined there ({str(error).splitlines()[0]}). "
+            f"RAY_ADDRESS={address!r}: no Ray cluster could be joined there ({first_line(error)}). "
             "Start one (`ray start --head` on its head node), check the address, or set RAY_ADDRESS=None "
             "for a Ray instance on this machine alone."
         ) from None

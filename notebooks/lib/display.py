@@ -21,12 +21,7 @@ from .preprocess import decode_image
 from .workspace import atomic_file, current_workspace
 
 THUMBNAIL_SIZE = 160
-
-
-def thumbnail(location: str, fetcher: Fetcher) -> bytes | None:
-    """A JPEG thumbnail of the image at `location`, cached under .cache/thumbnails/; None if it fails."""
-    path = thumbnail_file(location, fetcher)
-    return path.read_bytes() if path else None
+FETCH_THREADS = 8  # images of the results fetched at once
 
 
 def thumbnail_file(location: str, fetcher: Fetcher, size: int = THUMBNAIL_SIZE) -> Path | None:
@@ -43,6 +38,15 @@ def thumbnail_file(location: str, fetcher: Fetcher, size: int = THUMBNAIL_SIZE) 
     with atomic_file(path) as temporary:
         image.save(temporary, "JPEG", quality=85)
     return path
+
+
+def result_thumbnails(
+    embeddings: EmbeddingsFile, results: pd.DataFrame, fetcher: Fetcher, size: int = THUMBNAIL_SIZE
+) -> list[Path | None]:
+    """Each result's thumbnail file (see thumbnail_file), its image fetched from where 02 fetched it."""
+    locations = embeddings.locations(results["row"].tolist(), results["url"].tolist())
+    with ThreadPoolExecutor(FETCH_THREADS) as pool:
+        return list(pool.map(lambda location: thumbnail_file(location, fetcher, size), locations))
 
 
 def _gallery_cell(record: Any, data: bytes | None) -> str:
@@ -62,9 +66,9 @@ def gallery_html(embeddings: EmbeddingsFile, results: pd.DataFrame, title: str, 
 
     Each image is fetched from where 02 fetched it (see EmbeddingsFile.locations).
     """
-    locations = embeddings.locations(results["row"].tolist(), results["url"].tolist())
-    with ThreadPoolExecutor(8) as pool:
-        thumbnails = list(pool.map(lambda location: thumbnail(location, fetcher), locations))
+    thumbnails = [
+        path.read_bytes() if path else None for path in result_thumbnails(embeddings, results, fetcher)
+    ]
     cells = [
         _gallery_cell(record, data) for record, data in zip(results.itertuples(), thumbnails, strict=True)
     ]

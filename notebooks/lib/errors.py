@@ -2,7 +2,8 @@
 
 PipelineError is a problem the user can fix (a bad parameter, a missing input, an unreachable server),
 shown in a notebook without a traceback; ImageFailure is one image that cannot be embedded, with the
-short, stable reason that the output files record; `counted` gives such reasons with their counts.
+short, stable reason that the output files record; `counted` gives such reasons with their counts,
+and `first_line` a library's error as a message quotes it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,11 @@ class ImageFailure(Exception):
     def __init__(self, reason: str):
         super().__init__(reason)
         self.reason = reason
+
+
+def first_line(error: Exception) -> str:
+    """An error's message as a message of ours quotes it: its first line, or its type when it has none."""
+    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def counted(counter: collections.Counter) -> str:

@@ -189,6 +189,4 @@ def _shard_metadata(embeddings: EmbeddingsFile, start: int, end: int) -> pa.Tabl
             "row": file["rows"][start:end],
         }
     details = embeddings.table_columns(records["row"])
-    return pa.Table.from_pandas(
-        pd.DataFrame(records).join(details.drop(columns="row", errors="ignore")), preserve_index=False
-    )
+    return pa.Table.from_pandas(pd.DataFrame(records).join(details), preserve_index=False)

@@ -82,17 +82,12 @@ class EmbeddingsFile:
 
     def records(self, positions: np.ndarray) -> dict[str, list]:
         """image_id, url and row of the given positions, in that order."""
-        order = np.argsort(positions)
-        unique, inverse = np.unique(positions[order], return_inverse=True)
         with open_hdf5(self.path) as file:
-            columns = {
-                "image_id": file["image_ids"].asstr()[unique],
-                "url": file["urls"].asstr()[unique],
-                "row": file["rows"][unique],
+            return {
+                "image_id": _at_positions(file["image_ids"].asstr(), positions).tolist(),
+                "url": _at_positions(file["urls"].asstr(), positions).tolist(),
+                "row": _at_positions(file["rows"], positions).tolist(),
             }
-        back = np.empty(len(positions), dtype=np.int64)
-        back[order] = inverse
-        return {name: values[back].tolist() for name, values in columns.items()}
 
     def position_of(self, image_id: str) -> int | None:
         """Where `image_id` is in the file, or None."""
@@ -112,10 +107,9 @@ class EmbeddingsFile:
             return file["embeddings"][position]
 
     def vectors(self, positions: np.ndarray) -> np.ndarray:
-        """The embeddings at these positions, in their order, read in one pass (h5py wants them sorted)."""
-        unique, inverse = np.unique(np.asarray(positions, dtype=np.int64), return_inverse=True)
+        """The embeddings at these positions, in their order."""
         with open_hdf5(self.path) as file:
-            return file["embeddings"][unique][inverse.reshape(-1)]
+            return _at_positions(file["embeddings"], positions)
 
     def locations(self, rows: Sequence[int], urls: Sequence[str]) -> list[str]:
         """Where 02 fetched the images of these rows, for thumbnails.
@@ -141,6 +135,12 @@ class EmbeddingsFile:
         """Whether the image table at `table` is the one the file was made from (the same digest)."""
         info = table_info(table)
         return bool(info) and info["sha256"] == json.loads(self.attrs.get("source", "{}")).get("sha256")
+
+
+def _at_positions(dataset: Any, positions: np.ndarray) -> np.ndarray:
+    """`dataset` at these positions, in their order, read in one pass (h5py takes increasing ones only)."""
+    unique, inverse = np.unique(np.asarray(positions, dtype=np.int64), return_inverse=True)
+    return dataset[unique][inverse.reshape(-1)]
 
 
 def array_blocks(vectors: Any, block_rows: int) -> Iterator[tuple[int, np.ndarray]]:

@@ -16,7 +16,7 @@ from typing import Any
 from . import executor
 from .chunkfile import ChunkInfo
 from .cluster import WorkerLayout, connect, worker_layout
-from .errors import PipelineError
+from .errors import PipelineError, first_line
 from .executor import (
     RunSummary,
     prepare_chunk_folder,
@@ -261,7 +261,7 @@ class RayWorkers:
                 worker.dead = True
                 return
             worker.starts += 1
-            print(f"{worker} was lost while starting ({_first_line(error)}): Ray starts it again")
+            print(f"{worker} was lost while starting ({first_line(error)}): Ray starts it again")
             worker.starting = self._start(worker.actor)
         except ray.exceptions.RayTaskError as error:
             raise _worker_error(error) from None
@@ -300,7 +300,7 @@ class RayWorkers:
             sum(value for _, name, value in events if name == "add_elsewhere"),
         )
         task.attempts += 1
-        problem = _first_line(error)
+        problem = first_line(error)
         if task.attempts >= ATTEMPTS_PER_CHUNK:
             raise PipelineError(
                 f"{task} lost its Ray worker {task.attempts} times (the last: {problem}). See the workers' "
@@ -323,10 +323,6 @@ class RayWorkers:
             if call in self._relayed:
                 self._relayed[call].append(event)
             getattr(self._progress, name)(value)
-
-
-def _first_line(error: Exception) -> str:
-    return str(error).splitlines()[0] if str(error).strip() else type(error).__name__
 
 
 def _worker_error(error: Any) -> Exception:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from .errors import ParameterError, PipelineError
+from .errors import ParameterError, PipelineError, first_line
 from .workspace import Collection, fsync_and_replace, read_json, temporary_path, write_json
 
 LEASE_NAME = ".lease.json"
@@ -158,10 +158,9 @@ class ObjectStore:
                     f"{describe_aws_credentials()}. Give it credentials that may {action} there "
                     f"({CREDENTIAL_SOURCES})."
                 ) from None
-            problem = str(error).splitlines()[0] if str(error) else type(error).__name__
             raise PipelineError(
-                f"Cannot {action} {self.url} ({problem}): check the network, S3_ENDPOINT_URL and the "
-                "credentials, then run this stage again."
+                f"Cannot {action} {self.url} ({first_line(error)}): check the network, S3_ENDPOINT_URL "
+                "and the credentials, then run this stage again."
             ) from None
 
 

@@ -17,6 +17,7 @@ import numpy as np
 import pandas as pd
 from PIL import Image, UnidentifiedImageError
 
+from .display import FETCH_THREADS
 from .errors import ImageFailure
 from .fetch import Fetcher
 from .nearest import EmbeddingsFile, SearchResult, result_table
@@ -25,7 +26,6 @@ from .workspace import atomic_file
 
 NEAR_DUPLICATE_SCORE = 0.97  # cosine to a higher result from which a result is a near-duplicate
 CANDIDATES_PER_RESULT = 4  # searched per result shown, so that hidden near-duplicates leave TOP_K
-FETCH_THREADS = 8
 
 
 def shown_results(
@@ -78,7 +78,7 @@ def results_zip(embeddings: EmbeddingsFile, shown: pd.DataFrame, fetcher: Fetche
                 archive.writestr(name, data, compress_type=zipfile.ZIP_STORED)
             names.append(name)
             missing.append(reason)
-        details = embeddings.table_columns(shown["row"].tolist()).drop(columns="row", errors="ignore")
+        details = embeddings.table_columns(shown["row"].tolist())
         table = shown.assign(file=names, missing=missing).join(details.set_index(shown.index))
         archive.writestr("results.csv", table.to_csv(index=False), compress_type=zipfile.ZIP_DEFLATED)
     return path
