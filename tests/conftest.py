@@ -470,7 +470,8 @@ def embed_params(**overrides) -> lib.EmbedParams:
 
 def run_signature(encoder, table, **overrides) -> dict:
     """The signature 02 would plan with, for these parameters."""
-    return lib.plan.run_signature(encoder, lib.plan.image_recipe(encoder, embed_params(**overrides)), table)
+    params = embed_params(**overrides)
+    return lib.plan.run_signature(encoder, lib.plan.image_recipe(encoder, params), table, params.storage_dtype)
 
 
 def run_embed(table, encoder, **overrides) -> lib.executor.RunSummary:

@@ -85,7 +85,7 @@ def test_a_run_that_meets_a_finished_chunk_covering_part_of_its_range_embeds_the
     """Runs over [0, 15) and [0, 20), CHUNK=6: the second planned [12, 18) before the first wrote [12, 15)."""
     params = embed_params(chunk=6)
     recipe = lib.plan.image_recipe(tiny_encoder, params)
-    signature = lib.plan.run_signature(tiny_encoder, recipe, table)
+    signature = lib.plan.run_signature(tiny_encoder, recipe, table, params.storage_dtype)
     second = lib.plan.plan_chunks(collection, 0, None, 6, signature, len(table))
     assert second.todo == [(0, 6), (6, 12), (12, 18), (18, 20)]
     run_embed(table, tiny_encoder, end=15, chunk=6)  # the first run, done before the second reaches 12

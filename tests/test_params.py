@@ -25,6 +25,7 @@ EMBED_DEFAULTS = {
     "EXECUTOR": "local",
     "RAY_ADDRESS": None,
     "CPUS_PER_WORKER": "auto",
+    "STORAGE_DTYPE": "float32",
 }
 
 
@@ -38,7 +39,13 @@ METADATA_DEFAULTS = {
 }
 
 
-MERGE_DEFAULTS = {"OUTPUT_DIR": "OUTPUT", "OUTPUT_FILE": None, "CLEANUP": False, "S3_ENDPOINT_URL": None}
+MERGE_DEFAULTS = {
+    "OUTPUT_DIR": "OUTPUT",
+    "OUTPUT_FILE": None,
+    "CLEANUP": False,
+    "S3_ENDPOINT_URL": None,
+    "STORAGE_DTYPE": "float32",
+}
 
 
 def test_defaults_are_valid():
@@ -122,8 +129,8 @@ def test_bad_metadata_values(name, value):
         lib.read_parameters(lib.MetadataParams, {**METADATA_DEFAULTS, name: value})
 
 
-def test_folder_and_table_need_a_source():
-    for dataset in ("folder", "table"):
+def test_folder_table_and_webdataset_need_a_source():
+    for dataset in ("folder", "table", "webdataset"):
         with pytest.raises(lib.ParameterError, match="SOURCE=None is not allowed"):
             lib.read_parameters(lib.MetadataParams, {**METADATA_DEFAULTS, "DATASET": dataset})
 
@@ -143,6 +150,21 @@ def test_table_source_may_map_columns_to_json_lists():
 def test_merge_values():
     with pytest.raises(lib.ParameterError, match="CLEANUP='yes' is not allowed: use True or False"):
         lib.read_parameters(lib.MergeParams, {**MERGE_DEFAULTS, "CLEANUP": "yes"})
+
+
+@pytest.mark.parametrize(
+    ("params_class", "defaults"), [(lib.EmbedParams, EMBED_DEFAULTS), (lib.MergeParams, MERGE_DEFAULTS)]
+)
+def test_storage_dtype_is_float32_or_float16(params_class, defaults):
+    assert (
+        lib.read_parameters(params_class, {**defaults, "STORAGE_DTYPE": "float16"}).storage_dtype == "float16"
+    )
+    for value in ("fp16", "bfloat16", None):
+        with pytest.raises(
+            lib.ParameterError,
+            match=rf"STORAGE_DTYPE={value!r} is not allowed: use one of 'float32', 'float16'",
+        ):
+            lib.read_parameters(params_class, {**defaults, "STORAGE_DTYPE": value})
 
 
 def test_unknown_parameter_names_suggest_the_closest():

@@ -26,9 +26,10 @@ module per seam, in the order the data flows through them; each imports only mod
     params       each stage's parameters, read from the notebook and checked
     progress     tqdm bars where someone watches, printed lines when headless
     downloads    HTTP sessions and retries; whole files fetched once into .cache/downloads/
-    sources      01: metadata (Open Images, a listing, a folder) -> the image table's rows
+    fetch        an image's bytes (or a byte range's) from S3, HTTP(S), fsspec or disk; 01's shards whole
+    shards       01: WebDataset tar shards, each indexed once -> a row per sample, its image's byte range
+    sources      01: metadata (Open Images, a listing, a folder, shards) -> the image table's rows
     table        the image table file that 01 writes and 02, 03 and 04 read
-    fetch        02: an image's bytes from S3, HTTP(S) or disk
     preprocess   02: bytes -> decoded, oriented, OpenAI-preprocessed pixels
     device_jpeg  02: PREPROCESS='fast' on CUDA: JPEGs decoded and preprocessed on the GPU, by batch
     openai_weights     02: the tensors of OpenAI .pt files, read as data only
@@ -82,6 +83,7 @@ from . import (
     ray_executor,
     ray_worker,
     settings,
+    shards,
     sources,
     storage,
     subset,
@@ -177,6 +179,7 @@ __all__ = [
     "save_image_table",
     "search",
     "settings",
+    "shards",
     "sources",
     "storage",
     "subset",

@@ -38,8 +38,10 @@ SIGNATURE_KEYS = (  # model_id is recorded but not compared: a local checkpoint 
     "exif_transpose",
     "apply_rotation",
     "precision",
+    "storage_dtype",
     "table_sha256",
 )
+SIGNATURE_DEFAULTS = {"storage_dtype": "float32"}  # what files written before an attribute existed hold
 STRING_DTYPE = h5py.string_dtype("utf-8")
 
 
@@ -148,8 +150,11 @@ def _write_records(group: h5py.Group, records: Records) -> None:
 
 
 def write_chunk(path: Path, result: ChunkResult, attrs: dict) -> None:
-    """Write a chunk to a temporary name, then rename: a file with the final name is always whole."""
-    embeddings = result.embeddings()
+    """Write a chunk to a temporary name, then rename: a file with the final name is always whole.
+
+    The vectors are stored as the attributes' storage_dtype (float32 or float16).
+    """
+    embeddings = result.embeddings().astype(signature_of(attrs)["storage_dtype"])
     embedded = result.embedded
     with atomic_file(path) as temporary, open_hdf5(temporary, "w") as file:
         _write_records(file, embedded)
@@ -275,7 +280,7 @@ def chunk_files(folder: Path) -> list[Path]:
 
 def signature_of(attrs: dict) -> dict:
     """What chunks must share to be merged into one file, from their attributes."""
-    return {key: attrs.get(key) for key in SIGNATURE_KEYS}
+    return {key: attrs.get(key, SIGNATURE_DEFAULTS.get(key)) for key in SIGNATURE_KEYS}
 
 
 _SIGNATURE_PARAMETERS = {  # what sets each part of the signature
@@ -289,6 +294,7 @@ _SIGNATURE_PARAMETERS = {  # what sets each part of the signature
     "exif_transpose": "EXIF_TRANSPOSE",
     "apply_rotation": "APPLY_ROTATION",
     "precision": "PRECISION",
+    "storage_dtype": "STORAGE_DTYPE",
     "table_sha256": "the image table (01_metadata's DATASET, SPLIT, SOURCE, FETCH)",
 }
 
@@ -297,7 +303,7 @@ def describe_difference(first: dict, second: dict, labels: tuple[str, str]) -> s
     """Each parameter that differs between two chunk attribute sets, with its value in each."""
     differing: dict[str, str] = {}
     for key in SIGNATURE_KEYS:
-        if first.get(key) != second.get(key):
+        if signature_of(first)[key] != signature_of(second)[key]:
             differing.setdefault(_SIGNATURE_PARAMETERS[key], key)
     return "; ".join(
         f"{name}: {_shown(key, first)} {labels[0]}, {_shown(key, second)} {labels[1]}"
@@ -307,7 +313,7 @@ def describe_difference(first: dict, second: dict, labels: tuple[str, str]) -> s
 
 def _shown(key: str, attrs: dict) -> str:
     """A signature value as a person recognises it: the model by its id, the table by its source."""
-    value = attrs.get(key)
+    value = signature_of(attrs)[key]
     if key == "table_sha256":
         source = json.loads(attrs.get("source") or "{}")
         return f"{source.get('dataset')} {source.get('source')!r} (sha256 {str(value)[:12]})"

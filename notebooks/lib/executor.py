@@ -188,7 +188,7 @@ def chunk_writer(
         encoder,
         loader,
         params.gpu_batch_size,
-        chunk_attributes(encoder, loader.recipe, table, params.model),
+        chunk_attributes(encoder, loader.recipe, table, params),
         progress,
         SourceCheck(loader.fetcher.s3_access, enabled=params.stop_if_unreachable),
         summary,
@@ -196,12 +196,14 @@ def chunk_writer(
     )
 
 
-def chunk_attributes(encoder: ClipEncoder, recipe: ImageRecipe, table: ImageTable, model: str) -> dict:
+def chunk_attributes(
+    encoder: ClipEncoder, recipe: ImageRecipe, table: ImageTable, params: EmbedParams
+) -> dict:
     """What each chunk file records of how it was made: the run's attributes, MODEL and the table's source."""
     return {
-        **run_attributes(encoder, recipe, table),
+        **run_attributes(encoder, recipe, table, params.storage_dtype),
         "format_version": FORMAT_VERSION,
-        "model": model,
+        "model": params.model,
         "source": json.dumps(table.info),
     }
 

@@ -1,8 +1,10 @@
-"""02's first step per image: the bytes at a location, from S3, HTTP(S) or the local disk.
+"""02's first step per image: the bytes at a location, from S3, HTTP(S), another fsspec store or disk.
 
 Retries, timeouts, a deadline and a size limit bound every fetch; what still fails raises
 ImageFailure with a stable reason ('http 404', 'timeout', 's3 NoSuchKey'). S3 is read anonymously
 from Open Images' public bucket (or with S3_ANONYMOUS), with boto3's default credentials elsewhere.
+A location '<object>#bytes=<first>-<last>' is a byte range of an object (an image inside a WebDataset
+shard), read with a range request; 01 reads whole shards through the same fetcher (`Fetcher.stream`).
 """
 
 from __future__ import annotations
@@ -10,26 +12,46 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
+import re
 import socket
 import threading
 import time
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Iterable, Iterator
+from typing import IO, Any
 from urllib.parse import urlparse
 
 import requests
 import urllib3
 
 from .downloads import DeadlineRetry, PastDeadline, http_session, root_cause
-from .errors import ImageFailure
+from .errors import ImageFailure, first_line
 from .settings import current_settings
-from .sources import OPENIMAGES_BUCKET
-from .storage import describe_aws_credentials
+from .storage import describe_aws_credentials, filesystem
 
 MAX_IMAGE_BYTES = 512 << 20  # a larger body is not an image to embed ("too large"), and is not read
-
-
+OPENIMAGES_BUCKET = "open-images-dataset"
 PUBLIC_BUCKETS = (OPENIMAGES_BUCKET,)  # read anonymously, as Open Images' own downloader.py does
+MISSING_REASONS = ("file not found", "http 404", "s3 NoSuchKey")  # the reasons of an object that is not there
+_BYTE_RANGE = re.compile(r"(?P<object>.+)#bytes=(?P<first>\d+)-(?P<last>\d+)")
+_S3_REASONS = {"403": "s3 AccessDenied", "Forbidden": "s3 AccessDenied", "InvalidRange": "truncated member"}
+
+
+def member_location(shard: str, offset: int, size: int) -> str:
+    """The location of the `size` bytes at `offset` of `shard`: '<shard>#bytes=<first>-<last>'."""
+    return f"{shard}#bytes={offset}-{offset + size - 1}"
+
+
+def byte_range(location: str) -> tuple[str, tuple[int, int] | None]:
+    """The object a location names, and the (offset, size) of its bytes that it means (None: all)."""
+    member = _BYTE_RANGE.fullmatch(location)
+    if member is None:
+        return location, None
+    first, last = int(member["first"]), int(member["last"])
+    return member["object"], (first, last - first + 1)
+
+
+def _range_header(span: tuple[int, int]) -> str:
+    return f"bytes={span[0]}-{span[0] + span[1] - 1}"
 
 
 class Fetcher:
@@ -119,17 +141,64 @@ class Fetcher:
         )
 
     def fetch(self, location: str) -> bytes:
-        """The bytes at `location`: s3://bucket/key, http(s)://..., file://... or a path."""
+        """The bytes at `location`: s3://bucket/key, http(s)://..., another fsspec URL, file://... or a path.
+
+        A location ending in '#bytes=<first>-<last>' is that range of the object; a range that the
+        object ends inside fails as "truncated member".
+        """
+        where, span = byte_range(location)
+        if span and span[1] > self._max_bytes:
+            raise ImageFailure("too large")
+        parsed = urlparse(where)
+        if parsed.scheme == "s3":
+            data = self._fetch_s3(parsed.netloc, parsed.path.lstrip("/"), span)
+        elif parsed.scheme in ("http", "https"):
+            data = self._fetch_http(where, span)
+        elif _is_fsspec_url(parsed.scheme):
+            data = self._fetch_fsspec(where, span)
+        else:
+            data = self._fetch_file(parsed.path if parsed.scheme == "file" else where, span)
+        if span and 0 < len(data) < span[1]:
+            raise ImageFailure("truncated member")
+        if not data:
+            raise ImageFailure("truncated member" if span and span[1] else "empty body")
+        return data
+
+    @contextlib.contextmanager
+    def stream(self, location: str) -> Iterator[tuple[IO[bytes], dict]]:
+        """The whole object at `location`, read as it arrives (no deadline, no size limit), and its version.
+
+        The version is what tells this object from a changed one: its size and ETag, Last-Modified or
+        mtime. What cannot be opened raises ImageFailure with the reason a fetch would give.
+        """
         parsed = urlparse(location)
         if parsed.scheme == "s3":
-            data = self._fetch_s3(parsed.netloc, parsed.path.lstrip("/"))
+            bucket, key = parsed.netloc, parsed.path.lstrip("/")
+            with self._s3_failures():
+                reply = self._s3_client(bucket).get_object(Bucket=bucket, Key=key)
+                with contextlib.closing(reply["Body"]) as body:
+                    yield body, {"size": reply.get("ContentLength"), "etag": reply.get("ETag")}
         elif parsed.scheme in ("http", "https"):
-            data = self._fetch_http(location)
+            with self._http_failures(), self._http.get(location, timeout=self._timeout, stream=True) as reply:
+                if reply.status_code != 200:
+                    raise ImageFailure(f"http {reply.status_code}")
+                reply.raw.decode_content = True
+                headers = reply.headers
+                version = {"size": headers.get("Content-Length"), "etag": headers.get("ETag")}
+                yield reply.raw, {**version, "modified": headers.get("Last-Modified")}
+        elif _is_fsspec_url(parsed.scheme):
+            with self._fsspec_failures():
+                fs = filesystem(parsed.scheme, None)
+                found = fs.info(location)
+                opened = fs.open(location, "rb")
+            with opened:
+                yield opened, {"size": found.get("size"), "etag": found.get("ETag") or found.get("mtime")}
         else:
-            data = self._fetch_file(parsed.path if parsed.scheme == "file" else location)
-        if not data:
-            raise ImageFailure("empty body")
-        return data
+            with self._file_failures():
+                opened = open(parsed.path if parsed.scheme == "file" else location, "rb")  # noqa: SIM115
+            with opened:
+                found = os.fstat(opened.fileno())
+                yield opened, {"size": found.st_size, "mtime_ns": found.st_mtime_ns}
 
     def _read_body(self, blocks: Iterable[bytes], announced: int | None, began: float) -> bytes:
         """A response body read block by block, within the deadline and the size limit."""
@@ -145,18 +214,26 @@ class Fetcher:
             body.append(block)
         return b"".join(body)
 
-    def _fetch_s3(self, bucket: str, key: str) -> bytes:
-        import botocore.exceptions
-
+    def _fetch_s3(self, bucket: str, key: str, span: tuple[int, int] | None) -> bytes:
         client = self._s3_client(bucket)
         began = time.monotonic()
-        try:
-            reply = client.get_object(Bucket=bucket, Key=key)
+        ranged = {"Range": _range_header(span)} if span else {}
+        with self._s3_failures():
+            reply = client.get_object(Bucket=bucket, Key=key, **ranged)
             with contextlib.closing(reply["Body"]) as body:
                 return self._read_body(body.iter_chunks(1 << 16), reply.get("ContentLength"), began)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _s3_failures() -> Iterator[None]:
+        """botocore's errors as ImageFailure reasons."""
+        import botocore.exceptions
+
+        try:
+            yield
         except botocore.exceptions.ClientError as error:
             code = error.response["Error"]["Code"]
-            raise ImageFailure(f"s3 {'AccessDenied' if code in ('403', 'Forbidden') else code}") from None
+            raise ImageFailure(_S3_REASONS.get(code, f"s3 {code}")) from None
         except (botocore.exceptions.ConnectTimeoutError, botocore.exceptions.ReadTimeoutError):
             raise ImageFailure("timeout") from None
         except (botocore.exceptions.IncompleteReadError, urllib3.exceptions.ProtocolError):
@@ -166,18 +243,35 @@ class Fetcher:
             resolved = not isinstance(getattr(error, "kwargs", {}).get("error"), unresolved)
             raise ImageFailure("connection error" if resolved else "cannot resolve") from None
 
-    def _fetch_http(self, url: str) -> bytes:
+    def _fetch_http(self, url: str, span: tuple[int, int] | None) -> bytes:
         began = time.monotonic()
         DeadlineRetry.deadlines.at = began + self._deadline  # retries and their waits count too
+        headers = {"Range": _range_header(span)} if span else {}
         try:
-            with self._http.get(url, timeout=self._timeout, stream=True) as reply:
-                if reply.status_code != 200:
+            with (
+                self._http_failures(),
+                self._http.get(url, timeout=self._timeout, stream=True, headers=headers) as reply,
+            ):
+                if span and reply.status_code == 200:  # the whole object, which may be a shard of gigabytes
+                    raise ImageFailure("http range ignored")
+                if reply.status_code == 416:
+                    raise ImageFailure("truncated member")
+                if reply.status_code != (206 if span else 200):
                     raise ImageFailure(f"http {reply.status_code}")
                 announced = reply.headers.get("Content-Length")
                 announced = int(announced) if announced and announced.isdigit() else None
                 # read1 returns what has arrived, so a body that trickles in meets the deadline
                 blocks = iter(functools.partial(reply.raw.read1, 1 << 16, decode_content=True), b"")
                 return self._read_body(blocks, announced, began)
+        finally:
+            DeadlineRetry.deadlines.at = None
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _http_failures() -> Iterator[None]:
+        """requests' and urllib3's errors as ImageFailure reasons."""
+        try:
+            yield
         except (requests.Timeout, urllib3.exceptions.ReadTimeoutError):
             raise ImageFailure("timeout") from None
         except (requests.exceptions.ChunkedEncodingError, urllib3.exceptions.ProtocolError):
@@ -193,16 +287,56 @@ class Fetcher:
             raise ImageFailure(f"http error: {type(error).__name__}") from None
         except PastDeadline as past:
             raise ImageFailure(f"http {past.status}" if past.status else "timeout") from None
-        finally:
-            DeadlineRetry.deadlines.at = None
 
-    def _fetch_file(self, path: str) -> bytes:
+    def _fetch_fsspec(self, url: str, span: tuple[int, int] | None) -> bytes:
+        """An object of another fsspec store (gs://, az://, ...), whole or a range of it."""
+        with self._fsspec_failures():
+            fs = filesystem(urlparse(url).scheme, None)
+            if span:
+                return fs.cat_file(url, start=span[0], end=span[0] + span[1])
+            if fs.size(url) > self._max_bytes:
+                raise ImageFailure("too large")
+            return fs.cat_file(url)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _fsspec_failures() -> Iterator[None]:
         try:
-            with open(path, "rb") as file:
-                if os.fstat(file.fileno()).st_size > self._max_bytes:
-                    raise ImageFailure("too large")
-                return file.read()
+            yield
+        except FileNotFoundError:
+            raise ImageFailure("file not found") from None
+        except ImageFailure:
+            raise
+        except Exception as error:  # each fsspec library raises its own
+            raise ImageFailure(f"store error: {first_line(error)}") from None
+
+    def _fetch_file(self, path: str, span: tuple[int, int] | None) -> bytes:
+        with self._file_failures(), open(path, "rb") as file:
+            if span:
+                file.seek(span[0])
+                return file.read(span[1])
+            if os.fstat(file.fileno()).st_size > self._max_bytes:
+                raise ImageFailure("too large")
+            return file.read()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _file_failures() -> Iterator[None]:
+        try:
+            yield
         except FileNotFoundError:
             raise ImageFailure("file not found") from None
         except OSError as error:
             raise ImageFailure(f"file unreadable: {error.strerror or type(error).__name__}") from None
+
+
+_OWN_SCHEMES = ("", "file", "s3", "http", "https")
+
+
+def _is_fsspec_url(scheme: str) -> bool:
+    """Whether a URL of this scheme is another fsspec store's (gs://, az://), not a path (C:\\...)."""
+    if scheme in _OWN_SCHEMES or len(scheme) == 1:
+        return False
+    import fsspec
+
+    return scheme in fsspec.available_protocols()

@@ -1,7 +1,8 @@
 """03: chunk files -> one verified file, streamed in row order with memory bounded by one chunk.
 
 The merged file keeps the original notebook's datasets (urls, embeddings, image_ids, rows) and the
-failed group; it replaces an older one only once every chunk's digest is reproduced.
+failed group; it replaces an older one only once every chunk's digest is reproduced. Its vectors
+are stored as STORAGE_DTYPE: float32 chunks may be stored as float16, never float16 ones as float32.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ import numpy as np
 
 from .chunkfile import (
     FORMAT_VERSION,
-    SIGNATURE_KEYS,
     STRING_DTYPE,
     ChunkInfo,
     attribute_value,
@@ -129,7 +129,7 @@ def _check_chunk_records(source: h5py.File, info: ChunkInfo, dimension: int) -> 
     rows = source["rows"][:]
     if np.any(np.diff(rows) <= 0) or (len(rows) and (rows[0] < info.start or rows[-1] >= info.end)):
         raise PipelineError(f"{info.path}: its rows are not increasing within [{info.start}, {info.end}).")
-    norms = np.linalg.norm(source["embeddings"][:], axis=1)
+    norms = np.linalg.norm(source["embeddings"][:].astype(np.float32), axis=1)
     bad = np.flatnonzero(~np.isfinite(norms) | (np.abs(norms - 1) > NORM_TOLERANCE))
     if len(bad):
         raise PipelineError(
@@ -138,8 +138,9 @@ def _check_chunk_records(source: h5py.File, info: ChunkInfo, dimension: int) -> 
         )
 
 
-def _create_merged_datasets(file: h5py.File, embedded: int, failed: int, dimension: int) -> None:
-    file.create_dataset("embeddings", shape=(embedded, dimension), dtype=np.float32)
+def _create_merged_datasets(file: h5py.File, embedded: int, failed: int, attrs: dict) -> None:
+    shape = (embedded, int(attrs["embedding_size"]))
+    file.create_dataset("embeddings", shape=shape, dtype=attrs["storage_dtype"])
     for group, count in ((file, embedded), (file.create_group("failed"), failed)):
         group.create_dataset("urls", shape=(count,), dtype=STRING_DTYPE)
         group.create_dataset("image_ids", shape=(count,), dtype=STRING_DTYPE)
@@ -153,11 +154,31 @@ def _copy_records(source: h5py.Group, target: h5py.Group, names: Sequence[str], 
         target[name][offset : offset + count] = source[name][:]
 
 
-def _verify_merged(path: Path, chunks: list[ChunkInfo]) -> None:
-    """Re-read the merged file: each chunk's segment must reproduce the digest that chunk recorded."""
+def _copy_embeddings(source: h5py.File, target: h5py.File, info: ChunkInfo, offset: int) -> str:
+    """Copy a chunk's vectors as the merged file stores them; return the digest its segment must have.
+
+    That is the chunk's own digest, unless its float32 vectors are stored as float16: then the
+    chunk is checked against its digest here, and the segment must give the digest of the float16 ones.
+    """
+    vectors = source["embeddings"][:]
+    stored = vectors.astype(target["embeddings"].dtype)
+    target["embeddings"][offset : offset + len(stored)] = stored
+    if stored.dtype == vectors.dtype:
+        return info.attrs["digest"]
+    records = [source[name][:] for name in ("rows", "image_ids", "urls")]
+    if records_digest(records[0], vectors, *records[1:]) != info.attrs["digest"]:
+        raise PipelineError(
+            f"{info.path} does not reproduce its own digest: it is damaged. Nothing was replaced; delete "
+            "it, run 02_embed for its rows, then merge again."
+        )
+    return records_digest(records[0], stored, *records[1:])
+
+
+def _verify_merged(path: Path, chunks: list[ChunkInfo], digests: list[str]) -> None:
+    """Re-read the merged file: each chunk's segment must reproduce the digest of its vectors as stored."""
     with open_hdf5(path) as file:
         offset = 0
-        for info in chunks:
+        for info, expected in zip(chunks, digests, strict=True):
             segment = slice(offset, offset + info.embedded)
             digest = records_digest(
                 file["rows"][segment],
@@ -165,7 +186,7 @@ def _verify_merged(path: Path, chunks: list[ChunkInfo]) -> None:
                 file["image_ids"][segment],
                 file["urls"][segment],
             )
-            if digest != info.attrs["digest"]:
+            if digest != expected:
                 raise PipelineError(
                     f"The merged file does not reproduce {info.path} (digest mismatch): the chunk "
                     "or the disk is damaged. Nothing was replaced; delete that chunk, run 02_embed "
@@ -184,10 +205,11 @@ def _chunk_list(chunks: list[ChunkInfo]) -> str:
     return json.dumps([[info.path.name, info.attrs["digest"]] for info in chunks])
 
 
-def _merged_attrs(chunks: list[ChunkInfo], report: MergeReport) -> dict:
+def _merged_attrs(chunks: list[ChunkInfo], report: MergeReport, storage_dtype: str) -> dict:
     first = chunks[0]
     return {
-        **{key: first.attrs[key] for key in SIGNATURE_KEYS},
+        **first.signature,
+        "storage_dtype": storage_dtype,
         "format_version": FORMAT_VERSION,
         "model": first.attrs["model"],
         "model_id": first.attrs["model_id"],
@@ -257,28 +279,34 @@ def _holds_every_chunk(path: Path, folder: Path, chunks: list[ChunkInfo]) -> boo
 
 def _write_merged(path: Path, chunks: list[ChunkInfo], attrs: dict) -> None:
     """Stream the chunks into a temporary file in row order, verify it, then rename it into place."""
+    digests = []
     with atomic_file(path) as temporary:
         with open_hdf5(temporary, "w") as target:
-            _create_merged_datasets(target, attrs["embedded"], attrs["failed"], int(attrs["embedding_size"]))
+            _create_merged_datasets(target, attrs["embedded"], attrs["failed"], attrs)
             offset = failed_offset = 0
             for info in progress_bar(chunks, desc="merge", unit="chunk"):
                 with open_hdf5(info.path) as source:
                     _check_chunk_records(source, info, int(attrs["embedding_size"]))
-                    _copy_records(source, target, ("rows", "image_ids", "urls", "embeddings"), offset)
+                    _copy_records(source, target, ("rows", "image_ids", "urls"), offset)
+                    digests.append(_copy_embeddings(source, target, info, offset))
                     failed_names = ("rows", "image_ids", "urls", "reasons")
                     _copy_records(source["failed"], target["failed"], failed_names, failed_offset)
                 offset += info.embedded
                 failed_offset += info.failed
             target.attrs.update(attrs)
-        _verify_merged(temporary, chunks)
+        _verify_merged(temporary, chunks, digests)
 
 
 def merge_chunks(
-    collection: Collection, output_file: str | None = None, cleanup: bool = False
+    collection: Collection,
+    output_file: str | None = None,
+    cleanup: bool = False,
+    storage_dtype: str = "float32",
 ) -> MergeReport:
     """Merge every chunk of the collection into OUTPUT_FILE, verified before it replaces anything.
 
-    OUTPUT_FILE None is the collection's Images_Embedded.h5. Memory is bounded by one chunk,
+    OUTPUT_FILE None is the collection's Images_Embedded.h5, its vectors stored as `storage_dtype`
+    (STORAGE_DTYPE: float32 chunks may be stored as float16). Memory is bounded by one chunk,
     whatever the number of chunks. Overlapping chunks or chunks of different models are errors;
     rows that no chunk covers are reported as gaps. With `cleanup`, the chunk files are deleted
     once the merged file is verified. One merge at a time writes a given OUTPUT_FILE (a lock file
@@ -294,10 +322,10 @@ def merge_chunks(
         chunks = find_chunks(collection.chunks)
         if not output_file:
             pull(collection, path)
-        if _holds_every_chunk(path, collection.chunks, chunks):
+        if _up_to_date(path, collection.chunks, chunks, storage_dtype):
             report = _report_of_merged(path)
         elif chunks:
-            report = _merge(path, chunks)
+            report = _merge(path, chunks, storage_dtype)
             if collection.remote and not output_file:
                 push(collection, path)
                 print(f"Uploaded the merged file to {collection.where(path)}")
@@ -331,9 +359,39 @@ def _delete_merged_chunks(path: Path, folder: Path, chunks: list[ChunkInfo]) -> 
     return kept
 
 
-def _merge(path: Path, chunks: list[ChunkInfo]) -> MergeReport:
-    """Write the merged file of `chunks` at `path`."""
+def _up_to_date(path: Path, folder: Path, chunks: list[ChunkInfo], storage_dtype: str) -> bool:
+    """Whether the merged file at `path` holds these chunks, its vectors stored as `storage_dtype`."""
+    if not _holds_every_chunk(path, folder, chunks):
+        return False
+    with open_hdf5(path) as file:
+        stored = str(file["embeddings"].dtype)
+    if stored == storage_dtype:
+        return True
+    if len(_recorded_chunks(path) or {}) > len(chunks):
+        raise PipelineError(
+            f"{path} stores its vectors as {stored} and holds the rows of chunk files no longer in {folder} "
+            f"(removed by CLEANUP): it cannot be made again as {storage_dtype} from the chunks there. Set "
+            f"STORAGE_DTYPE={stored!r}, or OUTPUT_FILE to a new file."
+        )
+    return False
+
+
+def _check_storage(chunks: list[ChunkInfo], storage_dtype: str) -> None:
+    """float32 chunks may be stored as float16; float16 ones as float32 would claim digits they lack."""
+    stored = chunks[0].signature["storage_dtype"]
+    if stored == "float16" and storage_dtype == "float32":
+        raise PipelineError(
+            f"The chunks in {chunks[0].path.parent} hold float16 vectors (02_embed ran with "
+            "STORAGE_DTYPE='float16'), and STORAGE_DTYPE='float32' asks for a file of float32 ones: set "
+            "STORAGE_DTYPE='float16' here too, or embed again with STORAGE_DTYPE='float32' into another "
+            "OUTPUT_DIR."
+        )
+
+
+def _merge(path: Path, chunks: list[ChunkInfo], storage_dtype: str) -> MergeReport:
+    """Write the merged file of `chunks` at `path`, its vectors stored as `storage_dtype`."""
     _check_chunks_agree(chunks)
+    _check_storage(chunks, storage_dtype)
     check_free_space(path.parent, sum(info.path.stat().st_size for info in chunks), f"merging into {path}")
     report = MergeReport(
         path,
@@ -344,7 +402,7 @@ def _merge(path: Path, chunks: list[ChunkInfo]) -> MergeReport:
         gaps=find_gaps(chunks, json.loads(chunks[0].attrs["source"])["rows"]),
         written=True,
     )
-    _write_merged(path, chunks, _merged_attrs(chunks, report))
+    _write_merged(path, chunks, _merged_attrs(chunks, report, storage_dtype))
     return report
 
 

@@ -66,7 +66,7 @@ class EmbeddingsFile:
     def blocks(
         self, reuse: bool = False, first: int = 0, end: int | None = None
     ) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, embeddings) of consecutive blocks of the file's rows [first, end), read one at a time.
+        """(first row, float32 embeddings) of consecutive blocks of the file's rows [first, end), one at a time.
 
         With `reuse`, every block is read into the same buffer (fresh memory per block costs more
         than the read, for a search): the caller uses each block before asking for the next.
@@ -103,13 +103,14 @@ class EmbeddingsFile:
             return file["image_ids"].asstr()[0]
 
     def vector(self, position: int) -> np.ndarray:
+        """The embedding at `position`, as float32 whichever type the file stores."""
         with open_hdf5(self.path) as file:
-            return file["embeddings"][position]
+            return file["embeddings"][position].astype(np.float32)
 
     def vectors(self, positions: np.ndarray) -> np.ndarray:
-        """The embeddings at these positions, in their order."""
+        """The embeddings at these positions, in their order, as float32."""
         with open_hdf5(self.path) as file:
-            return _at_positions(file["embeddings"], positions)
+            return _at_positions(file["embeddings"], positions).astype(np.float32)
 
     def locations(self, rows: Sequence[int], urls: Sequence[str]) -> list[str]:
         """Where 02 fetched the images of these rows, for thumbnails.

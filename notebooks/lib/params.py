@@ -20,12 +20,13 @@ from .errors import ParameterError
 from .storage import check_store_url
 from .workspace import DEFAULT_OUTPUT_DIR, is_url
 
-DATASETS = ("openimages-v7", "table", "folder")
+DATASETS = ("openimages-v7", "table", "folder", "webdataset")
 SPLITS = ("train", "validation", "test")
 FETCH_MODES = ("s3", "url")
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int8")
 PREPROCESS_MODES = ("exact", "fast", "pad")
 EXECUTORS = ("local", "ray")
+STORAGE_DTYPES = ("float32", "float16")
 _DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:\d+)?")
 _PARAMETER_NAME = re.compile(r"[A-Z][A-Z0-9_]*")
 
@@ -153,9 +154,11 @@ class EmbedParams:
     ray_address: str | None = None
     cpus_per_worker: int | str = "auto"
     s3_anonymous: bool = False
+    storage_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _check_output_dir(self.output_dir)
+        _check_choice("STORAGE_DTYPE", self.storage_dtype, STORAGE_DTYPES)
         _check_int("START", self.start, 0)
         if self.end is not None:
             _check_int("END", self.end, self.start + 1)
@@ -192,10 +195,12 @@ class MergeParams:
     cleanup: bool
     output_dir: str = DEFAULT_OUTPUT_DIR
     s3_endpoint_url: str | None = None
+    storage_dtype: str = "float32"
 
     def __post_init__(self) -> None:
         _check_output_dir(self.output_dir)
         _check_s3_endpoint_url(self.s3_endpoint_url)
+        _check_choice("STORAGE_DTYPE", self.storage_dtype, STORAGE_DTYPES)
         _check_text("OUTPUT_FILE", self.output_file, optional=True)
         _check_bool("CLEANUP", self.cleanup)
 

@@ -160,11 +160,12 @@ def image_recipe(encoder: ClipEncoder, params: EmbedParams) -> ImageRecipe:
     return ImageRecipe(*options, params.preprocess)
 
 
-def run_attributes(encoder: ClipEncoder, recipe: ImageRecipe, table: ImageTable) -> dict:
-    """How this run makes its vectors, as each chunk file records it."""
+def run_attributes(encoder: ClipEncoder, recipe: ImageRecipe, table: ImageTable, storage_dtype: str) -> dict:
+    """How this run makes its vectors and stores them (STORAGE_DTYPE), as each chunk file records it."""
     return {
         **encoder.signature(),
         **recipe.describe(),
+        "storage_dtype": storage_dtype,
         "table_sha256": table.info["sha256"],
         "model_id": encoder.checkpoint.model_id,
         "device": encoder.device.type,
@@ -173,12 +174,12 @@ def run_attributes(encoder: ClipEncoder, recipe: ImageRecipe, table: ImageTable)
     }
 
 
-def run_signature(encoder: ClipEncoder, recipe: ImageRecipe, table: ImageTable) -> dict:
+def run_signature(encoder: ClipEncoder, recipe: ImageRecipe, table: ImageTable, storage_dtype: str) -> dict:
     """What every chunk of one output shares, with the model's id and the table's source to name them.
 
-    Shared: the model, preprocessing, orientation options, precision and image table.
+    Shared: the model, preprocessing, orientation options, precision, storage type and image table.
     """
-    attributes = run_attributes(encoder, recipe, table)
+    attributes = run_attributes(encoder, recipe, table, storage_dtype)
     return {**signature_of(attributes), "model_id": attributes["model_id"], "source": json.dumps(table.info)}
 
 
@@ -296,7 +297,7 @@ class RunPlan:
 def plan_run(params: EmbedParams, collection: Collection, encoder: ClipEncoder, table: ImageTable) -> RunPlan:
     """02's plan: the encoder's preprocessing with the run's options, and the chunks of [START, END) to do."""
     recipe = image_recipe(encoder, params)
-    signature = run_signature(encoder, recipe, table)
+    signature = run_signature(encoder, recipe, table, params.storage_dtype)
     chunks = plan_chunks(
         collection, params.start, params.end, params.chunk, signature, len(table), params.retry_failed
     )

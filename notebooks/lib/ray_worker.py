@@ -146,7 +146,7 @@ def _start_writer(spec: WorkerSpec, cores: int) -> ChunkWriter:
     encoder = load_encoder(params.model, params.device, params.precision, params.model_revision)
     params = with_machine_sizes(params, encoder)
     recipe = image_recipe(encoder, params)
-    signature = run_signature(encoder, recipe, table)
+    signature = run_signature(encoder, recipe, table, params.storage_dtype)
     if signature_of(signature) != signature_of(spec.signature):
         difference = describe_difference(spec.signature, signature, ("the plan", "this worker"))
         raise PipelineError(

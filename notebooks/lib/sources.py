@@ -1,7 +1,8 @@
-"""01's first step: metadata (Open Images CSV, a user's listing, a folder) -> the image table's rows.
+"""01's first step: metadata (Open Images CSV, a listing, a folder, WebDataset shards) -> the table's rows.
 
-Row i of the table is one image: image_id, url, location (what 02 fetches: an S3 key, a URL or a
-path), rotation and md5. Every check of a listing happens here, before anything is embedded.
+Row i of the table is one image: image_id, url, location (what 02 fetches: an S3 key, a URL, a
+path, or a byte range of a shard), rotation and md5, and for shards their samples' text members.
+Every check of a listing happens here, before anything is embedded.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ from PIL import Image
 
 from .downloads import cached_download
 from .errors import PipelineError, counted
+from .fetch import OPENIMAGES_BUCKET, Fetcher
 from .params import MetadataParams
+from .shards import webdataset_samples
 from .workspace import current_workspace, resolve_path
 
 LOCATION_SCHEMES = ("http", "https", "s3", "file")  # what 02 fetches as it is; anything else is a path
@@ -48,7 +51,6 @@ OPENIMAGES_METADATA = {
     "validation": "https://storage.googleapis.com/openimages/2018_04/validation/validation-images-with-rotation.csv",
     "test": "https://storage.googleapis.com/openimages/2018_04/test/test-images-with-rotation.csv",
 }
-OPENIMAGES_BUCKET = "open-images-dataset"
 TABLE_COLUMNS = ("image_id", "url", "location", "rotation", "md5")
 _LISTING_READERS: dict[str, Callable[[Path], pd.DataFrame]] = {
     ".csv": lambda path: pd.read_csv(path, dtype=str, keep_default_na=False),
@@ -245,6 +247,16 @@ def _folder_table(params: MetadataParams) -> pd.DataFrame:
     )
 
 
+def _webdataset_table(params: MetadataParams) -> pd.DataFrame:
+    """A row per WebDataset sample of SOURCE's shards; url is img2dataset's, else the image's location."""
+    samples = webdataset_samples(params.source, Fetcher(params.s3_endpoint_url), _image_extensions())
+    samples["url"] = samples["url"].where(samples["url"] != "", samples["location"])
+    samples["md5"] = _md5_column(samples["md5"], params.source)
+    samples["rotation"] = np.nan
+    others = [column for column in samples.columns if column not in TABLE_COLUMNS]
+    return samples[[*TABLE_COLUMNS, *others]]
+
+
 def _check_no_missing_values(frame: pd.DataFrame, columns: Iterable[str], source: Any) -> None:
     for column in columns:
         empty = frame.index[frame[column].isna() | (frame[column].astype(str).str.strip() == "")]
@@ -275,8 +287,17 @@ def _check_table(table: pd.DataFrame, source: Any) -> None:
 
 
 def build_image_table(params: MetadataParams) -> pd.DataFrame:
-    """The normalised image table of a dataset: image_id, url, location (what to fetch), rotation, md5."""
-    builders = {"openimages-v7": _openimages_table, "table": _listing_table, "folder": _folder_table}
+    """The normalised image table of a dataset: image_id, url, location (what to fetch), rotation, md5.
+
+    WebDataset shards add a column per small text member of their samples (txt, json) and the caption
+    of img2dataset's listing.
+    """
+    builders = {
+        "openimages-v7": _openimages_table,
+        "table": _listing_table,
+        "folder": _folder_table,
+        "webdataset": _webdataset_table,
+    }
     table = builders[params.dataset](params).reset_index(drop=True)
     _check_table(table, params.source or OPENIMAGES_METADATA.get(params.split))
     return table.astype({"image_id": str, "url": str, "location": str, "rotation": "float64", "md5": str})

@@ -66,8 +66,7 @@ class ObjectStore:
     @property
     def fs(self) -> Any:
         """The fsspec filesystem, one per endpoint and credentials in the environment; S3 is signed."""
-        credentials = tuple(os.environ.get(name) for name in _CREDENTIAL_VARIABLES)
-        return _filesystem(urlparse(self.url).scheme, self.endpoint_url, credentials)
+        return filesystem(urlparse(self.url).scheme, self.endpoint_url)
 
     def key(self, name: str) -> str:
         return f"{self.url}/{name}"
@@ -175,6 +174,12 @@ def _store_failure(error: Exception) -> bool:
 
 
 _CREDENTIAL_VARIABLES = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE")
+
+
+def filesystem(protocol: str, endpoint_url: str | None) -> Any:
+    """The fsspec filesystem of `protocol`, one per endpoint and credentials in the environment."""
+    credentials = tuple(os.environ.get(name) for name in _CREDENTIAL_VARIABLES)
+    return _filesystem(protocol, endpoint_url, credentials)
 
 
 @functools.lru_cache(maxsize=8)
