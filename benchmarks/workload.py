@@ -83,6 +83,20 @@ def location_table(locations: list[str]) -> lib.table.ImageTable:
     return lib.table.ImageTable(pa.table(columns), {"sha256": "benchmark"})
 
 
+def webdataset_tar(samples: dict[str, dict[str, bytes]]) -> bytes:
+    """A tar of samples (key -> extension -> bytes) as WebDataset writes one: <key>.<extension>, by sample."""
+    import tarfile
+
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w") as archive:
+        for key, members in samples.items():
+            for extension, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                archive.addfile(info, io.BytesIO(data))
+    return buffer.getvalue()
+
+
 SMALL_LAYERS = {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 2, "num_hidden_layers": 2}
 
 

@@ -88,6 +88,8 @@ class LoopbackServer(http.server.ThreadingHTTPServer):
     /huge/...            announces a body of 1 TB
     /html/...            an HTML page with status 200
     /gzip/...            the file gzip-encoded (Content-Encoding: gzip), Content-Length counting the encoding
+    /norange/...         the whole file, whatever Range a request asks for
+    Elsewhere a request's "Range: bytes=<first>-<last>" is answered 206 with those bytes (416 past the end).
     A query string (?copy=3) is ignored when finding the file, so one file can stand for many rows.
     """
 
@@ -111,7 +113,7 @@ class LoopbackServer(http.server.ThreadingHTTPServer):
             return self.hits[path]
 
 
-MISBEHAVIOURS = ("flaky", "outage", "slow", "trickle", "truncated", "huge", "gzip")
+MISBEHAVIOURS = ("flaky", "outage", "slow", "trickle", "truncated", "huge", "gzip", "norange")
 NAMED_MISBEHAVIOURS = {"busy": 4}  # prefixes with arguments: the index of the path part where the file begins
 
 
@@ -150,7 +152,17 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._trickle(body, content_type)
         if parts[1] == "gzip":
             return self._send(200, gzip.compress(body), content_type, headers={"Content-Encoding": "gzip"})
+        if self.headers.get("Range") and parts[1] != "norange":
+            return self._send_range(body, content_type, self.headers["Range"])
         return self._send(200, body, content_type)
+
+    def _send_range(self, body: bytes, content_type: str, ranged: str) -> None:
+        first, last = (int(end) for end in ranged.removeprefix("bytes=").split("-"))
+        if first >= len(body):
+            return self._send(416, b"", content_type, headers={"Content-Range": f"bytes */{len(body)}"})
+        part = body[first : last + 1]
+        span = f"bytes {first}-{first + len(part) - 1}/{len(body)}"
+        return self._send(206, part, content_type, headers={"Content-Range": span})
 
     def _trickle(self, body: bytes, content_type: str) -> None:
         self._send(200, b"", content_type, length=len(body))
@@ -471,7 +483,9 @@ def embed_params(**overrides) -> lib.EmbedParams:
 def run_signature(encoder, table, **overrides) -> dict:
     """The signature 02 would plan with, for these parameters."""
     params = embed_params(**overrides)
-    return lib.plan.run_signature(encoder, lib.plan.image_recipe(encoder, params), table, params.storage_dtype)
+    return lib.plan.run_signature(
+        encoder, lib.plan.image_recipe(encoder, params), table, params.storage_dtype
+    )
 
 
 def run_embed(table, encoder, **overrides) -> lib.executor.RunSummary:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import lib
 import numpy as np
 from PIL import Image
 from precision import precision_agreement
@@ -97,3 +98,48 @@ def test_the_app_latency_benchmark_times_each_way_of_holding_the_vectors(merged)
         assert index.held == held and figures["mode"] == ("ivf" if held == "file" else "exact")
         for part in ("search", "shown"):
             assert 0 < figures[part]["p50_ms"] <= figures[part]["p95_ms"]
+
+
+def test_the_storage_dtype_benchmark_compares_float16_with_float32_top_10(
+    tiny_checkpoint, monkeypatch, tmp_path
+):
+    import storage_dtype
+    import workload
+
+    monkeypatch.setattr(workload, "CACHE", tmp_path)
+    monkeypatch.setattr(storage_dtype, "photo_folder", lambda count: workload.photo_folder(count, 64, 48))
+    report = storage_dtype.photo_figures(24, str(tiny_checkpoint))
+    assert report["images"] == report["queries"] == 24
+    assert (
+        0.9 <= report["top10_overlap"] <= 1 and 0 <= report["same_top10_in_order"] <= report["top10_overlap"]
+    )
+    assert 0 < report["max_score_difference"] < 2e-3
+    assert report["float16_file_bytes"] < report["float32_file_bytes"]
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((500, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    same = storage_dtype.search_arrays(vectors, vectors[:20])
+    assert storage_dtype.agreement(same, same) == {
+        "queries": 20,
+        "top10_overlap": 1.0,
+        "same_top10_in_order": 1.0,
+        "same_top1": 1.0,
+        "max_score_difference": 0.0,
+    }
+
+
+def test_the_shards_benchmark_indexes_shards_and_reads_their_members(workspace):
+    from shards import fetch_rate, index_figures, shard_files
+
+    files, photos = shard_files(2, 5)
+    for name, data in {**files, **photos}.items():
+        (workspace.root / name).parent.mkdir(parents=True, exist_ok=True)
+        (workspace.root / name).write_bytes(data)
+    figures, table = index_figures(str(workspace.root / "shards" / "{00000..00001}.tar"), None)
+    assert figures["samples"] == len(table) == 10 and figures["first_s"] > 0
+    assert table["caption"].str.startswith("a photo ").all() and table["txt"][0] == "photo 0"
+    fetcher = lib.Fetcher()
+    assert [fetcher.fetch(location) for location in table["location"]] == [
+        photos[name] for name in sorted(photos)
+    ]
+    assert fetch_rate(fetcher, table["location"].tolist()) > 0

@@ -131,7 +131,9 @@ def notebook_defaults(stage: str) -> dict:
     return values
 
 
-@pytest.mark.parametrize("name", ["demo", "validation", "train_s3", "folder_example", "table_example"])
+@pytest.mark.parametrize(
+    "name", ["demo", "validation", "train_s3", "folder_example", "table_example", "webdataset_example"]
+)
 def test_named_parameter_sets_are_valid_for_every_stage(name):
     values = yaml.safe_load((REPO / "params" / f"{name}.yaml").read_text())
     for stage, params_class in zip(STAGES, lib.params.STAGE_PARAMETERS, strict=True):
@@ -183,6 +185,29 @@ def test_openimages_chain_over_s3(repo, kernel_env, http_server, s3_endpoint, im
     printed = papermill(repo, "02_embed", embed, kernel_env, cwd=repo / "notebooks")
     assert "3 chunk(s) already done, 0 to embed" in printed
     assert chunk_files(repo) == before, "a second run rewrites no finished chunk"
+
+
+def test_webdataset_chain_over_http_stores_float16(repo, kernel_env, http_server, images, tiny_checkpoint):
+    """3 shards with img2dataset's listings on loopback HTTP, read by range requests, stored as float16."""
+    from test_shards import dataset_files
+
+    for name, data in dataset_files(images).items():
+        http_server.files[f"/notebook-shards/{name}"] = (data, "application/x-tar")
+    metadata = {"DATASET": "webdataset", "SOURCE": http_server.url("/notebook-shards/{00000..00002}.tar")}
+    printed = papermill(repo, "01_metadata", metadata, kernel_env)
+    assert "3 of 3 shard(s) of" in printed and "18 images from" in printed
+    printed = papermill(repo, "02_embed", {**EMBED, "STORAGE_DTYPE": "float16"}, kernel_env)
+    assert "embedded: 18, failed: 0" in printed
+    printed = papermill(repo, "03_merge", {"CLEANUP": False, "STORAGE_DTYPE": "float16"}, kernel_env)
+    assert "Embedding dtype: float16" in printed
+    merged = read_output(repo / "OUTPUT" / "Images_Embedded.h5")
+    assert merged["attrs"]["storage_dtype"] == "float16"
+    assert [key.split("/")[1] for key in merged["image_ids"]] == list(images)[:18]
+    expected = reference_for(images, [key.split("/")[1] for key in merged["image_ids"]], tiny_checkpoint)
+    np.testing.assert_allclose(merged["embeddings"], expected, atol=1e-3)
+    printed = papermill(repo, "04_search", {"QUERIES": ["a dog"], "TOP_K": 3}, kernel_env)
+    best = re.search(rf"rank +score +image_id .*\n +1 +([\d.]+) +{merged['image_ids'][0]} ", printed)
+    assert abs(float(best[1]) - 1) < 2e-3, "the first image first, scored in float32 from float16"
 
 
 def test_table_chain_over_http_records_every_failure(repo, kernel_env, http_server, images):

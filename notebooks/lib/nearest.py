@@ -40,6 +40,9 @@ from .workspace import (
     write_json,
 )
 
+# How far a score may be from its float32 value: a unit vector rounded to float16 has |v.v - 1| <= 2 * 2**-11
+SCORE_TOLERANCES = {"float32": 1e-5, "float16": 2e-3}
+
 
 @dataclasses.dataclass(frozen=True)
 class EmbeddingsFile:
@@ -60,13 +63,23 @@ class EmbeddingsFile:
         return self.folder / (self.path.stem + suffix)
 
     @property
+    def storage_dtype(self) -> str:
+        """How the file stores its vectors: 'float32', or 'float16' (STORAGE_DTYPE); scores are float32."""
+        return str(self.attrs.get("storage_dtype", "float32"))
+
+    @property
+    def score_tolerance(self) -> float:
+        """How far a score may be from its float32 value (float16 storage rounds each component once)."""
+        return SCORE_TOLERANCES[self.storage_dtype]
+
+    @property
     def block_rows(self) -> int:
         return max(1, current_settings().search_block_bytes // (4 * self.dimension))
 
     def blocks(
         self, reuse: bool = False, first: int = 0, end: int | None = None
     ) -> Iterator[tuple[int, np.ndarray]]:
-        """(first row, float32 embeddings) of consecutive blocks of the file's rows [first, end), one at a time.
+        """(first row, float32 embeddings) of consecutive blocks of the rows [first, end), read one at a time.
 
         With `reuse`, every block is read into the same buffer (fresh memory per block costs more
         than the read, for a search): the caller uses each block before asking for the next.
