@@ -89,7 +89,8 @@ class LoopbackServer(http.server.ThreadingHTTPServer):
     /html/...            an HTML page with status 200
     /gzip/...            the file gzip-encoded (Content-Encoding: gzip), Content-Length counting the encoding
     /norange/...         the whole file, whatever Range a request asks for
-    Elsewhere a request's "Range: bytes=<first>-<last>" is answered 206 with those bytes (416 past the end).
+    Elsewhere a request's "Range: bytes=<first>-<last>" is answered 206 with those bytes (416 past the end),
+    and a file is sent with its ETag.
     A query string (?copy=3) is ignored when finding the file, so one file can stand for many rows.
     """
 
@@ -154,7 +155,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._send(200, gzip.compress(body), content_type, headers={"Content-Encoding": "gzip"})
         if self.headers.get("Range") and parts[1] != "norange":
             return self._send_range(body, content_type, self.headers["Range"])
-        return self._send(200, body, content_type)
+        return self._send(200, body, content_type, headers={"ETag": etag(body)})
 
     def _send_range(self, body: bytes, content_type: str, ranged: str) -> None:
         first, last = (int(end) for end in ranged.removeprefix("bytes=").split("-"))
@@ -162,7 +163,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return self._send(416, b"", content_type, headers={"Content-Range": f"bytes */{len(body)}"})
         part = body[first : last + 1]
         span = f"bytes {first}-{first + len(part) - 1}/{len(body)}"
-        return self._send(206, part, content_type, headers={"Content-Range": span})
+        return self._send(206, part, content_type, headers={"Content-Range": span, "ETag": etag(body)})
 
     def _trickle(self, body: bytes, content_type: str) -> None:
         self._send(200, b"", content_type, length=len(body))
@@ -192,6 +193,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.wfile.write(body)
         except (BrokenPipeError, ConnectionResetError):
             pass
+
+
+def etag(body: bytes) -> str:
+    """An ETag as servers send one: the body's MD5, quoted."""
+    return f'"{hashlib.md5(body).hexdigest()}"'
 
 
 def closed_port_url(path: str) -> str:

@@ -36,6 +36,7 @@ METADATA_DEFAULTS = {
     "SOURCE": None,
     "FETCH": "s3",
     "S3_ENDPOINT_URL": None,
+    "S3_ANONYMOUS": False,
 }
 
 

@@ -105,17 +105,21 @@ def test_without_a_listing_the_url_is_the_location_and_odd_samples_are_counted(
         "a/1": {"txt": b"no image here"},
         "a/2": {"png": second, "jpg": first, "cls": b"7"},
         "a/3": {"jpg": second, "notes.txt": b"x" * (lib.shards.SMALL_MEMBER_BYTES + 1)},
+        "a/4": {"jpg": b"", "npy": b"\x93NUMPY\xff\xfe"},
     }
     write_files(tmp_path, {"only.tar": webdataset_tar(samples)})
     table = lib.build_image_table(webdataset_params(str(tmp_path / "only.tar")))
-    assert table["image_id"].tolist() == ["a/2", "a/3"]
+    assert table["image_id"].tolist() == ["a/2", "a/3", "a/4"]
+    with pytest.raises(lib.ImageFailure, match="empty body"):
+        lib.Fetcher().fetch(table["location"][2])
     assert (table["url"] == table["location"]).all() and table["caption"].eq("").all()
     assert lib.Fetcher().fetch(table["location"][0]) == first  # of jpg and png, jpg
-    assert table["cls"].tolist() == ["7", ""]
+    assert table["cls"].tolist() == ["7", "", ""]
     printed = capsys.readouterr().out
     assert "1 sample(s) without an image member, left out" in printed
     assert "1 sample(s) with several images, of which the row takes the first of ('jpg'" in printed
-    assert "1 text member(s) over 64 KiB or named like a table column, not columns" in printed
+    assert "2 member(s) neither images nor UTF-8 texts of 64 KiB or less, not columns" in printed
+    assert "npy" not in table.columns
 
 
 def test_a_shard_is_read_once_then_again_only_when_it_changes(workspace, tmp_path, images, monkeypatch):
@@ -145,19 +149,69 @@ def test_a_missing_shard_is_named_and_left_out(workspace, tmp_path, images, caps
     assert len(table) == 2 * SHARD_SIZE
     printed = capsys.readouterr().out
     assert (
-        f"WARNING: 1 shard(s) do not exist, so their images are not in the table: {folder}/00001.tar"
+        f"WARNING: 1 shard(s) do not exist, and their images are not in the table: {folder}/00001.tar"
         in printed
     )
     with pytest.raises(
-        lib.PipelineError, match=r"None of the 2 shard\(s\) of SOURCE='.*\{7..8\}.tar' exists"
+        lib.PipelineError, match=r"None of the 2 shard\(s\) of SOURCE='.*\{7..8\}.tar' could be"
     ):
         lib.build_image_table(webdataset_params(str(folder / "{7..8}.tar")))
 
 
-def test_a_file_that_is_not_a_tar_is_an_error_that_names_it(workspace, tmp_path):
-    (tmp_path / "notes.tar").write_bytes(b"just some text, not a tar archive" * 40)
-    with pytest.raises(lib.PipelineError, match=r"The shard .*notes.tar is not a tar file"):
-        lib.build_image_table(webdataset_params(str(tmp_path / "notes.tar")))
+def test_shards_that_are_no_tar_archives_are_named_and_left_out(workspace, tmp_path, images, capsys):
+    folder = write_files(tmp_path / "shards", dataset_files(images))
+    (folder / "00001.tar").write_bytes(b"")  # as a download that failed leaves it
+    (folder / "00002.tar").write_bytes(b"just some text, not a tar archive" * 40)
+    table = lib.build_image_table(webdataset_params(str(folder / "{00000..00002}.tar")))
+    assert len(table) == SHARD_SIZE
+    printed = capsys.readouterr().out
+    assert (
+        f"WARNING: 2 shard(s) are no tar archives, and are left out: {folder}/00001.tar (empty file)"
+        in printed
+    )
+    assert "run 01_metadata again before 02_embed starts on this collection" in printed
+
+
+def test_a_folder_of_shards_skips_hidden_files_and_compressed_shards_are_refused(workspace, tmp_path, images):
+    folder = write_files(tmp_path / "shards", dataset_files(images))
+    (folder / "._00000.tar").write_bytes(b"\0\5\26\7 AppleDouble")
+    assert lib.shards.shard_names(str(folder)) == [str(folder / f"{n:05d}.tar") for n in range(3)]
+    with pytest.raises(lib.PipelineError, match=r"compressed shards \(s/00000.tar.gz\).*Decompress them"):
+        lib.shards.shard_names("s/{00000..00003}.tar.gz")
+
+
+def test_a_key_in_two_shards_is_an_error_that_names_both(workspace, tmp_path, images):
+    image = list(images.values())[0]
+    write_files(tmp_path, {name: webdataset_tar({"same": {"jpg": image}}) for name in ("a.tar", "b.tar")})
+    with pytest.raises(lib.PipelineError, match=rf"'same' in {tmp_path}/a.tar and {tmp_path}/b.tar"):
+        lib.build_image_table(webdataset_params(str(tmp_path / "{a,b}.tar")))
+
+
+def test_img2dataset_md5_of_the_original_download_checks_nothing(workspace, tmp_path, images):
+    files = dataset_files(images, count=6)
+    listing = pd.read_parquet(io.BytesIO(files["00000.parquet"])).assign(md5="0" * 32)
+    buffer = io.BytesIO()
+    listing.to_parquet(buffer)
+    files["00000.parquet"] = buffer.getvalue()
+    table = lib.build_image_table(webdataset_params(str(write_files(tmp_path, files) / "00000.tar")))
+    assert table["md5"].eq("").all() and table["caption"].str.startswith("a photo ").all()
+
+
+def test_a_shard_cut_inside_a_header_is_named_and_not_kept(workspace, tmp_path, images, capsys, monkeypatch):
+    keys = list(images)[:4]
+    data = webdataset_tar({key: {"jpg": images[key]} for key in keys})
+    third = tarfile.open(fileobj=io.BytesIO(data)).getmembers()[2]
+    write_files(tmp_path, {"cut.tar": data[: third.offset + 100]})
+    params = webdataset_params(str(tmp_path / "cut.tar"))
+    assert lib.build_image_table(params)["image_id"].tolist() == keys[:2]
+    assert "WARNING: 1 shard(s) end part-way, inside a member or a header" in capsys.readouterr().out
+    read = []
+    original = lib.shards._index_archive
+    monkeypatch.setattr(
+        lib.shards, "_index_archive", lambda shard, *rest: read.append(shard) or original(shard, *rest)
+    )
+    lib.build_image_table(params)
+    assert read == [str(tmp_path / "cut.tar")], "a cut shard's index is not kept: it is read again"
 
 
 def truncated_shard(images: dict[str, bytes]) -> tuple[bytes, list[str]]:
@@ -179,7 +233,7 @@ def test_a_shard_cut_inside_an_image_fails_that_image_and_embeds_the_rest(
         http_server.files["/shards/cut.tar"] = (data, "application/x-tar")
         source = http_server.url("/shards/cut.tar")
     table = save_table(webdataset_params(source), collection)
-    assert "WARNING: 1 shard(s) end inside a member" in capsys.readouterr().out
+    assert "WARNING: 1 shard(s) end part-way, inside a member or a header" in capsys.readouterr().out
     run_embed(table, tiny_encoder)
     output = merged_output(collection)
     assert output["image_ids"] == keys[:3]
@@ -196,16 +250,22 @@ def test_a_shard_gone_after_01_fails_its_images_with_the_reason(collection, tmp_
     assert output["reasons"] == ["file not found"] * SHARD_SIZE
 
 
-def test_http_shards_are_indexed_and_read_by_range_requests(workspace, images, http_server):
+def test_http_shards_are_indexed_once_and_read_by_range_requests(
+    workspace, images, http_server, monkeypatch, capsys
+):
     for name, data in dataset_files(images).items():
         http_server.files[f"/wds/{name}"] = (data, "application/octet-stream")
-    table = lib.build_image_table(webdataset_params(http_server.url("/wds/{00000..00002}.tar")))
+    params = webdataset_params(http_server.url("/wds/{00000..00003}.tar"))
+    table = lib.build_image_table(params)
     assert table["caption"].str.startswith("a photo ").all()
+    missing = http_server.url("/wds/00003.tar")
+    assert f"do not exist, and their images are not in the table: {missing}" in capsys.readouterr().out
     fetcher = lib.Fetcher()
     assert [fetcher.fetch(location) for location in table["location"]] == list(images.values())[:18]
-    ignored = table["location"][0].replace("/wds/", "/norange/wds/")
-    with pytest.raises(lib.ImageFailure, match="http range ignored"):
-        fetcher.fetch(ignored)
+    with pytest.raises(lib.ImageFailure, match="range ignored"):
+        fetcher.fetch(table["location"][0].replace("/wds/", "/norange/wds/"))
+    monkeypatch.setattr(lib.shards, "_index_archive", lambda *arguments: pytest.fail("read again"))
+    pd.testing.assert_frame_equal(lib.build_image_table(params), table)  # unchanged ETags: from the cache
 
 
 def test_fsspec_stores_are_read_by_range_too(workspace, images):
@@ -268,3 +328,37 @@ def test_s3_ranges_past_the_end_of_a_shard_fail_as_truncated(shard_bucket):
             fetcher.fetch(lib.fetch.member_location(shard, offset, 100))
     with pytest.raises(lib.ImageFailure, match="s3 NoSuchKey"):
         fetcher.fetch(lib.fetch.member_location(f"s3://{BUCKET}/laion/00009.tar", 0, 100))
+
+
+def test_s3_shards_are_indexed_once_and_a_missing_one_is_named(workspace, shard_bucket, monkeypatch, capsys):
+    params = webdataset_params(f"s3://{BUCKET}/laion/{{00000..00003}}.tar", shard_bucket)
+    table = lib.build_image_table(params)
+    assert len(table) == 18 and f"s3://{BUCKET}/laion/00003.tar" in capsys.readouterr().out
+    monkeypatch.setattr(lib.shards, "_index_archive", lambda *arguments: pytest.fail("read again"))
+    pd.testing.assert_frame_equal(lib.build_image_table(params), table)
+
+
+def test_a_bucket_that_refuses_this_machine_is_an_error_that_says_how_it_asked(
+    workspace, shard_bucket, images
+):
+    admin = boto3.client(
+        "s3",
+        endpoint_url=shard_bucket,
+        region_name="us-east-1",
+        aws_access_key_id="x",
+        aws_secret_access_key="x",
+    )
+    admin.create_bucket(Bucket="private-shards")
+    admin.put_object(
+        Bucket="private-shards", Key="00000.tar", Body=dataset_files(images, count=6)["00000.tar"]
+    )
+    source = "s3://private-shards/00000.tar"
+    params = lib.MetadataParams(
+        "webdataset", "validation", source, "s3", s3_endpoint_url=shard_bucket, s3_anonymous=True
+    )
+    with pytest.raises(
+        lib.PipelineError,
+        match=r"00000.tar \(s3 AccessDenied\): the bucket refuses this machine, which asked anonymously "
+        r"\(S3_ANONYMOUS=True\), or it has no such shard",
+    ):
+        lib.build_image_table(params)

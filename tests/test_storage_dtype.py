@@ -90,13 +90,37 @@ def test_a_damaged_float32_chunk_is_caught_when_stored_as_float16(
         lib.merge_chunks(collection, OUTPUT_FILE, storage_dtype="float16")
 
 
-def test_retrying_failed_rows_keeps_a_float16_chunk_float16(collection, table, tiny_encoder):
+def test_retrying_failed_rows_keeps_a_float16_chunk_float16(
+    collection, table, tiny_encoder, image_folder, images
+):
     run_embed(table, tiny_encoder, storage_dtype="float16", chunk=20)
     before = read_output(next(collection.chunks.glob("chunk_*.h5")))
+    assert before["failed_ids"] == ["broken.jpg", "page.png"]
+    (image_folder / "broken.jpg").write_bytes(list(images.values())[30])  # whole now
     run_embed(table, tiny_encoder, storage_dtype="float16", chunk=20, retry_failed=True)
     after = read_output(next(collection.chunks.glob("chunk_*.h5")))
-    assert after["embeddings"].dtype == np.float16
-    np.testing.assert_array_equal(after["embeddings"], before["embeddings"])
+    assert after["embeddings"].dtype == np.float16 and after["failed_ids"] == ["page.png"]
+    kept = [after["image_ids"].index(image_id) for image_id in before["image_ids"]]
+    np.testing.assert_array_equal(after["embeddings"][kept], before["embeddings"])
+    added = after["embeddings"][after["image_ids"].index("broken.jpg")].astype(np.float32)
+    assert abs(np.linalg.norm(added) - 1) < 1e-3
+
+
+def test_a_cleaned_up_file_is_not_made_again_as_another_type(collection, table, tiny_encoder):
+    run_embed(table, tiny_encoder)
+    lib.merge_chunks(collection, cleanup=True)
+    with pytest.raises(
+        lib.PipelineError, match=r"stores its vectors as float32 and holds the rows of chunk files"
+    ):
+        lib.merge_chunks(collection, storage_dtype="float16")
+    assert not lib.merge_chunks(collection).written
+
+
+def test_the_ivf_index_of_a_float16_file_is_its_own(collection, table, tiny_encoder, float32_file):
+    lib.merge_chunks(collection)
+    float32_key = lib.nearest._index_key(lib.open_embeddings(collection))
+    lib.merge_chunks(collection, storage_dtype="float16")
+    assert lib.nearest._index_key(lib.open_embeddings(collection)) != float32_key
 
 
 def merged_of(rows: int, dimension: int, storage_dtype: str, path) -> int:

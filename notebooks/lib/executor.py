@@ -241,6 +241,7 @@ UNREACHABLE_REASONS = (
     "cannot resolve",
     "s3 AccessDenied",
     "s3 NoSuchBucket",
+    "range ignored",
     *REJECTED_CREDENTIALS,
 )
 UNREACHABLE_AFTER = 200  # failed attempts, all for want of a way to the images, that stop a run
@@ -255,6 +256,8 @@ _UNREACHABLE_ADVICE = {
     "S3_ANONYMOUS=True if the bucket is public",
     "s3 NoSuchBucket": "there is no such bucket at this endpoint: check the bucket in the table's "
     "locations and S3_ENDPOINT_URL",
+    "range ignored": "the server sends whole objects where a byte range of a shard is asked for: serve the "
+    "shards from one that answers Range requests (most do; Python's http.server does not)",
     **dict.fromkeys(
         REJECTED_CREDENTIALS,
         "the bucket {bucket} rejects the credentials that this machine sent, {access}: renew or correct "

@@ -371,7 +371,8 @@ def _up_to_date(path: Path, folder: Path, chunks: list[ChunkInfo], storage_dtype
         raise PipelineError(
             f"{path} stores its vectors as {stored} and holds the rows of chunk files no longer in {folder} "
             f"(removed by CLEANUP): it cannot be made again as {storage_dtype} from the chunks there. Set "
-            f"STORAGE_DTYPE={stored!r}, or OUTPUT_FILE to a new file."
+            f"STORAGE_DTYPE={stored!r} to keep it as it is; for {storage_dtype} vectors, embed its rows "
+            "again into another OUTPUT_DIR with STORAGE_DTYPE for 02 and 03."
         )
     return False
 

@@ -65,12 +65,13 @@ class EmbeddingsFile:
     @property
     def storage_dtype(self) -> str:
         """How the file stores its vectors: 'float32', or 'float16' (STORAGE_DTYPE); scores are float32."""
-        return str(self.attrs.get("storage_dtype", "float32"))
+        with open_hdf5(self.path) as file:
+            return str(file["embeddings"].dtype)
 
     @property
     def score_tolerance(self) -> float:
         """How far a score may be from its float32 value (float16 storage rounds each component once)."""
-        return SCORE_TOLERANCES[self.storage_dtype]
+        return SCORE_TOLERANCES.get(self.storage_dtype, SCORE_TOLERANCES["float32"])
 
     @property
     def block_rows(self) -> int:
@@ -255,8 +256,9 @@ def _ivf_path(embeddings: EmbeddingsFile) -> Path:
 
 
 def _index_key(embeddings: EmbeddingsFile) -> str:
-    """What the saved index was built from: the merged file's chunk digests and size."""
-    return hashlib.sha256(f"{embeddings.attrs.get('chunks')}:{embeddings.count}".encode()).hexdigest()
+    """What the saved index was built from: the merged file's chunk digests, size and storage type."""
+    stored = "" if embeddings.storage_dtype == "float32" else f":{embeddings.storage_dtype}"
+    return hashlib.sha256(f"{embeddings.attrs.get('chunks')}:{embeddings.count}{stored}".encode()).hexdigest()
 
 
 IVF_TRAINING_PER_LIST = 64  # vectors per list that k-means trains on (FAISS asks for 39 to 256)

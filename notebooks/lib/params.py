@@ -106,9 +106,11 @@ class MetadataParams:
     fetch: str
     output_dir: str = DEFAULT_OUTPUT_DIR
     s3_endpoint_url: str | None = None
+    s3_anonymous: bool = False
 
     def __post_init__(self) -> None:
         _check_s3_endpoint_url(self.s3_endpoint_url)
+        _check_bool("S3_ANONYMOUS", self.s3_anonymous)
         _check_choice("DATASET", self.dataset, DATASETS)
         _check_choice("SPLIT", self.split, SPLITS)
         _check_choice("FETCH", self.fetch, FETCH_MODES)

@@ -249,10 +249,10 @@ def _folder_table(params: MetadataParams) -> pd.DataFrame:
 
 def _webdataset_table(params: MetadataParams) -> pd.DataFrame:
     """A row per WebDataset sample of SOURCE's shards; url is img2dataset's, else the image's location."""
-    samples = webdataset_samples(params.source, Fetcher(params.s3_endpoint_url), _image_extensions())
+    fetcher = Fetcher(params.s3_endpoint_url, s3_anonymous=params.s3_anonymous)
+    samples = webdataset_samples(params.source, fetcher, _image_extensions())
     samples["url"] = samples["url"].where(samples["url"] != "", samples["location"])
-    samples["md5"] = _md5_column(samples["md5"], params.source)
-    samples["rotation"] = np.nan
+    samples["rotation"], samples["md5"] = np.nan, ""  # img2dataset's md5 is of the bytes before its resizing
     others = [column for column in samples.columns if column not in TABLE_COLUMNS]
     return samples[[*TABLE_COLUMNS, *others]]
 
