@@ -11,7 +11,7 @@ import lib
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import embed_params, merged_output, run_embed, save_table
+from conftest import closed_port_url, embed_params, merged_output, run_embed, save_table
 from workload import embed_rows, loopback_s3, webdataset_tar
 
 SHARD_SIZE = 6  # samples per shard: 18 images in 3 shards
@@ -118,7 +118,7 @@ def test_without_a_listing_the_url_is_the_location_and_odd_samples_are_counted(
     printed = capsys.readouterr().out
     assert "1 sample(s) without an image member, left out" in printed
     assert "1 sample(s) with several images, of which the row takes the first of ('jpg'" in printed
-    assert "2 member(s) neither images nor UTF-8 texts of 64 KiB or less, not columns" in printed
+    assert "2 member(s) neither images nor UTF-8 texts of 1 KiB or less, not columns" in printed
     assert "npy" not in table.columns
 
 
@@ -214,19 +214,19 @@ def test_a_shard_cut_inside_a_header_is_named_and_not_kept(workspace, tmp_path, 
     assert read == [str(tmp_path / "cut.tar")], "a cut shard's index is not kept: it is read again"
 
 
-def truncated_shard(images: dict[str, bytes]) -> tuple[bytes, list[str]]:
-    """A shard of 4 images cut in the middle of its last image, and its keys."""
+def truncated_shard(images: dict[str, bytes]) -> tuple[bytes, bytes, list[str]]:
+    """A shard of 4 images cut in the middle of its last image, the whole shard, and its keys."""
     keys = list(images)[:4]
     data = webdataset_tar({key: {"jpg": images[key]} for key in keys})
     last = tarfile.open(fileobj=io.BytesIO(data)).getmembers()[-1]
-    return data[: last.offset_data + last.size // 2], keys
+    return data[: last.offset_data + last.size // 2], data, keys
 
 
 @pytest.mark.parametrize("where", ["disk", "http"])
 def test_a_shard_cut_inside_an_image_fails_that_image_and_embeds_the_rest(
     where, collection, tmp_path, images, http_server, tiny_encoder, capsys
 ):
-    data, keys = truncated_shard(images)
+    data, whole, keys = truncated_shard(images)
     if where == "disk":
         source = str(write_files(tmp_path, {"cut.tar": data}) / "cut.tar")
     else:
@@ -238,6 +238,19 @@ def test_a_shard_cut_inside_an_image_fails_that_image_and_embeds_the_rest(
     output = merged_output(collection)
     assert output["image_ids"] == keys[:3]
     assert (output["failed_ids"], output["reasons"]) == ([keys[3]], ["truncated member"])
+    if where == "disk":  # the shard fetched again whole: its members are where they were
+        (tmp_path / "cut.tar").write_bytes(whole)
+        assert run_embed(table, tiny_encoder, retry_failed=True).chunks_retried == 1
+        again = merged_output(collection)
+        assert again["image_ids"] == keys and again["reasons"] == []
+
+
+def test_a_shard_server_that_cannot_be_reached_is_an_error_that_names_the_shard(workspace):
+    shard = closed_port_url("/shards/00000.tar")
+    with pytest.raises(
+        lib.PipelineError, match=rf"Cannot read the shard {shard} \(connection error\): check"
+    ):
+        lib.build_image_table(webdataset_params(shard))
 
 
 def test_a_shard_gone_after_01_fails_its_images_with_the_reason(collection, tmp_path, images, tiny_encoder):

@@ -182,8 +182,10 @@ class Fetcher:
                 with contextlib.closing(reply["Body"]) as body:
                     yield body, {"size": reply.get("ContentLength"), "etag": reply.get("ETag")}
         elif parsed.scheme in ("http", "https"):
-            whole = self._http.get(location, timeout=self._timeout, stream=True, headers=_WHOLE_BYTES)
-            with self._http_failures(), whole as reply:
+            with (
+                self._http_failures(),
+                self._http.get(location, timeout=self._timeout, stream=True, headers=_WHOLE_BYTES) as reply,
+            ):
                 if reply.status_code != 200:
                     raise ImageFailure(f"http {reply.status_code}")
                 headers = reply.headers
@@ -193,11 +195,9 @@ class Fetcher:
             fs = filesystem(parsed.scheme, None)
             with (
                 self._fsspec_failures()
-            ):  # not around the reads: it would take the reader's errors for the store's
-                opened, version = (
-                    fs.open(location, "rb"),
-                    {"size": fs.size(location), "version": fs.ukey(location)},
-                )
+            ):  # the open only: around the reads, it would take the reader's errors
+                opened = fs.open(location, "rb")
+                version = {"size": fs.size(location), "version": fs.ukey(location)}
             with opened:
                 yield opened, version
         else:
@@ -262,7 +262,7 @@ class Fetcher:
             ):
                 if reply.status_code == 416:
                     raise ImageFailure("truncated member")
-                if span and reply.status_code == 200 or not _answers(reply, span):
+                if (span and reply.status_code == 200) or not _answers(reply, span):
                     raise ImageFailure("range ignored")  # the whole object, which may be a shard of gigabytes
                 if reply.status_code != (206 if span else 200):
                     raise ImageFailure(f"http {reply.status_code}")

@@ -29,7 +29,7 @@ from .fetch import MISSING_REASONS, Fetcher, member_location
 from .progress import progress_bar
 from .workspace import atomic_file, current_workspace, is_url, resolve_path
 
-SMALL_MEMBER_BYTES = 64 << 10  # a UTF-8 member up to this size is a column of the table; others are not
+SMALL_MEMBER_BYTES = 1 << 10  # a UTF-8 member up to this size is a column (9M rows of 1 KiB: 9 GB in 01)
 IMAGE_PREFERENCE = ("jpg", "jpeg", "png", "webp")  # a sample's image, of several: the first in this order
 RESERVED_COLUMNS = ("image_id", "location", "url", "rotation", "md5", "caption")  # never a member's column
 SIDECAR_COLUMNS = ("url", "caption")  # what img2dataset's listing adds to a sample's row
@@ -425,8 +425,9 @@ def _warn(shards: list[_Shard]) -> None:
     if cut:
         print(
             f"WARNING: {len(cut)} shard(s) end part-way, inside a member or a header: {_some(cut)}. An image "
-            "cut there is in the table and 02 records it as failed ('truncated member'); samples after the "
-            f"cut are lost. Fetch the shards again whole, {_BEFORE_02}."
+            "cut there is in the table and 02 records it as failed ('truncated member'): with the shard "
+            "fetched again whole, RETRY_FAILED=True embeds it. Samples after the cut are not in the table: "
+            f"for them, fetch the shards again whole, {_BEFORE_02}."
         )
 
 
