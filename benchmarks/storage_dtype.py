@@ -23,6 +23,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from embed_folder import embed_params
 from search import QUERIES, near_queries, vectors_file
 from workload import embed_rows, lib, model_path, photo_folder, temporary_workspace
 
@@ -53,23 +54,6 @@ def search_arrays(vectors: np.ndarray, queries: np.ndarray) -> lib.nearest.Searc
     return lib.nearest.exact_search(lib.nearest.array_blocks(vectors, 50_000), queries, TOP_K)
 
 
-EMBED = dict(
-    start=0,
-    end=None,
-    gpu_batch_size="auto",
-    num_workers="auto",
-    model_revision=None,
-    device="cpu",
-    precision="fp32",
-    preprocess="exact",
-    exif_transpose=False,
-    apply_rotation=False,
-    max_pixels=lib.preprocess.DEFAULT_MAX_PIXELS,
-    s3_endpoint_url=None,
-    retry_failed=False,
-)
-
-
 def photo_figures(count: int, model: str) -> dict:
     """02 and 03 over `count` synthetic photos; the float32 and float16 files searched with every vector."""
     folder = photo_folder(count)
@@ -79,7 +63,10 @@ def photo_figures(count: int, model: str) -> dict:
         lib.save_image_table(lib.build_image_table(params), params, collection)
         table = lib.load_image_table(collection)
         encoder = lib.load_encoder(model, "cpu", "fp32")
-        embed = lib.EmbedParams(**EMBED, model=model, chunk=max(1, count // 4))
+        run = {"model": model, "device": "cpu", "precision": "fp32", "preprocess": "exact"}
+        embed = embed_params(
+            argparse.Namespace(**run, batch_size="auto", workers="auto", chunk=max(1, count // 4))
+        )
         embed_rows(table, encoder, lib.with_machine_sizes(embed, encoder))
         files = {
             dtype: lib.open_embeddings(
@@ -89,8 +76,15 @@ def photo_figures(count: int, model: str) -> dict:
         }
         queries = np.concatenate([vectors for _, vectors in files["float32"].blocks()])
         results = {dtype: lib.search(embeddings, queries, TOP_K) for dtype, embeddings in files.items()}
-        sizes = {f"{dtype}_file_bytes": embeddings.path.stat().st_size for dtype, embeddings in files.items()}
-    return {"images": count, "model": encoder.checkpoint.model_id, **agreement(*results.values()), **sizes}
+        file_sizes = {
+            f"{dtype}_file_bytes": embeddings.path.stat().st_size for dtype, embeddings in files.items()
+        }
+    return {
+        "images": count,
+        "model": encoder.checkpoint.model_id,
+        **agreement(*results.values()),
+        **file_sizes,
+    }
 
 
 def vector_figures(path: Path) -> dict:

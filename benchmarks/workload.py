@@ -172,18 +172,24 @@ def model_path(model: str) -> str:
     return str(random_clip(names[model])) if model in names else model
 
 
+def s3_admin(endpoint: str) -> Any:
+    """A boto3 client of the loopback S3 at `endpoint` that may do anything (moto takes any key)."""
+    import boto3
+
+    return boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
+    )
+
+
 def loopback_s3(bucket: str, objects: dict[str, bytes]) -> tuple[Any, str]:
     """A moto S3 server on loopback with a public-read `bucket` holding `objects`: (server, endpoint)."""
-    import boto3
     from moto.server import ThreadedMotoServer
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    admin = boto3.client(
-        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x"
-    )
+    admin = s3_admin(endpoint)
     admin.create_bucket(Bucket=bucket)
     public_read = {
         "Version": "2012-10-17",

@@ -4,10 +4,10 @@ import os
 import socket
 import time
 
-import boto3
 import lib
 import pytest
 from conftest import closed_port_url
+from workload import s3_admin
 
 BUCKET = "s3://open-images-dataset"
 
@@ -132,13 +132,7 @@ PRIVATE_BUCKET = "team-photos"
 @pytest.fixture
 def private_bucket(s3_endpoint, images) -> str:
     """A bucket of the loopback S3 without a public-read policy: moto refuses unsigned reads of it."""
-    admin = boto3.client(
-        "s3",
-        endpoint_url=s3_endpoint,
-        region_name="us-east-1",
-        aws_access_key_id="x",
-        aws_secret_access_key="x",
-    )
+    admin = s3_admin(s3_endpoint)
     if PRIVATE_BUCKET not in [bucket["Name"] for bucket in admin.list_buckets()["Buckets"]]:
         admin.create_bucket(Bucket=PRIVATE_BUCKET)
         admin.put_object(Bucket=PRIVATE_BUCKET, Key="a.jpg", Body=images[sorted(images)[0]])

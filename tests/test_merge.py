@@ -91,14 +91,19 @@ def test_merged_file_records_how_it_was_made(collection, chunks, workspace, tiny
     assert attrs["max_pixels"] == lib.preprocess.DEFAULT_MAX_PIXELS
 
 
-def test_the_original_readers_snippet_runs_unchanged(collection, chunks, workspace, capsys):
-    lib.merge_chunks(collection, OUTPUT_FILE)
+def run_original_snippet(root: Path) -> None:
+    """The original README's snippet, run from `root` as from a repository where 03 has run."""
     cwd = os.getcwd()
-    os.chdir(workspace.root)
+    os.chdir(root)
     try:
         exec(ORIGINAL_README_SNIPPET, {})
     finally:
         os.chdir(cwd)
+
+
+def test_the_original_readers_snippet_runs_unchanged(collection, chunks, workspace, capsys):
+    lib.merge_chunks(collection, OUTPUT_FILE)
+    run_original_snippet(workspace.root)
     out = capsys.readouterr().out
     assert "Number of images: 18" in out and "Embedding dimension: 16" in out
     assert "URL dtype: object" in out and "Similarity: 1.0000" in out

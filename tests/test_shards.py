@@ -6,13 +6,12 @@ import json
 import tarfile
 from pathlib import Path
 
-import boto3
 import lib
 import numpy as np
 import pandas as pd
 import pytest
 from conftest import closed_port_url, embed_params, merged_output, run_embed, save_table
-from workload import embed_rows, loopback_s3, webdataset_tar
+from workload import embed_rows, loopback_s3, s3_admin, webdataset_tar
 
 SHARD_SIZE = 6  # samples per shard: 18 images in 3 shards
 BUCKET = "webdataset-shards"
@@ -327,13 +326,7 @@ def test_a_chain_over_shards_on_s3_gives_the_vectors_of_the_same_images_from_a_f
 
 def test_s3_ranges_past_the_end_of_a_shard_fail_as_truncated(shard_bucket):
     fetcher = lib.Fetcher(shard_bucket)
-    size = boto3.client(
-        "s3",
-        endpoint_url=shard_bucket,
-        region_name="us-east-1",
-        aws_access_key_id="x",
-        aws_secret_access_key="x",
-    ).head_object(Bucket=BUCKET, Key="laion/00000.tar")["ContentLength"]
+    size = s3_admin(shard_bucket).head_object(Bucket=BUCKET, Key="laion/00000.tar")["ContentLength"]
     shard = f"s3://{BUCKET}/laion/00000.tar"
     assert len(fetcher.fetch(lib.fetch.member_location(shard, size - 100, 100))) == 100
     for offset in (size - 50, size + 10):
@@ -354,13 +347,7 @@ def test_s3_shards_are_indexed_once_and_a_missing_one_is_named(workspace, shard_
 def test_a_bucket_that_refuses_this_machine_is_an_error_that_says_how_it_asked(
     workspace, shard_bucket, images
 ):
-    admin = boto3.client(
-        "s3",
-        endpoint_url=shard_bucket,
-        region_name="us-east-1",
-        aws_access_key_id="x",
-        aws_secret_access_key="x",
-    )
+    admin = s3_admin(shard_bucket)
     admin.create_bucket(Bucket="private-shards")
     admin.put_object(
         Bucket="private-shards", Key="00000.tar", Body=dataset_files(images, count=6)["00000.tar"]

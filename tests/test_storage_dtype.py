@@ -1,6 +1,5 @@
 """STORAGE_DTYPE: vectors normalised in float32 and stored as float32 or float16, by 02 and by 03."""
 
-import os
 import re
 
 import h5py
@@ -8,7 +7,7 @@ import lib
 import numpy as np
 import pytest
 from conftest import read_output, run_embed, search_values
-from test_merge import ORIGINAL_README_SNIPPET
+from test_merge import run_original_snippet
 
 OUTPUT_FILE = "OUTPUT/Images_Embedded.h5"
 
@@ -161,12 +160,7 @@ def test_the_original_readers_snippet_reads_a_float16_file(
     collection, table, tiny_encoder, float32_file, workspace, capsys
 ):
     lib.merge_chunks(collection, OUTPUT_FILE, storage_dtype="float16")
-    cwd = os.getcwd()
-    os.chdir(workspace.root)
-    try:
-        exec(ORIGINAL_README_SNIPPET, {})
-    finally:
-        os.chdir(cwd)
+    run_original_snippet(workspace.root)
     out = capsys.readouterr().out
     assert "Number of images: 18" in out and "Embedding dtype: float16" in out
     best = re.search(r"Similarity: ([\d.]+), URL: (.*)", out)
