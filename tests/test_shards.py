@@ -196,11 +196,19 @@ def test_img2dataset_md5_of_the_original_download_checks_nothing(workspace, tmp_
     assert table["md5"].eq("").all() and table["caption"].str.startswith("a photo ").all()
 
 
-def test_a_shard_cut_inside_a_header_is_named_and_not_kept(workspace, tmp_path, images, capsys, monkeypatch):
+@pytest.mark.parametrize("damage", ["cut inside a header", "a damaged header"])
+def test_a_shard_that_ends_at_a_header_is_named_and_not_kept(
+    damage, workspace, tmp_path, images, capsys, monkeypatch
+):
+    """tarfile stops there without an error: 01 looks at the block where it stopped."""
     keys = list(images)[:4]
     data = webdataset_tar({key: {"jpg": images[key]} for key in keys})
-    third = tarfile.open(fileobj=io.BytesIO(data)).getmembers()[2]
-    write_files(tmp_path, {"cut.tar": data[: third.offset + 100]})
+    third = tarfile.open(fileobj=io.BytesIO(data)).getmembers()[2].offset
+    if damage == "cut inside a header":
+        data = data[: third + 100]
+    else:  # its checksum field overwritten
+        data = data[: third + 148] + b"99999999" + data[third + 156 :]
+    write_files(tmp_path, {"cut.tar": data})
     params = webdataset_params(str(tmp_path / "cut.tar"))
     assert lib.build_image_table(params)["image_id"].tolist() == keys[:2]
     assert "WARNING: 1 shard(s) end part-way, inside a member or a header" in capsys.readouterr().out
