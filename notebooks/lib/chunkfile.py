@@ -302,8 +302,9 @@ _SIGNATURE_PARAMETERS = {  # what sets each part of the signature
 def describe_difference(first: dict, second: dict, labels: tuple[str, str]) -> str:
     """Each parameter that differs between two chunk attribute sets, with its value in each."""
     differing: dict[str, str] = {}
+    first_signature, second_signature = signature_of(first), signature_of(second)
     for key in SIGNATURE_KEYS:
-        if signature_of(first)[key] != signature_of(second)[key]:
+        if first_signature[key] != second_signature[key]:
             differing.setdefault(_SIGNATURE_PARAMETERS[key], key)
     return "; ".join(
         f"{name}: {_shown(key, first)} {labels[0]}, {_shown(key, second)} {labels[1]}"

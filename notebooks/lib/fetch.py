@@ -193,11 +193,10 @@ class Fetcher:
                 yield reply.raw, {**version, "modified": headers.get("Last-Modified")}
         elif _is_fsspec_url(parsed.scheme):
             fs = filesystem(parsed.scheme, None)
-            with (
-                self._fsspec_failures()
-            ):  # the open only: around the reads, it would take the reader's errors
+            # around the open only: around the reads it would take the reader's errors for the store's
+            with self._fsspec_failures():
+                version = {"version": fs.ukey(location)}  # a digest of the object's info, its size included
                 opened = fs.open(location, "rb")
-                version = {"size": fs.size(location), "version": fs.ukey(location)}
             with opened:
                 yield opened, version
         else:
@@ -227,7 +226,7 @@ class Fetcher:
         with self._s3_failures():
             reply = client.get_object(Bucket=bucket, Key=key, **ranged)
             with contextlib.closing(reply["Body"]) as body:
-                if span and not str(reply.get("ContentRange", "")).startswith(f"bytes {span[0]}-"):
+                if span and not _holds_range(reply.get("ContentRange"), span):
                     raise ImageFailure("range ignored")  # the whole object, which may be a shard of gigabytes
                 return self._read_body(body.iter_chunks(1 << 16), reply.get("ContentLength"), began)
 
@@ -262,7 +261,8 @@ class Fetcher:
             ):
                 if reply.status_code == 416:
                     raise ImageFailure("truncated member")
-                if (span and reply.status_code == 200) or not _answers(reply, span):
+                ranged_reply = reply.status_code in (200, 206)
+                if span and ranged_reply and not _holds_range(reply.headers.get("Content-Range"), span):
                     raise ImageFailure("range ignored")  # the whole object, which may be a shard of gigabytes
                 if reply.status_code != (206 if span else 200):
                     raise ImageFailure(f"http {reply.status_code}")
@@ -338,11 +338,9 @@ class Fetcher:
             raise ImageFailure(f"file unreadable: {error.strerror or type(error).__name__}") from None
 
 
-def _answers(reply: Any, span: tuple[int, int] | None) -> bool:
-    """Whether a reply of status 206 holds the range asked for (by its Content-Range)."""
-    if not span or reply.status_code != 206:
-        return True
-    return reply.headers.get("Content-Range", "").startswith(f"bytes {span[0]}-")
+def _holds_range(content_range: str | None, span: tuple[int, int]) -> bool:
+    """Whether a reply's Content-Range starts at the range's offset (a whole object's reply has none)."""
+    return str(content_range or "").startswith(f"bytes {span[0]}-")
 
 
 _OWN_SCHEMES = ("", "file", "s3", "http", "https")

@@ -52,6 +52,7 @@ class EmbeddingsFile:
     count: int
     dimension: int
     attrs: dict
+    storage_dtype: str = "float32"  # how the file stores its vectors (STORAGE_DTYPE); read as float32
 
     @property
     def folder(self) -> Path:
@@ -61,12 +62,6 @@ class EmbeddingsFile:
     def derived(self, suffix: str) -> Path:
         """A file made from this one, beside it: its index or an export, <stem><suffix>."""
         return self.folder / (self.path.stem + suffix)
-
-    @property
-    def storage_dtype(self) -> str:
-        """How the file stores its vectors: 'float32', or 'float16' (STORAGE_DTYPE); scores are float32."""
-        with open_hdf5(self.path) as file:
-            return str(file["embeddings"].dtype)
 
     @property
     def score_tolerance(self) -> float:
@@ -179,6 +174,7 @@ def open_embeddings(collection: Collection, path: str | os.PathLike | None = Non
     try:
         with open_hdf5(resolved) as file:
             count, dimension = file["embeddings"].shape
+            storage_dtype = str(file["embeddings"].dtype)
             attrs = {key: attribute_value(value) for key, value in file.attrs.items()}
             for name in ("image_ids", "urls", "rows"):
                 if len(file[name]) != count:
@@ -194,7 +190,7 @@ def open_embeddings(collection: Collection, path: str | os.PathLike | None = Non
             f"({reasons}), so there is nothing to search. Its failed/ group says why each one failed; run "
             "02_embed with RETRY_FAILED=True once their sources can be reached, then 03_merge."
         )
-    return EmbeddingsFile(resolved, count, dimension, attrs)
+    return EmbeddingsFile(resolved, count, dimension, attrs, storage_dtype)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 from .errors import ImageFailure, PipelineError, counted
 from .fetch import MISSING_REASONS, Fetcher, member_location
 from .progress import progress_bar
-from .workspace import atomic_file, current_workspace, is_url, resolve_path
+from .workspace import atomic_file, current_workspace, is_url, resolve_path, visible_files
 
 SMALL_MEMBER_BYTES = 1 << 10  # a UTF-8 member up to this size is a column (9M rows of 1 KiB: 9 GB in 01)
 IMAGE_PREFERENCE = ("jpg", "jpeg", "png", "webp")  # a sample's image, of several: the first in this order
@@ -67,11 +67,7 @@ def shard_names(source: str) -> list[str]:
     """The shards of SOURCE: a brace pattern, one shard, or a local folder (its .tar files, sorted)."""
     if not is_url(source) and resolve_path(source).is_dir():
         folder = resolve_path(source)
-        names = sorted(
-            str(path)
-            for path in folder.rglob("*.tar")
-            if path.is_file() and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-        )
+        names = [str(folder / name) for name in visible_files(folder, {".tar"})]
         if not names:
             raise PipelineError(f"SOURCE folder {folder} holds no .tar shards.")
         return names
@@ -118,24 +114,25 @@ def _text(archive: tarfile.TarFile, member: tarfile.TarInfo, extension: str) -> 
 
 
 class _RecentBytes:
-    """A stream that remembers the bytes it gave last, to see how a tar read as a stream ended."""
+    """A stream that remembers the reads it gave last, to see how a tar read as a stream ended."""
 
-    KEEP = 4 * tarfile.RECORDSIZE
+    KEEP = 4  # reads of a record (10 KiB) each: the block where tarfile stopped is in the last ones
 
     def __init__(self, raw: IO[bytes]):
         self._raw = raw
         self.position = 0
-        self._recent = b""
+        self._recent: collections.deque[bytes] = collections.deque(maxlen=self.KEEP)
 
     def read(self, size: int = -1) -> bytes:
         data = self._raw.read(size)
         self.position += len(data)
-        self._recent = (self._recent[-self.KEEP :] + data)[-self.KEEP :]
+        self._recent.append(data)
         return data
 
     def block_at(self, offset: int) -> bytes:
-        start = offset - (self.position - len(self._recent))
-        return self._recent[start : start + _BLOCK] if start >= 0 else b"\0" * _BLOCK
+        recent = b"".join(self._recent)
+        start = offset - (self.position - len(recent))
+        return recent[start : start + _BLOCK] if start >= 0 else b"\0" * _BLOCK
 
 
 def _block_at(body: IO[bytes], offset: int) -> bytes:

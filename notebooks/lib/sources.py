@@ -27,7 +27,7 @@ from .errors import PipelineError, counted
 from .fetch import OPENIMAGES_BUCKET, Fetcher
 from .params import MetadataParams
 from .shards import webdataset_samples
-from .workspace import current_workspace, resolve_path
+from .workspace import current_workspace, resolve_path, visible_files
 
 LOCATION_SCHEMES = ("http", "https", "s3", "file")  # what 02 fetches as it is; anything else is a path
 
@@ -233,14 +233,7 @@ def _folder_table(params: MetadataParams) -> pd.DataFrame:
     folder = resolve_path(params.source)
     if not folder.is_dir():
         raise PipelineError(f"SOURCE folder {folder} does not exist or is not a folder.")
-    extensions = _image_extensions()
-    relative = sorted(
-        path.relative_to(folder).as_posix()
-        for path in folder.rglob("*")
-        if path.suffix.lower() in extensions
-        and path.is_file()
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    )
+    relative = visible_files(folder, _image_extensions())
     paths = [str(folder / name) for name in relative]
     return pd.DataFrame(
         {"image_id": relative, "url": paths, "location": paths, "rotation": np.nan, "md5": ""}

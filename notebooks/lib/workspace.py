@@ -175,6 +175,17 @@ def atomic_folder(path: Path) -> Iterator[Path]:
         shutil.rmtree(earlier, ignore_errors=True)
 
 
+def visible_files(folder: Path, suffixes: set[str]) -> list[str]:
+    """Files under `folder` ending in `suffixes` (lowercase), recursively, none hidden: relative, sorted."""
+    return sorted(
+        path.relative_to(folder).as_posix()
+        for path in folder.rglob("*")
+        if path.suffix.lower() in suffixes
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    )
+
+
 def write_json(path: Path, record: dict) -> None:
     """Write a JSON record whole or not at all."""
     with atomic_file(path) as temporary:
